@@ -1,0 +1,1 @@
+"""Triton kernels of rgt-fast, installed as ``rgt_fast.kernels``."""

@@ -1,0 +1,49 @@
+"""Shared plumbing for the Triton kernels: interpreter detection, dtype names, AOT variants."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+# Triton's interpreter computes tl.dot on bf16 operands wrongly (errors around 1e10, Triton 3.6). Kernels
+# take this flag as a constexpr and upcast their dot operands to fp32 only when it is set, so the compiled
+# GPU kernels keep their bf16/fp16 tensor-core MMAs.
+INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def triton_runs_on(t: torch.Tensor) -> bool:
+    """True when a Triton kernel can execute on this tensor's device (CUDA, or CPU under the interpreter)."""
+    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+
+
+def next_power_of_2_at_least_16(n: int) -> int:
+    """Padded head-dim tile: a power of two and >= 16, the smallest K that tl.dot accepts."""
+    p = 16
+    while p < n:
+        p *= 2
+    return p
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compilable instance of a @triton.jit kernel, for ahead-of-time reports.
+
+    ``signature`` maps every argument name to a Triton type string ("*bf16", "i32", "fp32", "constexpr");
+    ``constexprs`` gives the value of each constexpr argument. ``config`` is a short human label
+    (for example "bf16 BLOCK_M=64 BLOCK_N=64 D=32 warps=4 stages=2").
+    """
+
+    kernel: str
+    fn: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    config: str
+    uses_dot: bool = True
+    extra_options: dict = field(default_factory=dict)

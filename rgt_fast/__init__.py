@@ -1,0 +1,1 @@
+"""rgt-fast: a fused, checkpoint-exact RGT for image super-resolution."""

@@ -1,0 +1,1 @@
+"""Plain PyTorch RGT, checkpoint-exact with the official implementation; the parity oracle."""
