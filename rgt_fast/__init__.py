@@ -1,1 +1,27 @@
 """rgt-fast: a fused, checkpoint-exact RGT for image super-resolution."""
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from . import reference
+from .checkpoint import CheckpointError, load_model, read_state_dict, save_state_dict
+from .config import PRESETS, infer_hyperparameters, preset_kwargs
+
+__version__ = "0.1.0"
+__all__ = ["create_model", "create_model_from_kwargs", "load_model", "read_state_dict", "save_state_dict",
+           "infer_hyperparameters", "CheckpointError", "PRESETS", "reference"]
+
+
+def create_model_from_kwargs(kwargs: dict[str, Any], *, fused: bool = True, backend: str = "auto") -> nn.Module:
+    """An RGT built from official constructor arguments: the fused model, or the reference with fused=False."""
+    if fused:
+        raise NotImplementedError(
+            "the fused RGT is not available yet in this version; pass fused=False for rgt_fast.reference.RGT")
+    return reference.RGT(**kwargs)
+
+
+def create_model(name: str, upscale: int, *, fused: bool = True, backend: str = "auto", **overrides: Any) -> nn.Module:
+    """A freshly initialised preset ("RGT" or "RGT-S") for ``upscale`` in {1, 2, 3, 4, ...}."""
+    return create_model_from_kwargs(preset_kwargs(name, upscale, **overrides), fused=fused, backend=backend)

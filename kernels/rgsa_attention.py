@@ -1,0 +1,673 @@
+"""RG-SA cross-attention: every image token attends to a small map of representative tokens.
+
+``rgsa_attention(q, k, v, scale)`` computes ``softmax(q k^T * scale) v`` per head, with no mask and no bias,
+for q of shape (B, N, heads, Dqk), k of shape (B, N', heads, Dqk) and v of shape (B, N', heads, Dv). N is the
+whole image (up to ~1e6 tokens at inference), N' the recursively generalised map (16 in training, up to a few
+thousand at inference). The output is (B, N, heads, Dv) and contiguous, so ``out.view(B, N, heads * Dv)`` feeds
+the output projection with no copy.
+
+Design:
+
+* Forward: one program per (query block, batch, head) streams the key/value map through an online softmax
+  (FlashAttention-2), so nothing of size N x N' exists. Programs are numbered head-fastest, so the programs
+  that run side by side read the same token rows of the token-major q and write the same rows of out, and
+  those rows' cache sectors are fetched from DRAM once rather than once per head.
+* Backward (recomputes scores from the saved per-row logsumexp):
+  - dK and dV are sums over all N queries into the N' map. A single program per key block would serialise
+    that sum over N (in training: N' = 16, so only B * heads = 192 programs, each looping over 4096 queries).
+    Instead the queries are cut into chunks; each (key block, chunk, batch, head) program writes an fp32
+    partial into a scratch buffer, and a second kernel sums the partials over chunks in a fixed order and
+    casts them. There are no atomics, so dK and dV are bitwise identical from run to run. The chunk count
+    targets ``_BACKWARD_TARGET_PROGRAMS`` programs, a constant rather than the SM count so that the result
+    does not depend on which GPU computed it.
+  - When the whole map fits in one key block (N' <= 64, the training case), the program that owns a query
+    chunk sees every key of each query, so it also computes dQ and delta = rowsum(dO * O) itself: q and dO
+    are then read once for all three gradients.
+  - Otherwise a separate dQ kernel (one program per query block, looping over all keys: no races) computes
+    delta and dQ, and stores delta for the dK/dV kernel.
+* Head dims of any size (15/30 in RGT) are padded to a power-of-two tile >= 16 inside the kernels with masked
+  loads; nothing is padded in memory. q, k, v and dO are read through their strides: they may be any views.
+* Block sizes are fixed by N' (no autotuning), because the query chunking, and with it the bitwise value of
+  dK and dV, must not depend on timing.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    TRITON_DTYPE_NAMES,
+    KernelVariant,
+    next_power_of_2_at_least_16,
+    triton_runs_on,
+)
+
+_LOG2_E = 1.4426950408889634
+_LN_2 = 0.6931471805599453
+
+# Largest padded head dim the fixed block sizes below keep within the register file.
+_MAX_HEAD_DIM = 128
+_MAX_BLOCK_N = 64
+_FORWARD_BLOCK_M = 128
+_NUM_WARPS = 4
+_NUM_STAGES = 2
+# Roughly four waves of programs on a 132-SM H100: enough to hide the chunk tails without making the
+# scratch buffer of partials (num_chunks x B x heads x N' x (Dqk + Dv) fp32) large.
+_BACKWARD_TARGET_PROGRAMS = 1024
+# A chunk shorter than this many query blocks spends more on writing its partial than on accumulating it.
+_MIN_QUERY_BLOCKS_PER_CHUNK = 4
+_SUM_PARTIALS_BLOCK_ROWS = 64
+
+
+
+def _let_interpreter_loops_take_runtime_bounds() -> None:
+    """Make Triton 3.6's interpreter accept ``range(start, runtime_bound, step)`` under NumPy >= 2.4.
+
+    The interpreter holds scalar kernel arguments as 1-element arrays and converts them for ``range`` with
+    ``int(array)``, which NumPy 2.4 turned into a TypeError; ``.item()`` is the conversion NumPy keeps.
+    Patching the function that installs ``tensor.__index__`` (it runs at every kernel launch) is process-wide,
+    so every interpreted kernel of the project benefits.
+    """
+    from triton.runtime import interpreter
+
+    install_tensor_methods = interpreter._patch_lang_tensor
+    if getattr(install_tensor_methods, "rgt_fast_scalar_index", False):
+        return
+
+    def install_tensor_methods_with_scalar_index(tensor, scope):
+        install_tensor_methods(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    install_tensor_methods_with_scalar_index.rgt_fast_scalar_index = True
+    interpreter._patch_lang_tensor = install_tensor_methods_with_scalar_index
+
+
+if INTERPRET:
+    _let_interpreter_loops_take_runtime_bounds()
+
+
+@triton.jit
+def _dot_operand(x, DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+    # Rounding to the storage dtype first keeps the interpreter's numerics equal to the GPU's MMA inputs.
+    x = x.to(DTYPE)
+    if UPCAST_DOTS:
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
+def _rgsa_forward_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    num_heads, num_queries, num_keys, num_query_blocks,
+    scale_log2,
+    DQK: tl.constexpr, DV: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    query_block = (pid // num_heads) % num_query_blocks
+    batch = pid // (num_heads * num_query_blocks)
+    dtype = q_ptr.dtype.element_ty
+
+    first_query = query_block * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = first_query + rows < num_queries
+    dqk = tl.arange(0, DQK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    key_cols = tl.arange(0, BLOCK_N)
+
+    q_base = (q_ptr + batch.to(tl.int64) * stride_qb + head.to(tl.int64) * stride_qh
+              + first_query.to(tl.int64) * stride_qn)
+    q = tl.load(q_base + rows[:, None] * stride_qn + dqk[None, :] * stride_qd,
+                mask=row_valid[:, None] & (dqk[None, :] < DQK), other=0.0)
+    q = _dot_operand(q, dtype, UPCAST_DOTS)
+    k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
+    v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
+    for first_key in range(0, num_keys, BLOCK_N):
+        keys = first_key + key_cols
+        key_valid = keys < num_keys
+        k_t = tl.load(k_base + keys[None, :] * stride_kn + dqk[:, None] * stride_kd,
+                      mask=key_valid[None, :] & (dqk[:, None] < DQK), other=0.0)
+        v = tl.load(v_base + keys[:, None] * stride_vn + dv[None, :] * stride_vd,
+                    mask=key_valid[:, None] & (dv[None, :] < DV), other=0.0)
+        scores = tl.dot(q, _dot_operand(k_t, dtype, UPCAST_DOTS), input_precision=DOT_PRECISION) * scale_log2
+        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, axis=1))
+        probs = tl.exp2(scores - new_max[:, None])
+        rescale = tl.exp2(row_max - new_max)
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(_dot_operand(probs, dtype, UPCAST_DOTS),
+                                              _dot_operand(v, dtype, UPCAST_DOTS),
+                                              input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    out = acc / row_sum[:, None]
+    out_base = (out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh
+                + first_query.to(tl.int64) * stride_on)
+    tl.store(out_base + rows[:, None] * stride_on + dv[None, :] * stride_od, out.to(dtype),
+             mask=row_valid[:, None] & (dv[None, :] < DV))
+    lse_base = lse_ptr + (batch * num_heads + head).to(tl.int64) * num_queries + first_query
+    tl.store(lse_base + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453, mask=row_valid)
+
+
+@triton.jit
+def _rgsa_backward_dq_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    stride_dob, stride_don, stride_doh, stride_dod,
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    num_heads, num_queries, num_keys, num_query_blocks,
+    scale, scale_log2,
+    DQK: tl.constexpr, DV: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    query_block = (pid // num_heads) % num_query_blocks
+    batch = pid // (num_heads * num_query_blocks)
+    dtype = q_ptr.dtype.element_ty
+
+    first_query = query_block * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = first_query + rows < num_queries
+    dqk = tl.arange(0, DQK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    key_cols = tl.arange(0, BLOCK_N)
+    q_mask = row_valid[:, None] & (dqk[None, :] < DQK)
+    o_mask = row_valid[:, None] & (dv[None, :] < DV)
+
+    batch64 = batch.to(tl.int64)
+    head64 = head.to(tl.int64)
+    first_query64 = first_query.to(tl.int64)
+    q = tl.load(q_ptr + batch64 * stride_qb + head64 * stride_qh + first_query64 * stride_qn
+                + rows[:, None] * stride_qn + dqk[None, :] * stride_qd, mask=q_mask, other=0.0)
+    dout = tl.load(dout_ptr + batch64 * stride_dob + head64 * stride_doh + first_query64 * stride_don
+                   + rows[:, None] * stride_don + dv[None, :] * stride_dod, mask=o_mask, other=0.0)
+    out = tl.load(out_ptr + batch64 * stride_ob + head64 * stride_oh + first_query64 * stride_on
+                  + rows[:, None] * stride_on + dv[None, :] * stride_od, mask=o_mask, other=0.0)
+    delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
+    row_stats = (batch * num_heads + head).to(tl.int64) * num_queries + first_query + rows
+    tl.store(delta_ptr + row_stats, delta, mask=row_valid)
+    lse_log2 = tl.load(lse_ptr + row_stats, mask=row_valid, other=0.0) * 1.4426950408889634
+    q = _dot_operand(q, dtype, UPCAST_DOTS)
+    dout = _dot_operand(dout, dtype, UPCAST_DOTS)
+
+    k_base = k_ptr + batch64 * stride_kb + head64 * stride_kh
+    v_base = v_ptr + batch64 * stride_vb + head64 * stride_vh
+    dq = tl.zeros([BLOCK_M, DQK_PAD], tl.float32)
+    for first_key in range(0, num_keys, BLOCK_N):
+        keys = first_key + key_cols
+        key_valid = keys < num_keys
+        k = tl.load(k_base + keys[:, None] * stride_kn + dqk[None, :] * stride_kd,
+                    mask=key_valid[:, None] & (dqk[None, :] < DQK), other=0.0)
+        v_t = tl.load(v_base + keys[None, :] * stride_vn + dv[:, None] * stride_vd,
+                      mask=key_valid[None, :] & (dv[:, None] < DV), other=0.0)
+        k = _dot_operand(k, dtype, UPCAST_DOTS)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        probs = tl.where(key_valid[None, :], tl.exp2(scores - lse_log2[:, None]), 0.0)
+        dprobs = tl.dot(dout, _dot_operand(v_t, dtype, UPCAST_DOTS), input_precision=DOT_PRECISION)
+        dscores = probs * (dprobs - delta[:, None])
+        dq += tl.dot(_dot_operand(dscores, dtype, UPCAST_DOTS), k, input_precision=DOT_PRECISION)
+
+    tl.store(dq_ptr + batch64 * stride_dqb + head64 * stride_dqh + first_query64 * stride_dqn
+             + rows[:, None] * stride_dqn + dqk[None, :] * stride_dqd, (dq * scale).to(dtype), mask=q_mask)
+
+
+@triton.jit
+def _rgsa_backward_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dk_partial_ptr, dv_partial_ptr,
+    stride_qb, stride_qn, stride_qh, stride_qd,
+    stride_kb, stride_kn, stride_kh, stride_kd,
+    stride_vb, stride_vn, stride_vh, stride_vd,
+    stride_ob, stride_on, stride_oh, stride_od,
+    stride_dob, stride_don, stride_doh, stride_dod,
+    stride_dqb, stride_dqn, stride_dqh, stride_dqd,
+    num_heads, num_batch_heads, num_queries, num_keys, num_key_blocks, num_chunks, chunk_len,
+    scale, scale_log2,
+    DQK: tl.constexpr, DV: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, FUSED_DQ: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
+):
+    # Key block varies fastest, then head, so concurrently running programs share the token rows they read.
+    pid = tl.program_id(0)
+    key_block = pid % num_key_blocks
+    head = (pid // num_key_blocks) % num_heads
+    chunk = (pid // (num_key_blocks * num_heads)) % num_chunks
+    batch = pid // (num_key_blocks * num_heads * num_chunks)
+    dtype = q_ptr.dtype.element_ty
+
+    rows = tl.arange(0, BLOCK_M)
+    dqk = tl.arange(0, DQK_PAD)
+    dv = tl.arange(0, DV_PAD)
+    keys = key_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_valid = keys < num_keys
+
+    batch64 = batch.to(tl.int64)
+    head64 = head.to(tl.int64)
+    k = tl.load(k_ptr + batch64 * stride_kb + head64 * stride_kh
+                + keys[:, None] * stride_kn + dqk[None, :] * stride_kd,
+                mask=key_valid[:, None] & (dqk[None, :] < DQK), other=0.0)
+    v = tl.load(v_ptr + batch64 * stride_vb + head64 * stride_vh
+                + keys[:, None] * stride_vn + dv[None, :] * stride_vd,
+                mask=key_valid[:, None] & (dv[None, :] < DV), other=0.0)
+    k = _dot_operand(k, dtype, UPCAST_DOTS)
+    v = _dot_operand(v, dtype, UPCAST_DOTS)
+
+    dk = tl.zeros([BLOCK_N, DQK_PAD], tl.float32)
+    dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
+    chunk_start = chunk * chunk_len
+    chunk_end = tl.minimum(chunk_start + chunk_len, num_queries)
+    # Scalar 64-bit bases advanced once per block keep row offsets in 32 bits for N of any size.
+    chunk_start64 = chunk_start.to(tl.int64)
+    q_block = q_ptr + batch64 * stride_qb + head64 * stride_qh + chunk_start64 * stride_qn
+    dout_block = dout_ptr + batch64 * stride_dob + head64 * stride_doh + chunk_start64 * stride_don
+    out_block = out_ptr + batch64 * stride_ob + head64 * stride_oh + chunk_start64 * stride_on
+    dq_block = dq_ptr + batch64 * stride_dqb + head64 * stride_dqh + chunk_start64 * stride_dqn
+    stats_base = (batch * num_heads + head).to(tl.int64) * num_queries
+    q_offsets = rows[:, None] * stride_qn + dqk[None, :] * stride_qd
+    dout_offsets = rows[:, None] * stride_don + dv[None, :] * stride_dod
+    for first_query in range(chunk_start, chunk_end, BLOCK_M):
+        queries = first_query + rows
+        row_valid = queries < chunk_end
+        q_mask = row_valid[:, None] & (dqk[None, :] < DQK)
+        o_mask = row_valid[:, None] & (dv[None, :] < DV)
+        q = tl.load(q_block + q_offsets, mask=q_mask, other=0.0)
+        dout = tl.load(dout_block + dout_offsets, mask=o_mask, other=0.0)
+        lse_log2 = tl.load(lse_ptr + stats_base + queries, mask=row_valid, other=0.0) * 1.4426950408889634
+        if FUSED_DQ:
+            out = tl.load(out_block + rows[:, None] * stride_on + dv[None, :] * stride_od, mask=o_mask, other=0.0)
+            delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
+        else:
+            delta = tl.load(delta_ptr + stats_base + queries, mask=row_valid, other=0.0)
+        q = _dot_operand(q, dtype, UPCAST_DOTS)
+        dout = _dot_operand(dout, dtype, UPCAST_DOTS)
+
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
+        probs_t = tl.where(key_valid[:, None] & row_valid[None, :],
+                           tl.exp2(scores_t - lse_log2[None, :]), 0.0)
+        dv_acc += tl.dot(_dot_operand(probs_t, dtype, UPCAST_DOTS), dout, input_precision=DOT_PRECISION)
+        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
+        dscores_t = _dot_operand(probs_t * (dprobs_t - delta[None, :]), dtype, UPCAST_DOTS)
+        dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+        if FUSED_DQ:
+            dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
+            tl.store(dq_block + rows[:, None] * stride_dqn + dqk[None, :] * stride_dqd, dq.to(dtype), mask=q_mask)
+        q_block += BLOCK_M * stride_qn
+        dout_block += BLOCK_M * stride_don
+        out_block += BLOCK_M * stride_on
+        dq_block += BLOCK_M * stride_dqn
+
+    # Partials keep the padded head dim so the stores need only a row mask.
+    partial_row = (chunk.to(tl.int64) * num_batch_heads + batch64 * num_heads + head64) * num_keys + keys
+    tl.store(dk_partial_ptr + partial_row[:, None] * DQK_PAD + dqk[None, :], dk * scale,
+             mask=key_valid[:, None])
+    tl.store(dv_partial_ptr + partial_row[:, None] * DV_PAD + dv[None, :], dv_acc, mask=key_valid[:, None])
+
+
+@triton.jit
+def _rgsa_sum_key_partials_kernel(
+    dk_partial_ptr, dv_partial_ptr, dk_ptr, dv_ptr,
+    stride_dkb, stride_dkn, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvn, stride_dvh, stride_dvd,
+    num_heads, num_keys, num_rows, num_chunks,
+    DQK: tl.constexpr, DV: tl.constexpr, DQK_PAD: tl.constexpr, DV_PAD: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    row_valid = rows < num_rows
+    key = rows % num_keys
+    head = (rows // num_keys) % num_heads
+    batch = rows // (num_keys * num_heads)
+    dqk = tl.arange(0, DQK_PAD)
+    dv = tl.arange(0, DV_PAD)
+
+    dk = tl.zeros([BLOCK_ROWS, DQK_PAD], tl.float32)
+    dv_acc = tl.zeros([BLOCK_ROWS, DV_PAD], tl.float32)
+    dk_partial = dk_partial_ptr + rows[:, None] * DQK_PAD + dqk[None, :]
+    dv_partial = dv_partial_ptr + rows[:, None] * DV_PAD + dv[None, :]
+    # Chunks are summed in index order, which makes dK and dV bitwise reproducible.
+    for _ in range(num_chunks):
+        dk += tl.load(dk_partial, mask=row_valid[:, None], other=0.0)
+        dv_acc += tl.load(dv_partial, mask=row_valid[:, None], other=0.0)
+        dk_partial += num_rows.to(tl.int64) * DQK_PAD
+        dv_partial += num_rows.to(tl.int64) * DV_PAD
+
+    batch64 = batch.to(tl.int64)
+    dk_row = batch64 * stride_dkb + key * stride_dkn + head * stride_dkh
+    dv_row = batch64 * stride_dvb + key * stride_dvn + head * stride_dvh
+    tl.store(dk_ptr + dk_row[:, None] + dqk[None, :] * stride_dkd, dk.to(dk_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & (dqk[None, :] < DQK))
+    tl.store(dv_ptr + dv_row[:, None] + dv[None, :] * stride_dvd, dv_acc.to(dv_ptr.dtype.element_ty),
+             mask=row_valid[:, None] & (dv[None, :] < DV))
+
+
+def _key_block(num_keys: int) -> int:
+    return min(_MAX_BLOCK_N, next_power_of_2_at_least_16(num_keys))
+
+
+def _backward_block_m(block_n: int) -> int:
+    # Three [BLOCK_N, BLOCK_M] fp32 tiles are live at once in the backward; 64 x 128 of them would spill.
+    return 128 if block_n <= 32 else 64
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # Only fp32 operands distinguish the two; bf16/fp16 MMAs are exact products either way.
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _query_chunking(num_queries: int, work_per_chunk: int, block_m: int, requested_chunk_len: int) -> tuple[int, int]:
+    """Chunk length (a multiple of block_m) and chunk count for the dK/dV partial sums.
+
+    ``work_per_chunk`` is the number of programs each chunk gives (key blocks x batch x heads).
+    """
+    if requested_chunk_len > 0:
+        chunk_len = triton.cdiv(requested_chunk_len, block_m) * block_m
+    else:
+        wanted_chunks = triton.cdiv(_BACKWARD_TARGET_PROGRAMS, work_per_chunk)
+        chunk_len = max(_MIN_QUERY_BLOCKS_PER_CHUNK * block_m,
+                        triton.cdiv(triton.cdiv(num_queries, wanted_chunks), block_m) * block_m)
+    return chunk_len, triton.cdiv(num_queries, chunk_len)
+
+
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def _head_dim_constexprs(dqk: int, dv: int) -> dict:
+    return dict(DQK=dqk, DV=dv, DQK_PAD=next_power_of_2_at_least_16(dqk), DV_PAD=next_power_of_2_at_least_16(dv))
+
+
+def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    batch, num_queries, num_heads, dqk = q.shape
+    num_keys, dv = k.shape[1], v.shape[3]
+    out = torch.empty((batch, num_queries, num_heads, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, num_heads, num_queries), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    num_query_blocks = triton.cdiv(num_queries, _FORWARD_BLOCK_M)
+    with _on_device_of(q):
+        _rgsa_forward_kernel[(num_query_blocks * batch * num_heads,)](
+            q, k, v, out, lse,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            num_heads, num_queries, num_keys, num_query_blocks,
+            scale * _LOG2_E,
+            **_head_dim_constexprs(dqk, dv),
+            BLOCK_M=_FORWARD_BLOCK_M, BLOCK_N=_key_block(num_keys),
+            DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET,
+            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        )
+    return out, lse
+
+
+def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len: int):
+    batch, num_queries, num_heads, dqk = q.shape
+    num_keys, dv = k.shape[1], v.shape[3]
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+    dv_grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    if batch * num_heads == 0:
+        return dq, dk, dv_grad
+    if num_queries == 0:
+        return dq, dk.zero_(), dv_grad.zero_()
+
+    block_n = _key_block(num_keys)
+    block_m = _backward_block_m(block_n)
+    num_key_blocks = triton.cdiv(num_keys, block_n)
+    fused_dq = num_key_blocks == 1
+    batch_heads = batch * num_heads
+    head_dims = _head_dim_constexprs(dqk, dv)
+    common = dict(**head_dims, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET,
+                  num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride())
+
+    with _on_device_of(q):
+        if fused_dq:
+            delta = lse  # unread: the fused kernel derives delta from dO and O itself
+        else:
+            delta = torch.empty_like(lse)
+            num_query_blocks = triton.cdiv(num_queries, block_m)
+            _rgsa_backward_dq_kernel[(num_query_blocks * batch_heads,)](
+                q, k, v, out, dout, lse, delta, dq, *strides,
+                num_heads, num_queries, num_keys, num_query_blocks, scale, scale * _LOG2_E,
+                BLOCK_M=block_m, BLOCK_N=block_n, **common,
+            )
+
+        chunk_len, num_chunks = _query_chunking(num_queries, num_key_blocks * batch_heads, block_m,
+                                                requested_chunk_len)
+        dk_partial = torch.empty((num_chunks, batch_heads, num_keys, head_dims["DQK_PAD"]),
+                                 dtype=torch.float32, device=q.device)
+        dv_partial = torch.empty((num_chunks, batch_heads, num_keys, head_dims["DV_PAD"]),
+                                 dtype=torch.float32, device=q.device)
+        _rgsa_backward_dkdv_kernel[(num_key_blocks * num_heads * num_chunks * batch,)](
+            q, k, v, out, dout, lse, delta, dq, dk_partial, dv_partial, *strides,
+            num_heads, batch_heads, num_queries, num_keys, num_key_blocks, num_chunks, chunk_len,
+            scale, scale * _LOG2_E,
+            BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=fused_dq, **common,
+        )
+
+        num_rows = batch_heads * num_keys
+        _rgsa_sum_key_partials_kernel[(triton.cdiv(num_rows, _SUM_PARTIALS_BLOCK_ROWS),)](
+            dk_partial, dv_partial, dk, dv_grad, *dk.stride(), *dv_grad.stride(),
+            num_heads, num_keys, num_rows, num_chunks,
+            **head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS, num_warps=_NUM_WARPS,
+        )
+    return dq, dk, dv_grad
+
+
+@torch.library.custom_op("rgt_fast::rgsa_attention_forward", mutates_args=())
+def _rgsa_attention_forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                               backward_query_chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # backward_query_chunk is only read by the backward; it is an input so that autograd can save it.
+    return _triton_forward(q, k, v, scale)
+
+
+@_rgsa_attention_forward_op.register_fake
+def _rgsa_attention_forward_fake(q, k, v, scale, backward_query_chunk):
+    batch, num_queries, num_heads, _ = q.shape
+    return (q.new_empty((batch, num_queries, num_heads, v.shape[3])),
+            q.new_empty((batch, num_heads, num_queries), dtype=torch.float32))
+
+
+@torch.library.custom_op("rgt_fast::rgsa_attention_backward", mutates_args=())
+def _rgsa_attention_backward_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                out: torch.Tensor, lse: torch.Tensor, scale: float,
+                                backward_query_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_backward(dout, q, k, v, out, lse, scale, backward_query_chunk)
+
+
+@_rgsa_attention_backward_op.register_fake
+def _rgsa_attention_backward_fake(dout, q, k, v, out, lse, scale, backward_query_chunk):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _setup_backward(ctx, inputs, output):
+    q, k, v, scale, backward_query_chunk = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.scale = scale
+    ctx.backward_query_chunk = backward_query_chunk
+    ctx.mark_non_differentiable(lse)
+
+
+def _rgsa_attention_backward(ctx, dout, _dlse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = _rgsa_attention_backward_op(dout, q, k, v, out, lse, ctx.scale, ctx.backward_query_chunk)
+    return dq, dk, dv, None, None
+
+
+_rgsa_attention_forward_op.register_autograd(_rgsa_attention_backward, setup_context=_setup_backward)
+
+
+def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Plain-PyTorch RG-SA attention with the layouts of :func:`rgsa_attention` (any dtype, any device).
+
+    Queries are processed in slices so that the score matrix of one slice stays near 2**24 elements: the
+    math backend of scaled_dot_product_attention materialises it, and N x N' does not fit at inference.
+    """
+    batch, num_queries, num_heads, _ = q.shape
+    num_keys = k.shape[1]
+    rows_per_slice = max(1, (1 << 24) // max(1, batch * num_heads * num_keys))
+    k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)
+    outs = [
+        torch.nn.functional.scaled_dot_product_attention(q_slice.transpose(1, 2), k_heads, v_heads, scale=scale)
+        for q_slice in q.split(rows_per_slice, dim=1)
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+
+
+def _check_inputs(q, k, v, scale) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"rgsa_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    shapes = "q (B, N, heads, Dqk), k (B, N', heads, Dqk), v (B, N', heads, Dv)"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"rgsa_attention: {name} must be 4-D, got shape {tuple(t.shape)}; expected {shapes}. "
+                             f"View a (B, N, heads*D) projection as (B, N, heads, D).")
+    if q.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"rgsa_attention: unsupported dtype {q.dtype}; use float32, bfloat16 or float16 "
+                        f"(float64 runs on the PyTorch fallback). Convert with .to(torch.bfloat16).")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"rgsa_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; "
+                        f"convert them with .to(q.dtype).")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"rgsa_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}; "
+                         f"move them with .to(q.device).")
+    if k.shape[0] != q.shape[0] or v.shape[0] != q.shape[0]:
+        raise ValueError(f"rgsa_attention: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}; "
+                         f"expected {shapes}.")
+    if k.shape[2] != q.shape[2] or v.shape[2] != q.shape[2]:
+        raise ValueError(f"rgsa_attention: head counts (dim 2) differ: q {q.shape[2]}, k {k.shape[2]}, "
+                         f"v {v.shape[2]}; expected {shapes}.")
+    if k.shape[3] != q.shape[3]:
+        raise ValueError(f"rgsa_attention: q and k head dims (dim 3) differ: {q.shape[3]} vs {k.shape[3]}; "
+                         f"expected {shapes}.")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"rgsa_attention: k and v must have the same number of key tokens N' (dim 1), got "
+                         f"{k.shape[1]} and {v.shape[1]}.")
+    if k.shape[1] < 1:
+        raise ValueError("rgsa_attention: the key map is empty (N' = 0); softmax over no keys is undefined.")
+    if q.shape[3] < 1 or v.shape[3] < 1:
+        raise ValueError(f"rgsa_attention: head dims must be >= 1, got Dqk={q.shape[3]}, Dv={v.shape[3]}.")
+    if isinstance(scale, (torch.SymFloat, torch.SymInt)):
+        return
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise TypeError(f"rgsa_attention: scale must be a finite Python number, got {scale!r}.")
+
+
+def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
+                   backward_query_chunk: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * scale) v per head: q (B, N, heads, Dqk), k (B, N', heads, Dqk), v (B, N', heads, Dv).
+
+    Returns a contiguous (B, N, heads, Dv) tensor. Runs the Triton kernels on CUDA (and on CPU under
+    TRITON_INTERPRET=1) for float32/bfloat16/float16, and :func:`rgsa_attention_torch` otherwise.
+    ``backward_query_chunk`` overrides how many queries each dK/dV partial sums (tests use it to force many
+    partials on small inputs); by default it is chosen from the shapes.
+    """
+    _check_inputs(q, k, v, scale)
+    if q.dtype in SUPPORTED_DTYPES and triton_runs_on(q):
+        if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
+            raise ValueError(f"rgsa_attention: the Triton kernels take head dims up to {_MAX_HEAD_DIM}, got "
+                             f"Dqk={q.shape[3]}, Dv={v.shape[3]}; use rgsa_attention_torch for larger heads.")
+        if backward_query_chunk is not None and backward_query_chunk < 1:
+            raise ValueError(f"rgsa_attention: backward_query_chunk must be >= 1, got {backward_query_chunk}.")
+        out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), backward_query_chunk or 0)
+        return out
+    return rgsa_attention_torch(q, k, v, scale)
+
+
+# Head dims the RGT models use: embed 180 with 6 heads and the q/k channels halved, and the embed-60 variant.
+_AOT_HEAD_DIMS = ((15, 30), (5, 10))
+# One key count per launch shape: each BLOCK_N of the fused backward, and a map of several key blocks.
+_AOT_KEY_COUNTS = (16, 32, 64, 65)
+# fp32 runs with TF32 MMAs or, when torch disallows TF32, with exact FMA dots that use no tensor cores.
+_AOT_PRECISIONS = ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+                   (torch.float32, "ieee"))
+
+
+def _aot_signature(fn, pointer_types: dict, float_args: tuple, constexprs: dict) -> tuple[dict, dict]:
+    """Signature and constexprs as Triton's launcher builds them for the model's tensors.
+
+    Head-dim strides are 1 for every tensor the model passes, and Triton specialises an integer argument
+    equal to 1 into a constexpr, so they are compiled that way here too.
+    """
+    signature, constexprs = {}, dict(constexprs)
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = "*" + pointer_types[name]
+        elif name.startswith("stride_") and name.endswith("d"):
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif name in float_args:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, constexprs
+
+
+def _aot_variant(fn, io_types: dict, constexprs: dict, uses_dot: bool, config: str) -> KernelVariant:
+    signature, constexprs = _aot_signature(fn, io_types, ("scale", "scale_log2"), constexprs)
+    return KernelVariant(kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
+                         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, uses_dot=uses_dot, config=config)
+
+
+def aot_variants() -> list[KernelVariant]:
+    """Every kernel x dtype x block configuration the launchers above can pick, for the AOT report."""
+    variants = {}
+    for dtype, dot_precision in _AOT_PRECISIONS:
+        name = TRITON_DTYPE_NAMES[dtype]
+        precision_label = f"{name}/{dot_precision}" if dtype == torch.float32 else name
+        uses_tensor_cores = dtype != torch.float32 or dot_precision == "tf32"
+        for dqk, dv in _AOT_HEAD_DIMS:
+            head_dims = _head_dim_constexprs(dqk, dv)
+            io_types = dict(q_ptr=name, k_ptr=name, v_ptr=name, out_ptr=name, dout_ptr=name, dq_ptr=name,
+                            dk_ptr=name, dv_ptr=name, lse_ptr="fp32", delta_ptr="fp32",
+                            dk_partial_ptr="fp32", dv_partial_ptr="fp32")
+            launches = []
+            for num_keys in _AOT_KEY_COUNTS:
+                block_n = _key_block(num_keys)
+                block_m = _backward_block_m(block_n)
+                fused_dq = triton.cdiv(num_keys, block_n) == 1
+                launches.append((_rgsa_forward_kernel, _FORWARD_BLOCK_M, block_n, {}))
+                if not fused_dq:
+                    launches.append((_rgsa_backward_dq_kernel, block_m, block_n, {}))
+                launches.append((_rgsa_backward_dkdv_kernel, block_m, block_n, {"FUSED_DQ": fused_dq}))
+            for fn, block_m, block_n, flags in launches:
+                config = (f"{precision_label} D={dqk}/{dv} BLOCK_M={block_m} BLOCK_N={block_n}"
+                          + "".join(f" {flag}={value}" for flag, value in flags.items())
+                          + f" warps={_NUM_WARPS} stages={_NUM_STAGES}")
+                constexprs = dict(**head_dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                                  DOT_PRECISION=dot_precision, UPCAST_DOTS=False)
+                # Key counts that share a block size launch the same kernel: keep one entry per config.
+                variants[(fn.__name__, config)] = _aot_variant(fn, io_types, constexprs, uses_tensor_cores, config)
+            if dot_precision == "tf32":
+                config = f"{name} D={dqk}/{dv} BLOCK_ROWS={_SUM_PARTIALS_BLOCK_ROWS} warps={_NUM_WARPS}"
+                variants[(_rgsa_sum_key_partials_kernel.__name__, config)] = _aot_variant(
+                    _rgsa_sum_key_partials_kernel, io_types, dict(**head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS),
+                    uses_dot=False, config=config)
+    return list(variants.values())

@@ -1,0 +1,13 @@
+import os
+
+# Kernels run in Triton's interpreter on CPU tensors; the variable must be set before triton is imported.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    torch.manual_seed(0)
+    yield
