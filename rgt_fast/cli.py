@@ -1,0 +1,50 @@
+"""The ``rgt-fast`` command."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+PLANNED = {
+    "upscale": "upscale images with an RGT model",
+    "train": "train RGT from a BasicSR option file",
+    "eval": "evaluate PSNR/SSIM on benchmark sets",
+    "bench": "benchmark the fused model against the reference",
+}
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .checkpoint import read_state_dict
+    from .config import infer_hyperparameters, preset_name
+
+    kwargs = infer_hyperparameters(read_state_dict(args.weights))
+    print(json.dumps({"preset": preset_name(kwargs), **kwargs}, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rgt-fast", description="Fused RGT super-resolution")
+    sub = parser.add_subparsers(dest="command", required=True)
+    inspect = sub.add_parser("inspect", help="print the architecture stored in a weights file")
+    inspect.add_argument("weights", help=".pth/.pt or .safetensors file")
+    inspect.set_defaults(handler=_inspect)
+    for name, help_text in PLANNED.items():
+        sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, _ = build_parser().parse_known_args(argv)
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        print(f"rgt-fast {args.command}: not yet available in this version", file=sys.stderr)
+        return 2
+    try:
+        return handler(args)
+    except (OSError, ValueError) as err:
+        print(f"rgt-fast {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
