@@ -1,0 +1,210 @@
+"""Whole-image and tiled super-resolution with any RGT-structured model."""
+from __future__ import annotations
+
+import contextlib
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .reference.rgt import MIN_EVAL_SIZE
+
+Image = Union[np.ndarray, torch.Tensor]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _model_properties(model: nn.Module) -> tuple[int, int, torch.device]:
+    try:
+        scale, channels = int(model.upscale), int(model.in_chans)
+    except AttributeError as err:
+        raise TypeError(f"upscale() needs an RGT-structured model with 'upscale' and 'in_chans' attributes, got "
+                        f"{type(model).__name__}") from err
+    return scale, channels, next(model.parameters()).device
+
+
+def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        if dtype not in (None, *DTYPES.values()):
+            raise ValueError(f"dtype must be one of {list(DTYPES)} (or the torch dtypes), got {dtype}")
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {list(DTYPES)}, got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def _numpy_to_tensor(image: np.ndarray, channels: int) -> tuple[torch.Tensor, np.dtype]:
+    if image.ndim != 3:
+        raise ValueError(f"expected an HWC image (as cv2.imread returns), got an array of shape {image.shape}; "
+                         f"for a grayscale model pass img[..., None]")
+    if image.shape[2] != channels:
+        raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels "
+                         f"(shape {image.shape})")
+    if image.dtype == np.uint8:
+        array = image.astype(np.float32) / 255.0
+    elif image.dtype == np.uint16:
+        array = image.astype(np.float32) / 65535.0
+    elif np.issubdtype(image.dtype, np.floating):
+        array = image.astype(np.float32)
+    else:
+        raise TypeError(f"unsupported image dtype {image.dtype}; use uint8, uint16 or float in [0, 1]")
+    if channels == 3:
+        array = array[..., ::-1]  # OpenCV's BGR to the RGB the official models were trained on
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))[None], image.dtype
+
+
+def _tensor_to_numpy(output: torch.Tensor, dtype: np.dtype, channels: int) -> np.ndarray:
+    array = output[0].float().clamp_(0, 1).permute(1, 2, 0).cpu().numpy()
+    if channels == 3:
+        array = array[..., ::-1]
+    if dtype == np.uint8:
+        return np.ascontiguousarray((array * 255.0).round().astype(np.uint8))
+    if dtype == np.uint16:
+        return np.ascontiguousarray((array * 65535.0).round().astype(np.uint16))
+    return np.ascontiguousarray(array.astype(dtype))
+
+
+def _reflect_to_minimum(x: torch.Tensor, minimum: int) -> torch.Tensor:
+    """Reflect-pads bottom/right until H, W >= minimum (repeatedly: one reflection adds at most size - 1)."""
+    while x.shape[-2] < minimum or x.shape[-1] < minimum:
+        pad_h = min(max(minimum - x.shape[-2], 0), x.shape[-2] - 1)
+        pad_w = min(max(minimum - x.shape[-1], 0), x.shape[-1] - 1)
+        if pad_h == 0 and pad_w == 0:  # a 1-pixel side cannot reflect
+            x = F.pad(x, (0, max(minimum - x.shape[-1], 0), 0, max(minimum - x.shape[-2], 0)), mode="replicate")
+        else:
+            x = F.pad(x, (0, pad_w, 0, pad_h), mode="reflect")
+    return x
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    if length <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, length - tile, stride))
+    return starts + [length - tile]
+
+
+def _blend_ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tensor:
+    """1-D blending weights of a tile: on a side that meets another tile, the outer quarter of the overlap gets
+    weight 0 (those pixels lack context beyond the tile), the next half a linear rise, the rest 1. Neighbouring
+    ramps sum to 1, so a model whose receptive field is under a quarter overlap is reproduced exactly."""
+    position = torch.arange(length, dtype=torch.float32) + 0.5
+    weight = torch.ones(length)
+    if overlap > 0:
+        if not at_start:
+            weight = torch.minimum(weight, ((position - overlap / 4) / (overlap / 2)).clamp(0, 1))
+        if not at_end:
+            weight = torch.minimum(weight, ((length - position - overlap / 4) / (overlap / 2)).clamp(0, 1))
+    return weight
+
+
+def _run_tiled(forward, x: torch.Tensor, scale: int, tile: int, overlap: int) -> torch.Tensor:
+    B, C, H, W = x.shape
+    out = torch.zeros(B, C, H * scale, W * scale, device=x.device)
+    weight = torch.zeros(1, 1, H * scale, W * scale, device=x.device)
+    rows, cols = _tile_starts(H, tile, overlap), _tile_starts(W, tile, overlap)
+    for top in rows:
+        for left in cols:
+            patch = x[..., top:top + tile, left:left + tile]
+            result = forward(patch).float()
+            th, tw = patch.shape[-2] * scale, patch.shape[-1] * scale
+            wy = _blend_ramp(th, overlap * scale, top == rows[0], top == rows[-1]).to(x.device)
+            wx = _blend_ramp(tw, overlap * scale, left == cols[0], left == cols[-1]).to(x.device)
+            w = (wy[:, None] * wx[None, :])[None, None]
+            out[..., top * scale:top * scale + th, left * scale:left * scale + tw] += result * w
+            weight[..., top * scale:top * scale + th, left * scale:left * scale + tw] += w
+    return out / weight
+
+
+def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
+    """The k-th of the 8 flips/transposes of the image plane (or its inverse)."""
+    flip_h, flip_w, transpose = k & 1, k & 2, k & 4
+    if inverse and transpose:
+        x = x.transpose(-2, -1)
+    if flip_h:
+        x = x.flip(-2)
+    if flip_w:
+        x = x.flip(-1)
+    if not inverse and transpose:
+        x = x.transpose(-2, -1)
+    return x
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@torch.no_grad()
+def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_overlap: int = 32,
+            dtype: torch.dtype | str | None = None, self_ensemble: bool = False) -> Image:
+    """Super-resolve ``image`` with ``model`` (put in eval mode).
+
+    ``image``: a numpy HWC array as OpenCV reads it (BGR for 3 channels; uint8, uint16 or float in [0, 1]),
+    returned in the same layout and dtype; or a tensor (C, H, W) / (B, C, H, W) in [0, 1], RGB, returned as a
+    float tensor of the same rank. Whole image by default; ``tile`` processes overlapping tiles of that size
+    blended linearly (RG-SA attends over the whole image, so tiled results differ slightly from whole-image
+    ones). A whole image that runs out of GPU memory is retried in tiles of 512, then 256, 128 px.
+    Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped.
+    ``dtype`` "bf16"/"fp16" runs the model under autocast. ``self_ensemble`` averages the 8 flips/transposes.
+    """
+    scale, channels, device = _model_properties(model)
+    autocast_dtype = _resolve_dtype(dtype)
+    if tile is not None and tile < MIN_EVAL_SIZE:
+        raise ValueError(f"tile must be at least {MIN_EVAL_SIZE} px, got {tile}")
+    if tile is not None and not 0 <= tile_overlap < tile:
+        raise ValueError(f"tile_overlap must be in [0, tile), got {tile_overlap} for tile {tile}")
+
+    if isinstance(image, np.ndarray):
+        x, numpy_dtype = _numpy_to_tensor(image, channels)
+        squeeze = None
+    elif isinstance(image, torch.Tensor):
+        if image.ndim not in (3, 4) or image.shape[-3] != channels:
+            raise ValueError(f"expected a ({channels}, H, W) or (B, {channels}, H, W) tensor, got shape "
+                             f"{tuple(image.shape)}")
+        if not image.is_floating_point():
+            raise TypeError(f"expected a float tensor in [0, 1], got {image.dtype}")
+        x, numpy_dtype, squeeze = (image[None] if image.ndim == 3 else image), None, image.ndim == 3
+    else:
+        raise TypeError(f"image must be a numpy array or a torch tensor, got {type(image).__name__}")
+    H, W = x.shape[-2:]
+    if H == 0 or W == 0:
+        raise ValueError(f"empty image of size {H}x{W}")
+    if not torch.isfinite(x).all():
+        raise ValueError("the image contains NaN or infinite values")
+
+    model.eval()
+    x = _reflect_to_minimum(x.to(device=device, dtype=next(model.parameters()).dtype), MIN_EVAL_SIZE)
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
+               else contextlib.nullcontext())
+        with ctx:
+            return model(batch).float()
+
+    def run_once(batch: torch.Tensor) -> torch.Tensor:
+        if tile is not None:
+            return _run_tiled(forward, batch, scale, tile, tile_overlap)
+        try:
+            return forward(batch)
+        except RuntimeError as err:
+            if not _is_out_of_memory(err):
+                raise
+        for fallback_tile in (512, 256, 128):
+            torch.cuda.empty_cache()
+            try:
+                return _run_tiled(forward, batch, scale, fallback_tile, tile_overlap)
+            except RuntimeError as err:
+                if not _is_out_of_memory(err):
+                    raise
+        raise MemoryError("the image does not fit in memory even in 128 px tiles")
+
+    if self_ensemble:
+        output = sum(_dihedral(run_once(_dihedral(x, k)), k, inverse=True) for k in range(8)) / 8
+    else:
+        output = run_once(x)
+    output = output[..., :H * scale, :W * scale]
+    if numpy_dtype is not None:
+        return _tensor_to_numpy(output, numpy_dtype, channels)
+    return output[0] if squeeze else output
+

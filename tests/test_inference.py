@@ -1,0 +1,128 @@
+"""rgt_fast.upscale on numpy and tensor images: layouts, tiling, ensembles, small and bad inputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import rgt_fast
+from rgt_fast.inference import _dihedral, _tile_starts, upscale
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    net = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6], embed_dim=48)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.double().eval()
+
+
+def test_numpy_bgr_uint8_round_trip_matches_the_model_on_rgb(model):
+    image = np.random.default_rng(0).integers(0, 256, (23, 31, 3), dtype=np.uint8)
+    out = upscale(model, image)
+    assert out.shape == (46, 62, 3) and out.dtype == np.uint8
+    rgb = torch.from_numpy(image[..., ::-1].astype(np.float64).transpose(2, 0, 1).copy())[None] / 255
+    with torch.no_grad():
+        expected = model(rgb)[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1]
+    assert np.abs(out.astype(np.float64) - np.round(expected * 255)).max() <= 1
+
+
+def test_tensor_in_tensor_out(model):
+    x = torch.rand(2, 3, 20, 24, dtype=torch.float64)
+    torch.testing.assert_close(upscale(model, x), model(x).float())
+    assert upscale(model, x[0]).shape == (3, 40, 48)
+
+
+def test_small_images_are_reflect_padded_and_cropped(model):
+    for size in ((5, 9), (1, 3), (15, 40)):
+        out = upscale(model, torch.rand(3, *size, dtype=torch.float64))
+        assert out.shape == (3, 2 * size[0], 2 * size[1])
+        assert torch.isfinite(out).all()
+
+
+def test_tiles_cover_the_image():
+    assert _tile_starts(100, 40, 8) == [0, 32, 60]
+    assert _tile_starts(30, 40, 8) == [0]
+
+
+class LocalModel(torch.nn.Module):
+    """A 3x3 conv + pixel shuffle: its output depends on a 1-pixel neighbourhood only."""
+
+    upscale, in_chans = 2, 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 12, 3, padding=1).double()
+        self.shuffle = torch.nn.PixelShuffle(2)
+
+    def forward(self, x):
+        return self.shuffle(self.conv(x))
+
+
+def test_tiles_with_overlap_beyond_the_receptive_field_reproduce_a_local_model_exactly():
+    model = LocalModel()
+    x = torch.rand(2, 3, 50, 71, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x).float()
+    torch.testing.assert_close(upscale(model, x, tile=24, tile_overlap=6), expected)
+
+
+def test_tiled_rgt_output_differs_only_slightly_from_whole_image(model):
+    """RG-SA attends over the whole image, so a tile sees other representative tokens: outputs differ."""
+    x = torch.rand(1, 3, 48, 56, dtype=torch.float64)
+    whole = upscale(model, x)
+    tiled = upscale(model, x, tile=32, tile_overlap=8)
+    assert tiled.shape == whole.shape
+    assert not torch.equal(tiled, whole)
+    assert ((tiled - whole).norm() / whole.norm()).item() < 0.1
+
+
+def test_one_tile_covering_the_image_equals_whole_image(model):
+    x = torch.rand(1, 3, 30, 20, dtype=torch.float64)
+    torch.testing.assert_close(upscale(model, x, tile=32, tile_overlap=8), upscale(model, x))
+
+
+@pytest.mark.parametrize("k", range(8))
+def test_dihedral_inverse(k):
+    x = torch.rand(1, 3, 5, 7)
+    assert torch.equal(_dihedral(_dihedral(x, k), k, inverse=True), x)
+
+
+def test_self_ensemble_averages_eight_transforms(model):
+    x = torch.rand(1, 3, 18, 22, dtype=torch.float64)
+    expected = sum(_dihedral(model(_dihedral(x, k)), k, inverse=True) for k in range(8)) / 8
+    torch.testing.assert_close(upscale(model, x, self_ensemble=True), expected.float())
+
+
+def test_bf16_autocast_stays_close(model):
+    net = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6], embed_dim=48).eval()
+    net.load_state_dict(model.state_dict())
+    x = torch.rand(1, 3, 20, 20)
+    drift = (upscale(net, x, dtype="bf16") - upscale(net, x)).abs().max()
+    assert 0 < drift < 0.05
+
+
+@pytest.mark.parametrize("bad,error,match", [
+    (np.zeros((8, 8), np.uint8) + 3, ValueError, "HWC"),
+    (np.full((8, 8, 4), 3, np.uint8), ValueError, "3-channel"),
+    (np.ones((0, 8, 3), np.uint8), ValueError, "empty"),
+    (np.full((8, 8, 3), np.nan, np.float32), ValueError, "NaN"),
+    (np.full((8, 8, 3), 2, np.int32), TypeError, "unsupported image dtype"),
+    (torch.rand(2, 20, 20), ValueError, "tensor"),
+    ([1, 2, 3], TypeError, "numpy array or a torch tensor"),
+])
+def test_bad_inputs_get_clear_errors(model, bad, error, match):
+    with pytest.raises(error, match=match):
+        upscale(model, bad)
+
+
+def test_bad_options_get_clear_errors(model):
+    x = torch.rand(3, 20, 20, dtype=torch.float64)
+    with pytest.raises(ValueError, match="tile must be at least 16"):
+        upscale(model, x, tile=8)
+    with pytest.raises(ValueError, match="tile_overlap"):
+        upscale(model, x, tile=32, tile_overlap=32)
+    with pytest.raises(ValueError, match="dtype"):
+        upscale(model, x, dtype="int8")
