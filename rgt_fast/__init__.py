@@ -3,25 +3,26 @@ from __future__ import annotations
 
 from typing import Any
 
-from torch import nn
-
 from . import reference
 from .checkpoint import CheckpointError, load_model, read_state_dict, save_state_dict
 from .config import PRESETS, infer_hyperparameters, preset_kwargs
+from .inference import upscale
+from .model import RGT, accelerate
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "create_model_from_kwargs", "load_model", "read_state_dict", "save_state_dict",
-           "infer_hyperparameters", "CheckpointError", "PRESETS", "reference"]
+__all__ = ["RGT", "accelerate", "create_model", "create_model_from_kwargs", "load_model", "upscale",
+           "read_state_dict", "save_state_dict", "infer_hyperparameters", "preset_kwargs", "CheckpointError",
+           "PRESETS", "reference"]
 
 
-def create_model_from_kwargs(kwargs: dict[str, Any], *, fused: bool = True, backend: str = "auto") -> nn.Module:
+def create_model_from_kwargs(kwargs: dict[str, Any], *, fused: bool = True, backend: str = "auto") -> reference.RGT:
     """An RGT built from official constructor arguments: the fused model, or the reference with fused=False."""
     if fused:
-        raise NotImplementedError(
-            "the fused RGT is not available yet in this version; pass fused=False for rgt_fast.reference.RGT")
+        return RGT(**kwargs, backend=backend)
     return reference.RGT(**kwargs)
 
 
-def create_model(name: str, upscale: int, *, fused: bool = True, backend: str = "auto", **overrides: Any) -> nn.Module:
+def create_model(name: str, upscale: int, *, fused: bool = True, backend: str = "auto",
+                 **overrides: Any) -> reference.RGT:
     """A freshly initialised preset ("RGT" or "RGT-S") for ``upscale`` in {1, 2, 3, 4, ...}."""
     return create_model_from_kwargs(preset_kwargs(name, upscale, **overrides), fused=fused, backend=backend)

@@ -142,7 +142,3 @@ def test_non_tensor_entries_are_rejected(tmp_path):
     with pytest.raises(CheckpointError, match="not a tensor"):
         load_model(path, fused=False)
 
-
-def test_fused_model_request_is_explicit_until_available():
-    with pytest.raises(NotImplementedError, match="fused=False"):
-        rgt_fast.create_model("RGT", 2)

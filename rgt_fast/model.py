@@ -1,0 +1,119 @@
+"""The fused RGT: the reference module tree and state_dict, with both attentions on fused ops.
+
+Backends: "triton" runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
+"torch" runs the fastest plain-PyTorch path (what CPU users get); "auto" picks triton for CUDA tensors and
+torch otherwise. The fused modules subclass the reference ones and add no parameters or buffers, so official
+checkpoints load strictly and ``accelerate`` can convert any RGT-structured module in place of a copy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .kernels._common import SUPPORTED_DTYPES, triton_runs_on
+from .kernels.lsa_attention import lsa_attention, lsa_attention_torch
+from .kernels.rgsa_attention import rgsa_attention, rgsa_attention_torch
+from .reference import rgt as reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def uses_triton(backend: str, t: torch.Tensor) -> bool:
+    """Whether ``backend`` runs the Triton kernel on ``t``; a clear error where "triton" cannot."""
+    if backend == "torch":
+        return False
+    if backend == "auto":
+        return t.is_cuda and t.dtype in SUPPORTED_DTYPES
+    if not (triton_runs_on(t) and t.dtype in SUPPORTED_DTYPES):
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors of dtype float32/bfloat16/float16 (or CPU tensors with "
+            f"TRITON_INTERPRET=1), got a {t.dtype} tensor on {t.device}; use backend='auto' or 'torch'")
+    return True
+
+
+class FusedLSA(reference.LSA):
+    """L-SA whose two window branches (pad, roll, windows, bias, mask, softmax, merge) are one fused op."""
+
+    backend = "auto"
+
+    def attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self.training and self.attns[0].attn_drop.p > 0:
+            return super().attend(qkv, H, W)  # the fused op has no dropout on attention probabilities
+        op = lsa_attention if uses_triton(self.backend, qkv) else lsa_attention_torch
+        return op(qkv, H, W, self.num_heads, self.split_size, self.shifted, self.attns[0].position_bias_table(),
+                  self.attns[1].position_bias_table(), self.attns[0].scale)
+
+
+class FusedRGSA(reference.RGSA):
+    """RG-SA whose cross-attention of all tokens to the reduced map is one fused op (no N x N' scores)."""
+
+    backend = "auto"
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if self.training and self.attn_drop.p > 0:
+            return super().forward(x, H, W)
+        B, N, C = x.shape
+        reduced, rh, rw = self.representatives(x, H, W)
+        k, v = self.project_kv(reduced, rh, rw)
+        q = self.q(x).view(B, N, self.num_heads, -1)
+        op = rgsa_attention if uses_triton(self.backend, q) else rgsa_attention_torch
+        out = op(q, k, v, self.scale)
+        return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+FUSED_CLASSES = {reference.LSA: FusedLSA, reference.RGSA: FusedRGSA}
+
+
+class RGT(reference.RGT):
+    """The fused RGT: same constructor (plus ``backend``), module tree and state_dict as the reference."""
+
+    def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for module in self.modules():
+            fused = FUSED_CLASSES.get(type(module))
+            if fused is not None:
+                module.__class__ = fused
+        self.set_backend(backend)
+
+    def set_backend(self, backend: str) -> "RGT":
+        check_backend(backend)
+        self.backend = backend
+        for module in self.modules():
+            if isinstance(module, (FusedLSA, FusedRGSA)):
+                module.backend = backend
+        return self
+
+
+def _drop_path_rate(model: nn.Module) -> float:
+    rates = [float(getattr(m, "drop_prob", 0.0)) for name, m in model.named_modules() if name.endswith("drop_path")]
+    return max(rates, default=0.0)
+
+
+def accelerate(model: nn.Module, *, backend: str = "auto") -> RGT:
+    """The fused RGT with the weights, device, dtype and train/eval mode of any RGT-structured ``model``.
+
+    Works for ``rgt_fast.reference.RGT``, the official BasicSR class and spandrel's copy: the architecture is
+    read back from the state_dict, ``img_range``, ``qk_scale`` and the drop-path rate from the module.
+    """
+    from .config import infer_hyperparameters
+
+    state_dict = model.state_dict()
+    kwargs = infer_hyperparameters(state_dict)
+    kwargs["img_range"] = float(getattr(model, "img_range", kwargs["img_range"]))
+    kwargs["drop_path_rate"] = _drop_path_rate(model)
+    lsa_branch = model.layers[0].blocks[0].attn.attns[0]
+    default_scale = (kwargs["embed_dim"] // kwargs["num_heads"][0]) ** -0.5
+    if abs(lsa_branch.scale - default_scale) > 1e-12:
+        kwargs["qk_scale"] = lsa_branch.scale
+    parameter = next(model.parameters())
+    fused = RGT(**kwargs, backend=backend)
+    fused.load_state_dict(state_dict, strict=True)
+    return fused.to(device=parameter.device, dtype=parameter.dtype).train(model.training)

@@ -1,0 +1,125 @@
+"""The fused RGT against the reference: outputs and every gradient, both backends, accelerate()."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rgt_fast
+from rgt_fast.model import RGT, FusedLSA, FusedRGSA, accelerate
+from rgt_fast.reference import RGT as ReferenceRGT
+
+from official_oracle import load_official_rgt_class
+
+
+def tiny_kwargs(**overrides):
+    """Two groups (both shift rules), shifted and unshifted L-SA, RG-SA; head dims 18 / 9 are not tiles, and
+    the position-bias MLP keeps a width of 2 (it is 0 below embed 64)."""
+    kwargs = rgt_fast.preset_kwargs("RGT-S", 2, depth=[3, 2], num_heads=[4, 4], embed_dim=72,
+                                    drop_path_rate=0.0)
+    kwargs.update(overrides)
+    return kwargs
+
+
+def perturbed_reference(**overrides) -> ReferenceRGT:
+    model = ReferenceRGT(**tiny_kwargs(**overrides))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def compare(reference, fused, x, training, atol, rtol):
+    reference.train(training)
+    fused.train(training)
+    out_ref = reference(x)
+    out_fused = fused(x)
+    torch.testing.assert_close(out_fused, out_ref, atol=atol, rtol=rtol)
+    if training:
+        grad = torch.randn_like(out_ref)
+        out_ref.backward(grad)
+        out_fused.backward(grad)
+        fused_params = dict(fused.named_parameters())
+        scale = max(p.grad.abs().max().item() for p in reference.parameters())
+        for name, p in reference.named_parameters():
+            torch.testing.assert_close(fused_params[name].grad, p.grad, atol=atol * scale, rtol=rtol, msg=name)
+
+
+def test_same_module_tree_and_state_dict():
+    reference = ReferenceRGT(**tiny_kwargs())
+    fused = RGT(**tiny_kwargs())
+    assert list(fused.state_dict()) == list(reference.state_dict())
+    assert [n for n, _ in fused.named_modules()] == [n for n, _ in reference.named_modules()]
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    assert sum(isinstance(m, FusedLSA) for m in fused.modules()) == 3
+    assert sum(isinstance(m, FusedRGSA) for m in fused.modules()) == 2
+
+
+@pytest.mark.parametrize("size", [(20, 36), (33, 17)])
+@pytest.mark.parametrize("training", [False, True])
+def test_torch_backend_matches_reference_in_float64(size, training):
+    reference = perturbed_reference().double()
+    fused = accelerate(reference, backend="torch")
+    x = torch.rand(2, 3, *size, dtype=torch.float64)
+    compare(reference, fused, x, training, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_triton_backend_matches_reference_in_the_interpreter(training):
+    reference = perturbed_reference()
+    fused = accelerate(reference, backend="triton")
+    x = torch.rand(2, 3, 18, 35)
+    compare(reference, fused, x, training, atol=2e-4, rtol=1e-3)
+
+
+def test_triton_backend_refuses_what_it_cannot_run():
+    fused = RGT(**tiny_kwargs(), backend="triton").double().eval()
+    with pytest.raises(RuntimeError, match="backend='triton' needs"):
+        fused(torch.rand(1, 3, 16, 16, dtype=torch.float64))
+
+
+def test_unknown_backend_is_rejected():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        RGT(**tiny_kwargs(), backend="cuda")
+
+
+def test_accelerate_keeps_weights_dtype_mode_and_settings():
+    reference = perturbed_reference(img_range=255.0, qk_scale=0.3, drop_path_rate=0.2).double().train()
+    fused = accelerate(reference)
+    assert fused.training and next(fused.parameters()).dtype == torch.float64
+    assert fused.img_range == 255.0
+    assert fused.layers[0].blocks[0].attn.attns[1].scale == 0.3
+    assert fused.layers[1].blocks[1].drop_path.drop_prob == pytest.approx(0.2)
+    for key, value in reference.state_dict().items():
+        assert torch.equal(fused.state_dict()[key], value), key
+
+
+def test_accelerate_converts_the_official_class():
+    official_class = load_official_rgt_class()
+    if official_class is None:
+        pytest.skip("spandrel + einops (the official-code oracle) are not installed; .ci/run installs them")
+    official = official_class(**tiny_kwargs()).double().eval()
+    fused = accelerate(official, backend="torch")
+    x = torch.rand(1, 3, 24, 20, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), official(x), atol=1e-10, rtol=1e-9)
+
+
+def test_create_and_load_model_return_the_fused_model(tmp_path):
+    model = rgt_fast.create_model("RGT-S", 2, depth=[2], num_heads=[6])
+    assert isinstance(model, RGT)
+    rgt_fast.save_state_dict(model.state_dict(), tmp_path / "w.safetensors")
+    loaded = rgt_fast.load_model(tmp_path / "w.safetensors", backend="torch")
+    assert isinstance(loaded, RGT) and loaded.backend == "torch" and not loaded.training
+
+
+def test_compile_has_no_graph_breaks_inside_a_block():
+    reference = perturbed_reference()
+    fused = accelerate(reference, backend="triton").eval()
+    block = fused.layers[0].blocks[2]  # shifted L-SA
+    rgsa_block = fused.layers[0].blocks[1]
+    x = torch.randn(1, 18 * 20, 72)
+    for module in (block, rgsa_block):
+        explanation = torch._dynamo.explain(module)(x, 18, 20)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+        compiled = torch.compile(module, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, 18, 20), module(x, 18, 20))
