@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from typing import NamedTuple
 
 import torch
 import triton
@@ -302,15 +303,14 @@ def _rgsa_backward_dkdv_kernel(
         q = _dot_operand(q, dtype, UPCAST_DOTS)
         dout = _dot_operand(dout, dtype, UPCAST_DOTS)
 
-        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * scale_log2
-        probs_t = tl.where(key_valid[:, None] & row_valid[None, :],
-                           tl.exp2(scores_t - lse_log2[None, :]), 0.0)
-        dv_acc += tl.dot(_dot_operand(probs_t, dtype, UPCAST_DOTS), dout, input_precision=DOT_PRECISION)
-        dprobs_t = tl.dot(v, tl.trans(dout), input_precision=DOT_PRECISION)
-        dscores_t = _dot_operand(probs_t * (dprobs_t - delta[None, :]), dtype, UPCAST_DOTS)
-        dk += tl.dot(dscores_t, q, input_precision=DOT_PRECISION)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
+        probs = tl.where(row_valid[:, None] & key_valid[None, :], tl.exp2(scores - lse_log2[:, None]), 0.0)
+        dv_acc += tl.dot(tl.trans(_dot_operand(probs, dtype, UPCAST_DOTS)), dout, input_precision=DOT_PRECISION)
+        dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
+        dscores = _dot_operand(probs * (dprobs - delta[:, None]), dtype, UPCAST_DOTS)
+        dk += tl.dot(tl.trans(dscores), q, input_precision=DOT_PRECISION)
         if FUSED_DQ:
-            dq = tl.dot(tl.trans(dscores_t), k, input_precision=DOT_PRECISION) * scale
+            dq = tl.dot(dscores, k, input_precision=DOT_PRECISION) * scale
             tl.store(dq_block + rows[:, None] * stride_dqn + dqk[None, :] * stride_dqd, dq.to(dtype), mask=q_mask)
         q_block += BLOCK_M * stride_qn
         dout_block += BLOCK_M * stride_don
@@ -361,13 +361,33 @@ def _rgsa_sum_key_partials_kernel(
              mask=row_valid[:, None] & (dv[None, :] < DV))
 
 
+class _Tiles(NamedTuple):
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def launch_options(self) -> dict:
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, num_warps=self.num_warps, num_stages=self.num_stages)
+
+    def label(self) -> str:
+        return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
+
+
 def _key_block(num_keys: int) -> int:
     return min(_MAX_BLOCK_N, next_power_of_2_at_least_16(num_keys))
 
 
-def _backward_block_m(block_n: int) -> int:
-    # Three [BLOCK_N, BLOCK_M] fp32 tiles are live at once in the backward; 64 x 128 of them would spill.
-    return 128 if block_n <= 32 else 64
+def _forward_tiles(num_keys: int, dtype: torch.dtype) -> _Tiles:
+    return _Tiles(_FORWARD_BLOCK_M, _key_block(num_keys), _NUM_WARPS, _NUM_STAGES)
+
+
+def _dq_tiles(num_keys: int, dtype: torch.dtype) -> _Tiles:
+    return _Tiles(64, _key_block(num_keys), _NUM_WARPS, _NUM_STAGES)
+
+
+def _dkdv_tiles(num_keys: int, dtype: torch.dtype) -> _Tiles:
+    return _Tiles(64, _key_block(num_keys), _NUM_WARPS, _NUM_STAGES)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -407,17 +427,16 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     lse = torch.empty((batch, num_heads, num_queries), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    num_query_blocks = triton.cdiv(num_queries, _FORWARD_BLOCK_M)
+    tiles = _forward_tiles(num_keys, q.dtype)
+    num_query_blocks = triton.cdiv(num_queries, tiles.block_m)
     with _on_device_of(q):
         _rgsa_forward_kernel[(num_query_blocks * batch * num_heads,)](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             num_heads, num_queries, num_keys, num_query_blocks,
             scale * _LOG2_E,
-            **_head_dim_constexprs(dqk, dv),
-            BLOCK_M=_FORWARD_BLOCK_M, BLOCK_N=_key_block(num_keys),
+            **_head_dim_constexprs(dqk, dv), **tiles.launch_options(),
             DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET,
-            num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
         )
     return out, lse
 
@@ -433,14 +452,12 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
     if num_queries == 0:
         return dq, dk.zero_(), dv_grad.zero_()
 
-    block_n = _key_block(num_keys)
-    block_m = _backward_block_m(block_n)
-    num_key_blocks = triton.cdiv(num_keys, block_n)
+    dkdv_tiles = _dkdv_tiles(num_keys, q.dtype)
+    num_key_blocks = triton.cdiv(num_keys, dkdv_tiles.block_n)
     fused_dq = num_key_blocks == 1
     batch_heads = batch * num_heads
     head_dims = _head_dim_constexprs(dqk, dv)
-    common = dict(**head_dims, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET,
-                  num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+    common = dict(**head_dims, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride())
 
     with _on_device_of(q):
@@ -448,14 +465,15 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
             delta = lse  # unread: the fused kernel derives delta from dO and O itself
         else:
             delta = torch.empty_like(lse)
-            num_query_blocks = triton.cdiv(num_queries, block_m)
+            dq_tiles = _dq_tiles(num_keys, q.dtype)
+            num_query_blocks = triton.cdiv(num_queries, dq_tiles.block_m)
             _rgsa_backward_dq_kernel[(num_query_blocks * batch_heads,)](
                 q, k, v, out, dout, lse, delta, dq, *strides,
                 num_heads, num_queries, num_keys, num_query_blocks, scale, scale * _LOG2_E,
-                BLOCK_M=block_m, BLOCK_N=block_n, **common,
+                **dq_tiles.launch_options(), **common,
             )
 
-        chunk_len, num_chunks = _query_chunking(num_queries, num_key_blocks * batch_heads, block_m,
+        chunk_len, num_chunks = _query_chunking(num_queries, num_key_blocks * batch_heads, dkdv_tiles.block_m,
                                                 requested_chunk_len)
         dk_partial = torch.empty((num_chunks, batch_heads, num_keys, head_dims["DQK_PAD"]),
                                  dtype=torch.float32, device=q.device)
@@ -465,7 +483,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
             q, k, v, out, dout, lse, delta, dq, dk_partial, dv_partial, *strides,
             num_heads, batch_heads, num_queries, num_keys, num_key_blocks, num_chunks, chunk_len,
             scale, scale * _LOG2_E,
-            BLOCK_M=block_m, BLOCK_N=block_n, FUSED_DQ=fused_dq, **common,
+            FUSED_DQ=fused_dq, **dkdv_tiles.launch_options(), **common,
         )
 
         num_rows = batch_heads * num_keys
@@ -630,14 +648,15 @@ def _aot_signature(fn, pointer_types: dict, float_args: tuple, constexprs: dict)
     return signature, constexprs
 
 
-def _aot_variant(fn, io_types: dict, constexprs: dict, uses_dot: bool, config: str) -> KernelVariant:
+def _aot_variant(fn, io_types: dict, constexprs: dict, num_warps: int, num_stages: int, uses_dot: bool,
+                config: str) -> KernelVariant:
     signature, constexprs = _aot_signature(fn, io_types, ("scale", "scale_log2"), constexprs)
     return KernelVariant(kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
-                         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES, uses_dot=uses_dot, config=config)
+                         num_warps=num_warps, num_stages=num_stages, uses_dot=uses_dot, config=config)
 
 
 def aot_variants() -> list[KernelVariant]:
-    """Every kernel x dtype x block configuration the launchers above can pick, for the AOT report."""
+    """Every kernel x dtype x tile configuration the launchers above can pick, for the AOT report."""
     variants = {}
     for dtype, dot_precision in _AOT_PRECISIONS:
         name = TRITON_DTYPE_NAMES[dtype]
@@ -650,24 +669,23 @@ def aot_variants() -> list[KernelVariant]:
                             dk_partial_ptr="fp32", dv_partial_ptr="fp32")
             launches = []
             for num_keys in _AOT_KEY_COUNTS:
-                block_n = _key_block(num_keys)
-                block_m = _backward_block_m(block_n)
-                fused_dq = triton.cdiv(num_keys, block_n) == 1
-                launches.append((_rgsa_forward_kernel, _FORWARD_BLOCK_M, block_n, {}))
+                dkdv_tiles = _dkdv_tiles(num_keys, dtype)
+                fused_dq = triton.cdiv(num_keys, dkdv_tiles.block_n) == 1
+                launches.append((_rgsa_forward_kernel, _forward_tiles(num_keys, dtype), {}))
                 if not fused_dq:
-                    launches.append((_rgsa_backward_dq_kernel, block_m, block_n, {}))
-                launches.append((_rgsa_backward_dkdv_kernel, block_m, block_n, {"FUSED_DQ": fused_dq}))
-            for fn, block_m, block_n, flags in launches:
-                config = (f"{precision_label} D={dqk}/{dv} BLOCK_M={block_m} BLOCK_N={block_n}"
-                          + "".join(f" {flag}={value}" for flag, value in flags.items())
-                          + f" warps={_NUM_WARPS} stages={_NUM_STAGES}")
-                constexprs = dict(**head_dims, BLOCK_M=block_m, BLOCK_N=block_n, **flags,
+                    launches.append((_rgsa_backward_dq_kernel, _dq_tiles(num_keys, dtype), {}))
+                launches.append((_rgsa_backward_dkdv_kernel, dkdv_tiles, {"FUSED_DQ": fused_dq}))
+            for fn, tiles, flags in launches:
+                config = " ".join([f"{precision_label} D={dqk}/{dv}", tiles.label(),
+                                   *(f"{flag}={value}" for flag, value in flags.items())])
+                constexprs = dict(**head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **flags,
                                   DOT_PRECISION=dot_precision, UPCAST_DOTS=False)
-                # Key counts that share a block size launch the same kernel: keep one entry per config.
-                variants[(fn.__name__, config)] = _aot_variant(fn, io_types, constexprs, uses_tensor_cores, config)
+                # Key counts that share tiles launch the same kernel: keep one entry per configuration.
+                variants[(fn.__name__, config)] = _aot_variant(fn, io_types, constexprs, tiles.num_warps,
+                                                               tiles.num_stages, uses_tensor_cores, config)
             if dot_precision == "tf32":
                 config = f"{name} D={dqk}/{dv} BLOCK_ROWS={_SUM_PARTIALS_BLOCK_ROWS} warps={_NUM_WARPS}"
                 variants[(_rgsa_sum_key_partials_kernel.__name__, config)] = _aot_variant(
                     _rgsa_sum_key_partials_kernel, io_types, dict(**head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS),
-                    uses_dot=False, config=config)
+                    _NUM_WARPS, _NUM_STAGES, uses_dot=False, config=config)
     return list(variants.values())

@@ -7,10 +7,11 @@ from . import reference
 from .checkpoint import CheckpointError, load_model, read_state_dict, save_state_dict
 from .config import PRESETS, infer_hyperparameters, preset_kwargs
 from .inference import upscale
+from .matlab_resize import imresize
 from .model import RGT, accelerate
 
 __version__ = "0.1.0"
-__all__ = ["RGT", "accelerate", "create_model", "create_model_from_kwargs", "load_model", "upscale",
+__all__ = ["RGT", "accelerate", "create_model", "create_model_from_kwargs", "load_model", "upscale", "imresize",
            "read_state_dict", "save_state_dict", "infer_hyperparameters", "preset_kwargs", "CheckpointError",
            "PRESETS", "reference"]
 

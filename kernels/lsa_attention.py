@@ -1,0 +1,728 @@
+"""L-SA (rectangle-window self-attention) of RGT as one fused op: both branches, shifts, padding, position bias.
+
+``lsa_attention(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)`` returns the
+concatenated branch outputs (B, H*W, C) of the L-SA attention core, before ``get_v`` and ``proj``.
+
+Kernel design
+-------------
+Every window of the padded (and, for shifted blocks, rolled) map is index arithmetic: a token of window ``w`` at
+in-window offset ``t`` sits at rolled position (window row * Hw + t // Ww, window col * Ww + t % Ww); undoing the
+roll adds the shift modulo the padded size, and positions outside H x W load as zeros through the load masks.
+So no padded, rolled or partitioned copy of q, k, v or of the output ever exists, and each output row is written
+once, straight to its image token and channel. The position bias is gathered from the table with the
+relative-offset index of the (query, key) pair; the shift mask comes from region ids computed from coordinates.
+
+Each branch is its own launch with the window shape as compile-time constants, which turns the coordinate
+divisions into shifts and gives the bias-gradient reduction static tensor shapes.
+
+* forward: one program per (query block, window) x (batch, head); online softmax over the key blocks of the
+  256-key window (padded keys included, as the reference does); stores the base-2 logsumexp per query.
+* backward dq: same grid; recomputes the probabilities, writes dq and delta = rowsum(dO * O).
+* backward dk/dv: one program per (key block, chunk of windows) x (batch, head), looping over all query blocks;
+  writes dk and dv and reduces dS onto relative offsets for the position-bias gradient (see ``_offset_sums``).
+
+Shapes this op takes through Triton: split sizes that are powers of two (RGT's [8, 32]); other split sizes and
+float64 run the plain-PyTorch path, which is also the CPU path outside the interpreter.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    TRITON_DTYPE_NAMES,
+    KernelVariant,
+    next_power_of_2_at_least_16,
+    triton_runs_on,
+)
+
+SHIFT_MASK_VALUE = -100.0
+LOG2E = 1.4426950408889634
+# Scores run in base 2 (exp2 is the native instruction), so the table and the mask are scaled by log2(e).
+_MASK_LOG2 = tl.constexpr(SHIFT_MASK_VALUE * LOG2E)
+
+
+@triton.jit
+def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    if UPCAST_DOT_OPERANDS:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
+                   WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr):
+    """In-window row/col, shift-region id, image token index and in-image flag of window offsets."""
+    win_row = offsets // WIN_COLS
+    win_col = offsets % WIN_COLS
+    rolled_row = (window // windows_per_row) * WIN_ROWS + win_row
+    rolled_col = (window % windows_per_row) * WIN_COLS + win_col
+    if SHIFTED:
+        # torch.roll(shifts=-s) puts padded position p + s (mod L) at rolled position p, and rolling the
+        # output back by +s returns it there: both directions are this one map.
+        row = rolled_row + WIN_ROWS // 2
+        row = tl.where(row >= padded_H, row - padded_H, row)
+        col = rolled_col + WIN_COLS // 2
+        col = tl.where(col >= padded_W, col - padded_W, col)
+        row_region = (rolled_row >= padded_H - WIN_ROWS).to(tl.int32) + \
+            (rolled_row >= padded_H - WIN_ROWS // 2).to(tl.int32)
+        col_region = (rolled_col >= padded_W - WIN_COLS).to(tl.int32) + \
+            (rolled_col >= padded_W - WIN_COLS // 2).to(tl.int32)
+        region = 3 * row_region + col_region
+    else:
+        row = rolled_row
+        col = rolled_col
+        region = win_row
+    in_image = (row < H) & (col < W)
+    token = row * W + col
+    return win_row, win_col, region, token.to(tl.int64), in_image
+
+
+@triton.jit
+def _offset_key(win_row, win_col, TABLE_COLS: tl.constexpr):
+    """Table row of a pair = query key - key key + const: one subtraction per score instead of a 2-d formula."""
+    return win_row * TABLE_COLS + win_col
+
+
+@triton.jit
+def _bias_and_mask(table_head_ptr, relative_index, query_region, key_region, SHIFTED: tl.constexpr):
+    """Position bias plus shift mask (base-2 units) of a score tile; regions come pre-broadcast."""
+    bias = tl.load(table_head_ptr + relative_index)
+    if SHIFTED:
+        bias = tl.where(query_region != key_region, bias + _MASK_LOG2, bias)
+    return bias
+
+
+@triton.jit
+def _lsa_fwd_kernel(
+    qkv_ptr, out_ptr, lse_ptr, table_ptr,
+    stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
+    H, W, padded_H, padded_W, windows_per_row, embed_dim, num_heads, head_dim, scale_log2e,
+    BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
+    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
+    heads_per_branch = num_heads // 2
+    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_M)
+    q_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_M)) * BLOCK_M
+    batch = tl.program_id(1) // heads_per_branch
+    head = BRANCH * heads_per_branch + tl.program_id(1) % heads_per_branch
+    channel = BRANCH * (embed_dim // 2) + (tl.program_id(1) % heads_per_branch) * head_dim
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+    q_row, q_col, q_region, q_token, q_in_image = _window_tokens(
+        window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+    qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
+    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t,
+                mask=q_in_image[:, None] & d_valid[None, :], other=0.0)
+    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * TABLE_COLS)
+    q_offset_key = _offset_key(q_row, q_col, TABLE_COLS) + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for k_start in range(0, WINDOW_TOKENS, BLOCK_N):
+        k_row, k_col, k_region, k_token, k_in_image = _window_tokens(
+            window, k_start + tl.arange(0, BLOCK_N), H, W, padded_H, padded_W, windows_per_row,
+            WIN_ROWS, WIN_COLS, SHIFTED)
+        kv_mask = k_in_image[:, None] & d_valid[None, :]
+        k = tl.load(qkv_base + embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        v = tl.load(qkv_base + 2 * embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                      UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
+        scores += _bias_and_mask(table_head_ptr, q_offset_key[:, None] - _offset_key(k_row, k_col, TABLE_COLS)[None, :],
+                                 q_region[:, None], k_region[None, :], SHIFTED)
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        p = tl.exp2(scores - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    out_ptrs = out_ptr + batch.to(tl.int64) * stride_out_b + q_token[:, None] * stride_out_t + channel + offs_d[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_in_image[:, None] & d_valid[None, :])
+    lse_ptrs = lse_ptr + (batch * num_heads + head).to(tl.int64) * (H * W) + q_token
+    tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=q_in_image)
+
+
+@triton.jit
+def _lsa_bwd_dq_kernel(
+    qkv_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, table_ptr, grad_qkv_ptr,
+    stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t, stride_grad_out_b, stride_grad_out_t,
+    stride_grad_qkv_b, stride_grad_qkv_t,
+    H, W, padded_H, padded_W, windows_per_row, embed_dim, num_heads, head_dim, scale_log2e, scale,
+    BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
+    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
+    heads_per_branch = num_heads // 2
+    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_M)
+    q_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_M)) * BLOCK_M
+    batch = tl.program_id(1) // heads_per_branch
+    head = BRANCH * heads_per_branch + tl.program_id(1) % heads_per_branch
+    channel = BRANCH * (embed_dim // 2) + (tl.program_id(1) % heads_per_branch) * head_dim
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+    q_row, q_col, q_region, q_token, q_in_image = _window_tokens(
+        window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+    q_mask = q_in_image[:, None] & d_valid[None, :]
+    qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
+    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+    grad_out = tl.load(grad_out_ptr + batch.to(tl.int64) * stride_grad_out_b + q_token[:, None] * stride_grad_out_t
+                       + channel + offs_d[None, :], mask=q_mask, other=0.0)
+    out = tl.load(out_ptr + batch.to(tl.int64) * stride_out_b + q_token[:, None] * stride_out_t
+                  + channel + offs_d[None, :], mask=q_mask, other=0.0)
+    row_stat_offset = (batch * num_heads + head).to(tl.int64) * (H * W) + q_token
+    # Padded query rows get lse = +inf: their probabilities vanish instead of overflowing.
+    lse = tl.load(lse_ptr + row_stat_offset, mask=q_in_image, other=float("inf"))
+    delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
+    tl.store(delta_ptr + row_stat_offset, delta, mask=q_in_image)
+
+    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * TABLE_COLS)
+    q_offset_key = _offset_key(q_row, q_col, TABLE_COLS) + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
+    grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for k_start in range(0, WINDOW_TOKENS, BLOCK_N):
+        k_row, k_col, k_region, k_token, k_in_image = _window_tokens(
+            window, k_start + tl.arange(0, BLOCK_N), H, W, padded_H, padded_W, windows_per_row,
+            WIN_ROWS, WIN_COLS, SHIFTED)
+        kv_mask = k_in_image[:, None] & d_valid[None, :]
+        k = tl.load(qkv_base + embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        v = tl.load(qkv_base + 2 * embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                      UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
+        scores += _bias_and_mask(table_head_ptr, q_offset_key[:, None] - _offset_key(k_row, k_col, TABLE_COLS)[None, :],
+                                 q_region[:, None], k_region[None, :], SHIFTED)
+        p = tl.exp2(scores - lse[:, None])
+        grad_p = _dot(grad_out, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                      UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        grad_s = p * (grad_p - delta[:, None])
+        grad_q = _dot(grad_s.to(k.dtype), k, grad_q, UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+
+    grad_q_ptrs = grad_qkv_ptr + batch.to(tl.int64) * stride_grad_qkv_b + q_token[:, None] * stride_grad_qkv_t \
+        + channel + offs_d[None, :]
+    tl.store(grad_q_ptrs, (grad_q * scale).to(grad_qkv_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def _lsa_bwd_dkdv_kernel(
+    qkv_ptr, grad_out_ptr, lse_ptr, delta_ptr, table_ptr, grad_qkv_ptr, score_grad_partials_ptr,
+    stride_qkv_b, stride_qkv_t, stride_grad_out_b, stride_grad_out_t, stride_grad_qkv_b, stride_grad_qkv_t,
+    H, W, padded_H, padded_W, windows_per_row, num_windows, num_items, items_per_program,
+    embed_dim, num_heads, head_dim, scale_log2e, scale,
+    BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dk, dv of BLOCK_N keys against all queries of the window, for a chunk of (batch, window) items.
+
+    Holding every query of the window in one tile makes dS^T of an item a whole (keys x window) block, so the
+    program sums it over its items in registers (one add per score) and writes that sum once: the position-bias
+    gradient needs dS summed over batch and windows only per (query, key) pair.
+    """
+    WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
+    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
+    heads_per_branch = num_heads // 2
+    key_blocks: tl.constexpr = WINDOW_TOKENS // BLOCK_N
+    chunk = tl.program_id(0) // key_blocks
+    k_start = (tl.program_id(0) % key_blocks) * BLOCK_N
+    head = BRANCH * heads_per_branch + tl.program_id(1)
+    channel = BRANCH * (embed_dim // 2) + tl.program_id(1) * head_dim
+
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, WINDOW_TOKENS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < head_dim
+    # The bias tile depends on in-window positions only: loaded once for all items of the chunk.
+    relative_index = _offset_key(offs_m // WIN_COLS, offs_m % WIN_COLS, TABLE_COLS)[None, :] \
+        - _offset_key(offs_n // WIN_COLS, offs_n % WIN_COLS, TABLE_COLS)[:, None] \
+        + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
+    bias_t = tl.load(table_ptr + head * ((2 * WIN_ROWS - 1) * TABLE_COLS) + relative_index)
+
+    score_grad_sum = tl.zeros([BLOCK_N, WINDOW_TOKENS], tl.float32)
+    item = chunk * items_per_program
+    chunk_end = tl.minimum(item + items_per_program, num_items)
+    # A while loop: the interpreter cannot iterate range() over run-time bounds (numpy >= 2 scalars).
+    while item < chunk_end:
+        batch = item // num_windows
+        window = item % num_windows
+        k_row, k_col, k_region, k_token, k_in_image = _window_tokens(
+            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+        q_row, q_col, q_region, q_token, q_in_image = _window_tokens(
+            window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+        qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
+        kv_mask = k_in_image[:, None] & d_valid[None, :]
+        q_mask = q_in_image[:, None] & d_valid[None, :]
+        k = tl.load(qkv_base + embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        v = tl.load(qkv_base + 2 * embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+        grad_out = tl.load(grad_out_ptr + batch.to(tl.int64) * stride_grad_out_b + q_token[:, None] * stride_grad_out_t
+                           + channel + offs_d[None, :], mask=q_mask, other=0.0)
+        row_stat_offset = (batch * num_heads + head).to(tl.int64) * (H * W) + q_token
+        # Padded query rows get lse = +inf: their probabilities vanish instead of overflowing.
+        lse = tl.load(lse_ptr + row_stat_offset, mask=q_in_image, other=float("inf"))
+        delta = tl.load(delta_ptr + row_stat_offset, mask=q_in_image, other=0.0)
+
+        scores_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, WINDOW_TOKENS], tl.float32),
+                        UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e + bias_t
+        if SHIFTED:
+            scores_t = tl.where(q_region[None, :] != k_region[:, None], scores_t + _MASK_LOG2, scores_t)
+        p_t = tl.exp2(scores_t - lse[None, :])
+        grad_v = _dot(p_t.to(grad_out.dtype), grad_out, tl.zeros([BLOCK_N, BLOCK_D], tl.float32),
+                      UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        grad_p_t = _dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, WINDOW_TOKENS], tl.float32),
+                        UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        grad_s_t = p_t * (grad_p_t - delta[None, :])
+        grad_k = _dot(grad_s_t.to(q.dtype), q, tl.zeros([BLOCK_N, BLOCK_D], tl.float32),
+                      UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        score_grad_sum += grad_s_t
+        grad_qkv_base = grad_qkv_ptr + batch.to(tl.int64) * stride_grad_qkv_b + channel + offs_d[None, :]
+        tl.store(grad_qkv_base + embed_dim + k_token[:, None] * stride_grad_qkv_t,
+                 (grad_k * scale).to(grad_qkv_ptr.dtype.element_ty), mask=kv_mask)
+        tl.store(grad_qkv_base + 2 * embed_dim + k_token[:, None] * stride_grad_qkv_t,
+                 grad_v.to(grad_qkv_ptr.dtype.element_ty), mask=kv_mask)
+        item += 1
+
+    partial_ptrs = score_grad_partials_ptr \
+        + ((tl.program_id(1) * (tl.num_programs(0) // key_blocks) + chunk).to(tl.int64) * WINDOW_TOKENS
+           + offs_n[:, None]) * WINDOW_TOKENS + offs_m[None, :]
+    tl.store(partial_ptrs, score_grad_sum)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Launch configuration
+# ----------------------------------------------------------------------------------------------------------------
+
+_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+_DQ_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+# The dk/dv tile is BLOCK_N keys x all window queries: 32 x 256 at 8 warps keeps its four fp32 tiles
+# (scores, dP, bias, dS sum) at 32 registers each.
+_DKDV_CONFIG = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+# dk/dv programs each take a chunk of (batch, window) items: fewer programs mean fewer dS partials to write and
+# reduce, so the grid keeps only this many programs per multiprocessor. The interpreter runs programs one after
+# another with a fixed cost each, so there a handful of long programs is fastest.
+_DKDV_PROGRAMS_PER_SM = 4
+_DKDV_INTERPRETER_PROGRAMS = 4
+
+
+def _branch_window(split_size, branch: int) -> tuple[int, int]:
+    return (split_size[0], split_size[1]) if branch == 0 else (split_size[1], split_size[0])
+
+
+def _padded(size: int, split_size) -> int:
+    multiple = max(split_size)
+    return -(-size // multiple) * multiple
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _block(config_block: int, split_size) -> int:
+    return min(config_block, split_size[0] * split_size[1])
+
+
+def _log2_tables(bias_table_0: torch.Tensor, bias_table_1: torch.Tensor) -> torch.Tensor:
+    """Both tables as one fp32 (2 * heads/2, entries) buffer in base-2 units, one contiguous row per head."""
+    return torch.stack([bias_table_0, bias_table_1]).to(torch.float32).transpose(1, 2).reshape(
+        -1, bias_table_0.shape[0]).contiguous() * LOG2E
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    """Allocation of every buffer the kernels fill completely (the tests swap in a poisoning version)."""
+    return torch.empty(*shape, dtype=dtype, device=device)
+
+
+def _dkdv_chunks(num_items: int, programs_per_chunk: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        wanted_programs = _DKDV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        wanted_programs = _DKDV_INTERPRETER_PROGRAMS
+    return max(1, min(num_items, wanted_programs // programs_per_chunk))
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs_by_offset(win_rows: int, win_cols: int, device: torch.device) -> torch.Tensor:
+    """(table entries, most pairs) flat (key * N + query) positions of the pairs sharing each relative offset.
+
+    Short rows are padded with position N*N, which the caller points at a zero.
+    """
+    window_tokens = win_rows * win_cols
+    relative = _relative_position_index(win_rows, win_cols, torch.device("cpu"))  # [query, key]
+    flat_key_major = relative.t().flatten()
+    order = torch.argsort(flat_key_major, stable=True)
+    counts = torch.bincount(flat_key_major, minlength=(2 * win_rows - 1) * (2 * win_cols - 1))
+    pairs = torch.full((counts.numel(), int(counts.max())), window_tokens * window_tokens, dtype=torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(order.numel()) - starts[flat_key_major[order]]
+    pairs[flat_key_major[order], slot] = order
+    return pairs.to(device)
+
+
+def _table_grad(score_grad_partials: torch.Tensor, win_rows: int, win_cols: int) -> torch.Tensor:
+    """Position-bias table gradient (entries, heads/2) from per-chunk (heads/2, chunks, key, query) dS sums.
+
+    Every reduction here has a fixed order (a sum over chunks, then a gather and a sum over each offset's
+    padded pair list), so the gradient is bitwise reproducible run to run.
+    """
+    score_grad = score_grad_partials.sum(dim=1).flatten(1)
+    score_grad = torch.cat([score_grad, score_grad.new_zeros(score_grad.shape[0], 1)], dim=1)
+    pairs = _pairs_by_offset(win_rows, win_cols, score_grad.device)
+    return score_grad[:, pairs].sum(dim=-1).t()
+
+
+def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
+    batch, tokens, _ = qkv.shape
+    embed_dim = qkv.shape[2] // 3
+    head_dim = embed_dim // num_heads
+    heads_per_branch = num_heads // 2
+    padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
+    out = _empty(batch, tokens, embed_dim, dtype=qkv.dtype, device=qkv.device)
+    lse = _empty(batch, num_heads, tokens, dtype=torch.float32, device=qkv.device)
+    tables = _log2_tables(bias_table_0, bias_table_1)
+    block_m, block_n = _block(_FWD_CONFIG["BLOCK_M"], split_size), _block(_FWD_CONFIG["BLOCK_N"], split_size)
+    window_tokens = split_size[0] * split_size[1]
+    for branch in (0, 1):
+        win_rows, win_cols = _branch_window(split_size, branch)
+        num_windows = (padded_H // win_rows) * (padded_W // win_cols)
+        grid = (num_windows * (window_tokens // block_m), batch * heads_per_branch)
+        _lsa_fwd_kernel[grid](
+            qkv, out, lse, tables,
+            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
+            H, W, padded_H, padded_W, padded_W // win_cols, embed_dim, num_heads, head_dim, scale * LOG2E,
+            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_power_of_2_at_least_16(head_dim),
+            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=_input_precision(qkv.dtype),
+            num_warps=_FWD_CONFIG["num_warps"], num_stages=_FWD_CONFIG["num_stages"],
+        )
+    return out, lse
+
+
+def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1,
+                     scale):
+    if grad_out.stride(-1) != 1:
+        grad_out = grad_out.contiguous()
+    batch, tokens, _ = qkv.shape
+    embed_dim = qkv.shape[2] // 3
+    head_dim = embed_dim // num_heads
+    heads_per_branch = num_heads // 2
+    padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
+    window_tokens = split_size[0] * split_size[1]
+    block_d = next_power_of_2_at_least_16(head_dim)
+    input_precision = _input_precision(qkv.dtype)
+    tables = _log2_tables(bias_table_0, bias_table_1)
+    grad_qkv = _empty(batch, tokens, 3 * embed_dim, dtype=qkv.dtype, device=qkv.device)
+    delta = _empty(batch, num_heads, tokens, dtype=torch.float32, device=qkv.device)
+
+    block_m, block_n = _block(_DQ_CONFIG["BLOCK_M"], split_size), _block(_DQ_CONFIG["BLOCK_N"], split_size)
+    for branch in (0, 1):
+        win_rows, win_cols = _branch_window(split_size, branch)
+        num_windows = (padded_H // win_rows) * (padded_W // win_cols)
+        grid = (num_windows * (window_tokens // block_m), batch * heads_per_branch)
+        _lsa_bwd_dq_kernel[grid](
+            qkv, out, grad_out, lse, delta, tables, grad_qkv,
+            qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
+            grad_qkv.stride(0), grad_qkv.stride(1),
+            H, W, padded_H, padded_W, padded_W // win_cols, embed_dim, num_heads, head_dim, scale * LOG2E, scale,
+            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
+            num_warps=_DQ_CONFIG["num_warps"], num_stages=_DQ_CONFIG["num_stages"],
+        )
+
+    # Table gradient: the sum of dS over (batch, window, query, key) per relative offset. Each dk/dv program sums
+    # dS over its chunk of (batch, window) items in registers and writes that (keys x queries) block once; the
+    # chunks and then the pairs of each offset are added up in _table_grad in a fixed order. Fp32 atomics into the
+    # 945-entry table from thousands of programs would change the order of the additions, and so the rounding,
+    # from run to run; this way the gradient is bitwise reproducible.
+    block_n = _block(_DKDV_CONFIG["BLOCK_N"], split_size)
+    key_blocks = window_tokens // block_n
+    table_grads = []
+    for branch in (0, 1):
+        win_rows, win_cols = _branch_window(split_size, branch)
+        num_windows = (padded_H // win_rows) * (padded_W // win_cols)
+        num_items = batch * num_windows
+        chunks = _dkdv_chunks(num_items, key_blocks * heads_per_branch, qkv.device)
+        items_per_program = triton.cdiv(num_items, chunks)
+        chunks = triton.cdiv(num_items, items_per_program)
+        score_grad_partials = _empty(heads_per_branch, chunks, window_tokens, window_tokens,
+                                     dtype=torch.float32, device=qkv.device)
+        _lsa_bwd_dkdv_kernel[(chunks * key_blocks, heads_per_branch)](
+            qkv, grad_out, lse, delta, tables, grad_qkv, score_grad_partials,
+            qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+            grad_qkv.stride(0), grad_qkv.stride(1),
+            H, W, padded_H, padded_W, padded_W // win_cols, num_windows, num_items, items_per_program,
+            embed_dim, num_heads, head_dim, scale * LOG2E, scale,
+            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
+            BLOCK_N=block_n, BLOCK_D=block_d,
+            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
+            num_warps=_DKDV_CONFIG["num_warps"], num_stages=_DKDV_CONFIG["num_stages"],
+        )
+        table_grads.append(_table_grad(score_grad_partials, win_rows, win_cols))
+    return grad_qkv, table_grads[0].to(bias_table_0.dtype), table_grads[1].to(bias_table_1.dtype)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Custom op (opaque to torch.compile) and its autograd
+# ----------------------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("rgt_fast::lsa_attention", mutates_args=())
+def _lsa_attention_op(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_size: list[int], shifted: bool,
+                      bias_table_0: torch.Tensor, bias_table_1: torch.Tensor,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns the attention output and the base-2 logsumexp per (batch, head, query token)."""
+    return _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
+
+
+@_lsa_attention_op.register_fake
+def _lsa_attention_fake(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
+    batch, tokens, channels = qkv.shape
+    return (qkv.new_empty(batch, tokens, channels // 3),
+            qkv.new_empty(batch, num_heads, tokens, dtype=torch.float32))
+
+
+@torch.library.custom_op("rgt_fast::lsa_attention_backward", mutates_args=())
+def _lsa_attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                               H: int, W: int, num_heads: int, split_size: list[int], shifted: bool,
+                               bias_table_0: torch.Tensor, bias_table_1: torch.Tensor,
+                               scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns the gradients of qkv (a new contiguous tensor) and of both bias tables."""
+    return _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted,
+                            bias_table_0, bias_table_1, scale)
+
+
+@_lsa_attention_backward_op.register_fake
+def _lsa_attention_backward_fake(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted,
+                                 bias_table_0, bias_table_1, scale):
+    return (qkv.new_empty(qkv.shape), torch.empty_like(bias_table_0), torch.empty_like(bias_table_1))
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, bias_table_0, bias_table_1)
+    ctx.shape_args = (H, W, num_heads, split_size, shifted)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    qkv, out, lse, bias_table_0, bias_table_1 = ctx.saved_tensors
+    grad_qkv, grad_table_0, grad_table_1 = torch.ops.rgt_fast.lsa_attention_backward(
+        grad_out, qkv, out, lse, *ctx.shape_args, bias_table_0, bias_table_1, ctx.scale)
+    return grad_qkv, None, None, None, None, None, grad_table_0, grad_table_1, None
+
+
+_lsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Plain-PyTorch path (CPU outside the interpreter, float64, split sizes the kernels do not take)
+# ----------------------------------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _relative_position_index(win_rows: int, win_cols: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(win_rows, device=device).repeat_interleave(win_cols)
+    cols = torch.arange(win_cols, device=device).repeat(win_rows)
+    return ((rows[:, None] - rows[None, :] + win_rows - 1) * (2 * win_cols - 1)
+            + cols[:, None] - cols[None, :] + win_cols - 1)
+
+
+@functools.lru_cache(maxsize=None)
+def _shift_masks(win_rows: int, win_cols: int, device: torch.device) -> dict:
+    """Additive mask of a window by (last window row?, last window column?): interior windows hold one region."""
+    def regions(win: int, last: bool) -> torch.Tensor:
+        offsets = torch.arange(win, device=device)
+        # In the last window of an axis, [L-win, L-shift) is region 1 and [L-shift, L) region 2.
+        return 1 + (offsets >= win - win // 2).long() if last else torch.zeros(win, dtype=torch.long, device=device)
+
+    masks = {}
+    for last_row in (False, True):
+        for last_col in (False, True):
+            region = (3 * regions(win_rows, last_row)[:, None] + regions(win_cols, last_col)[None, :]).flatten()
+            masks[last_row, last_col] = (region[:, None] != region[None, :]).float() * SHIFT_MASK_VALUE
+    return masks
+
+
+def _window_sdpa(q, k, v, attn_mask, scale):
+    """SDPA over (..., heads, N, head_dim) windows, flattened to the 4-d layout its CPU kernels take."""
+    shape = q.shape
+    flat = [t.reshape(-1, *shape[-3:]) for t in (q, k, v)]
+    return F.scaled_dot_product_attention(*flat, attn_mask=attn_mask, scale=scale).view(shape)
+
+
+def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
+    """The reference semantics with PyTorch operations: padded and rolled window views and SDPA."""
+    batch = qkv.shape[0]
+    embed_dim = qkv.shape[2] // 3
+    heads_per_branch = num_heads // 2
+    head_dim = embed_dim // num_heads
+    padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
+    image = qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim)
+    branch_outputs = []
+    for branch, table in enumerate((bias_table_0, bias_table_1)):
+        win_rows, win_cols = _branch_window(split_size, branch)
+        rows_of_windows, cols_of_windows = padded_H // win_rows, padded_W // win_cols
+        x = F.pad(image[:, :, :, :, branch], (0, 0, 0, 0, 0, 0, 0, padded_W - W, 0, padded_H - H))
+        if shifted:
+            x = torch.roll(x, shifts=(-(win_rows // 2), -(win_cols // 2)), dims=(1, 2))
+        x = x.view(batch, rows_of_windows, win_rows, cols_of_windows, win_cols, 3, heads_per_branch, head_dim)
+        q, k, v = x.permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
+            3, batch, rows_of_windows, cols_of_windows, heads_per_branch, win_rows * win_cols, head_dim).unbind(0)
+        bias = table[_relative_position_index(win_rows, win_cols, qkv.device)].permute(2, 0, 1).to(qkv.dtype)
+        if not shifted:
+            out = _window_sdpa(q, k, v, bias, scale)
+        else:
+            # Only the last row and the last column of windows straddle shift regions: four window groups with
+            # one (heads, N, N) mask each instead of a mask per window.
+            out = q.new_empty(q.shape)
+            masks = _shift_masks(win_rows, win_cols, qkv.device)
+            row_groups = ((False, slice(0, rows_of_windows - 1)), (True, slice(rows_of_windows - 1, None)))
+            col_groups = ((False, slice(0, cols_of_windows - 1)), (True, slice(cols_of_windows - 1, None)))
+            for last_row, row_slice in row_groups:
+                for last_col, col_slice in col_groups:
+                    group = (slice(None), row_slice, col_slice)
+                    if q[group].numel() == 0:
+                        continue
+                    attn_mask = bias + masks[last_row, last_col].to(qkv.dtype)
+                    out[group] = _window_sdpa(q[group], k[group], v[group], attn_mask, scale)
+        out = out.view(batch, rows_of_windows, cols_of_windows, heads_per_branch, win_rows, win_cols, head_dim)
+        out = out.permute(0, 1, 4, 2, 5, 3, 6).reshape(batch, padded_H, padded_W, heads_per_branch * head_dim)
+        if shifted:
+            out = torch.roll(out, shifts=(win_rows // 2, win_cols // 2), dims=(1, 2))
+        branch_outputs.append(out[:, :H, :W])
+    return torch.cat(branch_outputs, dim=-1).reshape(batch, H * W, embed_dim)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Public entry point
+# ----------------------------------------------------------------------------------------------------------------
+
+def _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
+    if not isinstance(qkv, torch.Tensor):
+        raise TypeError(f"qkv must be a torch.Tensor, got {type(qkv).__name__}")
+    if not qkv.is_floating_point():
+        raise TypeError(f"qkv must be a floating-point tensor, got {qkv.dtype}")
+    if qkv.dim() != 3:
+        raise ValueError(f"qkv must have shape (B, H*W, 3*C), got {tuple(qkv.shape)}")
+    for name, value in (("H", H), ("W", W), ("num_heads", num_heads)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if qkv.shape[1] != H * W:
+        raise ValueError(f"qkv has {qkv.shape[1]} tokens but H*W = {H}*{W} = {H * W}")
+    if qkv.shape[2] % 3 != 0:
+        raise ValueError(f"the last dim of qkv must be 3*C ([q | k | v]), got {qkv.shape[2]}")
+    embed_dim = qkv.shape[2] // 3
+    if num_heads % 2 != 0:
+        raise ValueError(f"num_heads must be even (half of the heads per branch), got {num_heads}")
+    if embed_dim % num_heads != 0:
+        raise ValueError(f"C = {embed_dim} is not divisible by num_heads = {num_heads}")
+    if qkv.stride(-1) != 1:
+        raise ValueError(f"qkv must have unit stride in its last dim, got strides {qkv.stride()}")
+    if (not isinstance(split_size, (list, tuple)) or len(split_size) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in split_size)):
+        raise ValueError(f"split_size must hold two positive ints, got {split_size!r}")
+    if max(split_size) % min(split_size) != 0:
+        raise ValueError(f"split_size entries must divide one another to tile the padded map, got {split_size}")
+    if not isinstance(shifted, bool):
+        raise TypeError(f"shifted must be a bool, got {type(shifted).__name__}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    table_shape = ((2 * split_size[0] - 1) * (2 * split_size[1] - 1), num_heads // 2)
+    for name, table in (("bias_table_0", bias_table_0), ("bias_table_1", bias_table_1)):
+        if not isinstance(table, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(table).__name__}")
+        if not table.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {table.dtype}")
+        if tuple(table.shape) != table_shape:
+            raise ValueError(f"{name} must have shape {table_shape}, got {tuple(table.shape)}")
+        if table.device != qkv.device:
+            raise ValueError(f"{name} is on {table.device} but qkv is on {qkv.device}")
+
+
+def _kernels_take(qkv: torch.Tensor, split_size) -> bool:
+    power_of_two = all(s & (s - 1) == 0 for s in split_size)
+    return (triton_runs_on(qkv) and qkv.dtype in SUPPORTED_DTYPES and power_of_two
+            and split_size[0] * split_size[1] >= 16)
+
+
+def lsa_attention(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_size, shifted: bool,
+                  bias_table_0: torch.Tensor, bias_table_1: torch.Tensor, scale: float) -> torch.Tensor:
+    """Concatenated L-SA branch outputs (B, H*W, C) from the projected ``qkv`` (B, H*W, 3C).
+
+    ``bias_table_b`` is branch b's position-bias table ((2Hw-1)(2Ww-1), num_heads/2); ``scale`` multiplies q.
+    ``qkv`` may be a strided view (unit stride in the last dim). Runs the fused Triton kernels where they can run
+    (CUDA, or CPU under TRITON_INTERPRET=1) for fp32/bf16/fp16, else the PyTorch path.
+    """
+    _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
+    if _kernels_take(qkv, split_size):
+        out, _ = torch.ops.rgt_fast.lsa_attention(qkv, H, W, num_heads, list(split_size), shifted,
+                                                  bias_table_0, bias_table_1, float(scale))
+        return out
+    return lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Ahead-of-time variants (RGT's split [8, 32], head dim 30)
+# ----------------------------------------------------------------------------------------------------------------
+
+_FP32_POINTERS = {"lse_ptr", "delta_ptr", "table_ptr", "score_grad_partials_ptr"}
+_FLOAT_SCALARS = {"scale", "scale_log2e"}
+
+
+def aot_variants(split_size=(8, 32), head_dim: int = 30) -> list[KernelVariant]:
+    """Every kernel x branch x shift x dtype (fp32 as tf32 and as ieee) at the configs the wrappers launch."""
+    variants = []
+    dtype_cases = [(torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee"),
+                   (torch.float16, "ieee")]
+    kernels = (("lsa_fwd", _lsa_fwd_kernel, _FWD_CONFIG), ("lsa_bwd_dq", _lsa_bwd_dq_kernel, _DQ_CONFIG),
+               ("lsa_bwd_dkdv", _lsa_bwd_dkdv_kernel, _DKDV_CONFIG))
+    block_d = next_power_of_2_at_least_16(head_dim)
+    for name, fn, config in kernels:
+        blocks = {key: _block(value, split_size) for key, value in config.items() if key.startswith("BLOCK_")}
+        for dtype, precision in dtype_cases:
+            dtype_name = TRITON_DTYPE_NAMES[dtype]
+            for branch in (0, 1):
+                win_rows, win_cols = _branch_window(split_size, branch)
+                for shifted in (False, True):
+                    constexprs = {
+                        "BRANCH": branch, "WIN_ROWS": win_rows, "WIN_COLS": win_cols, "SHIFTED": shifted,
+                        **blocks, "BLOCK_D": block_d, "UPCAST_DOT_OPERANDS": False, "INPUT_PRECISION": precision,
+                    }
+                    signature = {}
+                    for arg in fn.arg_names:
+                        if arg in constexprs:
+                            signature[arg] = "constexpr"
+                        elif arg.endswith("_ptr"):
+                            signature[arg] = "*fp32" if arg in _FP32_POINTERS else f"*{dtype_name}"
+                        else:
+                            signature[arg] = "fp32" if arg in _FLOAT_SCALARS else "i32"
+                    block_label = " ".join(f"{key}={value}" for key, value in blocks.items())
+                    label = (f"{dtype_name}{'/' + precision if dtype == torch.float32 else ''} branch={branch} "
+                             f"shifted={shifted} {block_label} D={block_d} "
+                             f"warps={config['num_warps']} stages={config['num_stages']}")
+                    variants.append(KernelVariant(
+                        kernel=name, fn=fn, signature=signature, constexprs=constexprs,
+                        num_warps=config["num_warps"], num_stages=config["num_stages"], config=label,
+                        # fp32 dots in ieee precision run on the FMA units by design: no tensor-core instructions.
+                        uses_dot=precision != "ieee" or dtype != torch.float32,
+                    ))
+    return variants
