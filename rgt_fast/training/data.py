@@ -1,0 +1,329 @@
+"""Training patches and validation pairs in BasicSR's conventions.
+
+Images are read with OpenCV (BGR uint8) and reach the model as float32 RGB CHW in [0, 1], as BasicSR's
+``img2tensor(bgr2rgb=True)`` gives them. Training pairs come from paired GT/LQ folders (``PairedImageDataset``) or
+from GT alone (``SingleHRDataset``, or no ``dataroot_lq``), in which case the LQ patch is the MATLAB-bicubic
+downscale of the GT patch.
+
+Every random choice of a training sample (crop corner, flips, a replacement for an unusable image) comes from a
+generator seeded by the sampler for that sample alone, so a batch depends only on (seed, epoch, position): the
+same with any number of loader workers, and the same after a resume that skips the samples already consumed.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator, Mapping, NamedTuple, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..matlab_resize import imresize
+from .options import OptionError, require_choice
+
+logger = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DATASET_TYPES = ("PairedImageDataset", "SingleHRDataset")
+
+
+class UnusableImage(Exception):
+    """An image that cannot be read or does not fit its pair; ``path`` names it."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class SampleKey(NamedTuple):
+    """What the training sampler hands the dataset: an image index and the seed of that sample's choices."""
+
+    index: int
+    seed: int
+
+
+def read_image(path: Path) -> np.ndarray:
+    """The (H, W, 3) BGR uint8 image at ``path``, decoded by OpenCV as BasicSR does (16-bit files become 8-bit)."""
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise UnusableImage(path, f"cannot be read ({err.strerror or err})") from err
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
+    if image is None:
+        raise UnusableImage(path, "cannot be decoded as an image (corrupt, truncated or empty file?)")
+    return image
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return paths
+
+
+def lq_path_for(gt_path: Path, lq_folder: str | Path, filename_tmpl: str) -> Path:
+    """The LQ file paired with ``gt_path``: ``filename_tmpl`` applied to the GT stem, the GT's extension."""
+    return Path(lq_folder) / f"{filename_tmpl.format(gt_path.stem)}{gt_path.suffix}"
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) BGR float32 in [0, 1] -> (3, H, W) RGB float32."""
+    return torch.from_numpy(np.ascontiguousarray(image[..., ::-1].transpose(2, 0, 1)))
+
+
+def as_unit_float(image: np.ndarray) -> np.ndarray:
+    return image.astype(np.float32) / 255.0
+
+
+def downscale(gt: np.ndarray, scale: int) -> np.ndarray:
+    """MATLAB-bicubic LQ of a float GT in [0, 1], clipped to [0, 1] as an image file would be."""
+    return np.clip(imresize(gt, 1 / scale), 0.0, 1.0)
+
+
+def random_corner(lq_height: int, lq_width: int, lq_size: int, rng: np.random.Generator) -> tuple[int, int]:
+    """Top-left corner of an ``lq_size`` patch on the LQ grid; the GT patch sits at the corner times the scale."""
+    return int(rng.integers(lq_height - lq_size + 1)), int(rng.integers(lq_width - lq_size + 1))
+
+
+def augment(images: Sequence[np.ndarray], hflip: bool, rotation: bool, rng: np.random.Generator) -> list[np.ndarray]:
+    """The same random horizontal flip, vertical flip and transpose (which with the flips gives every 90-degree
+    rotation) applied to all ``images``, each with probability 1/2 when enabled."""
+    flip_columns = hflip and rng.random() < 0.5
+    flip_rows = rotation and rng.random() < 0.5
+    transpose = rotation and rng.random() < 0.5
+
+    def apply(image: np.ndarray) -> np.ndarray:
+        if flip_columns:
+            image = image[:, ::-1]
+        if flip_rows:
+            image = image[::-1]
+        if transpose:
+            image = image.transpose(1, 0, 2)
+        return image
+
+    return [apply(image) for image in images]
+
+
+def _is_hr_only(dataset_options: Mapping[str, Any], dotted: str) -> bool:
+    kind = require_choice(dataset_options["type"], f"{dotted}.type", DATASET_TYPES)
+    return kind == "SingleHRDataset" or dataset_options["dataroot_lq"] is None
+
+
+def _check_io_backend(dataset_options: Mapping[str, Any], dotted: str) -> None:
+    require_choice(dataset_options["io_backend"]["type"], f"{dotted}.io_backend.type", ["disk"])
+
+
+class TrainingPatches(Dataset):
+    """Aligned (GT, LQ) training patches; ``dataset[SampleKey(index, seed)]`` -> {"lq", "gt"} tensors.
+
+    ``lq_paths`` None selects the HR-only mode. An unusable image is logged by name once per process and another
+    image is drawn in its place; when no image is usable the error says so.
+    """
+
+    def __init__(self, gt_paths: Sequence[Path], lq_paths: Sequence[Path] | None, scale: int, gt_size: int,
+                 use_hflip: bool = False, use_rot: bool = False):
+        if gt_size % scale:
+            raise OptionError(f"gt_size {gt_size} is not a multiple of the scale {scale}")
+        self.gt_paths = list(gt_paths)
+        self.lq_paths = None if lq_paths is None else list(lq_paths)
+        self.scale = scale
+        self.gt_size = gt_size
+        self.lq_size = gt_size // scale
+        self.use_hflip = use_hflip
+        self.use_rot = use_rot
+        self._unusable: set[int] = set()
+
+    @classmethod
+    def from_options(cls, dataset_options: Mapping[str, Any], scale: int,
+                     dotted: str = "datasets.train") -> "TrainingPatches":
+        _check_io_backend(dataset_options, dotted)
+        gt_paths = list_images(dataset_options["dataroot_gt"])
+        lq_paths = None
+        if not _is_hr_only(dataset_options, dotted):
+            lq_paths = [lq_path_for(p, dataset_options["dataroot_lq"], dataset_options["filename_tmpl"])
+                        for p in gt_paths]
+            missing = [p for p in lq_paths if not p.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} of {len(lq_paths)} LQ images are missing, e.g. {missing[0]} (the pair of "
+                    f"{gt_paths[lq_paths.index(missing[0])].name}); check {dotted}.dataroot_lq and filename_tmpl")
+        return cls(gt_paths, lq_paths, scale, dataset_options["gt_size"], dataset_options["use_hflip"],
+                   dataset_options["use_rot"])
+
+    def __len__(self) -> int:
+        return len(self.gt_paths)
+
+    def _too_small(self, path: Path, height: int, width: int) -> UnusableImage:
+        return UnusableImage(path, f"its LQ ({width}x{height}) is smaller than the {self.lq_size} px patch "
+                                   f"(gt_size {self.gt_size} / scale {self.scale})")
+
+    def _paired_patch(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        gt_path, lq_path = self.gt_paths[index], self.lq_paths[index]
+        gt, lq = read_image(gt_path), read_image(lq_path)
+        lq_height, lq_width = lq.shape[:2]
+        if gt.shape[:2] != (lq_height * self.scale, lq_width * self.scale):
+            raise UnusableImage(gt_path, f"it is {gt.shape[1]}x{gt.shape[0]} but its LQ {lq_path.name} is "
+                                         f"{lq_width}x{lq_height}, not 1/{self.scale} of it")
+        if min(lq_height, lq_width) < self.lq_size:
+            raise self._too_small(gt_path, lq_height, lq_width)
+        top, left = random_corner(lq_height, lq_width, self.lq_size, rng)
+        s = self.scale
+        gt = gt[top * s:(top + self.lq_size) * s, left * s:(left + self.lq_size) * s]
+        lq = lq[top:top + self.lq_size, left:left + self.lq_size]
+        return as_unit_float(gt), as_unit_float(lq)
+
+    def _hr_only_patch(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        gt_path = self.gt_paths[index]
+        gt = read_image(gt_path)
+        lq_height, lq_width = gt.shape[0] // self.scale, gt.shape[1] // self.scale
+        if min(lq_height, lq_width) < self.lq_size:
+            raise self._too_small(gt_path, lq_height, lq_width)
+        top, left = random_corner(lq_height, lq_width, self.lq_size, rng)
+        s = self.scale
+        gt = as_unit_float(gt[top * s:top * s + self.gt_size, left * s:left * s + self.gt_size])
+        return gt, downscale(gt, self.scale)
+
+    def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
+        index, seed = key
+        rng = np.random.default_rng(seed)
+        patch = self._paired_patch if self.lq_paths is not None else self._hr_only_patch
+        while True:
+            if index not in self._unusable:
+                try:
+                    gt, lq = patch(index, rng)
+                    break
+                except UnusableImage as err:
+                    self._unusable.add(index)
+                    logger.warning("skipping training image %s: %s", err.path, err.reason)
+                    if len(self._unusable) == len(self.gt_paths):
+                        raise RuntimeError(f"none of the {len(self.gt_paths)} training images in "
+                                           f"{self.gt_paths[0].parent} can be used (see the warnings)") from err
+            index = int(rng.integers(len(self.gt_paths)))
+        gt, lq = augment([gt, lq], self.use_hflip, self.use_rot, rng)
+        return {"lq": to_tensor(lq), "gt": to_tensor(gt)}
+
+
+class TrainingSampler(Sampler[SampleKey]):
+    """Each epoch: the images repeated ``enlarge_ratio`` times, shuffled by (seed, epoch), padded to a multiple of
+    ``num_replicas`` and dealt out by rank (what DistributedSampler does), each with a seed for its own choices.
+
+    ``set_epoch(epoch, skip)`` starts that epoch after ``skip`` of this rank's samples, which is how a resumed run
+    continues the epoch it was interrupted in.
+    """
+
+    def __init__(self, num_images: int, enlarge_ratio: int = 1, shuffle: bool = True, seed: int = 0,
+                 num_replicas: int = 1, rank: int = 0):
+        if enlarge_ratio < 1:
+            raise OptionError(f"dataset_enlarge_ratio must be at least 1, got {enlarge_ratio}")
+        self.num_images = num_images
+        self.enlarge_ratio = enlarge_ratio
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.samples_per_replica = math.ceil(num_images * enlarge_ratio / num_replicas)
+        self.epoch = 0
+        self.skip = 0
+
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        self.epoch = epoch
+        self.skip = skip
+
+    def __len__(self) -> int:
+        return max(self.samples_per_replica - self.skip, 0)
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        total = self.samples_per_replica * self.num_replicas
+        enlarged = self.num_images * self.enlarge_ratio
+        order = rng.permutation(enlarged) if self.shuffle else np.arange(enlarged)
+        order = np.resize(order, total) % self.num_images
+        seeds = rng.integers(2 ** 63, size=total)
+        positions = range(self.rank + self.skip * self.num_replicas, total, self.num_replicas)
+        return (SampleKey(int(order[p]), int(seeds[p])) for p in positions)
+
+
+def build_training_loader(dataset_options: Mapping[str, Any], scale: int, seed: int, *, num_replicas: int = 1,
+                          rank: int = 0, pin_memory: bool = False) -> tuple[DataLoader, TrainingSampler]:
+    dataset = TrainingPatches.from_options(dataset_options, scale)
+    sampler = TrainingSampler(len(dataset), dataset_options["dataset_enlarge_ratio"], dataset_options["use_shuffle"],
+                              seed, num_replicas, rank)
+    batch_size = dataset_options["batch_size_per_gpu"]
+    if sampler.samples_per_replica < batch_size:
+        raise OptionError(f"the training set gives {sampler.samples_per_replica} samples per process per epoch, "
+                          f"fewer than batch_size_per_gpu {batch_size}; raise dataset_enlarge_ratio")
+    workers = dataset_options["num_worker_per_gpu"]
+    loader = DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, drop_last=True,
+        pin_memory=pin_memory, persistent_workers=workers > 0,
+        # The loader draws its workers' base seed from this generator rather than the global torch RNG, whose
+        # stream (drop path) must not depend on when an epoch's iterator happens to be created.
+        generator=torch.Generator().manual_seed(seed))
+    return loader, sampler
+
+
+class EvaluationPairs:
+    """Whole (LQ, GT) image pairs of one validation/test set, as uint8 BGR arrays.
+
+    The GT is cropped to LQ x scale. Without LQ files (``lq_paths`` None) the GT is cropped to a multiple of the
+    scale and the LQ is its MATLAB-bicubic downscale rounded to uint8, like the benchmark files.
+    """
+
+    def __init__(self, name: str, gt_paths: Sequence[Path], lq_paths: Sequence[Path] | None, scale: int):
+        self.name = name
+        self.gt_paths = list(gt_paths)
+        self.lq_paths = None if lq_paths is None else list(lq_paths)
+        self.scale = scale
+
+    @classmethod
+    def from_options(cls, dataset_options: Mapping[str, Any], scale: int, dotted: str) -> "EvaluationPairs":
+        _check_io_backend(dataset_options, dotted)
+        gt_paths = list_images(dataset_options["dataroot_gt"])
+        lq_paths = None
+        if not _is_hr_only(dataset_options, dotted):
+            lq_paths = [lq_path_for(p, dataset_options["dataroot_lq"], dataset_options["filename_tmpl"])
+                        for p in gt_paths]
+        return cls(dataset_options["name"], gt_paths, lq_paths, scale)
+
+    @classmethod
+    def from_benchmark_folder(cls, folder: str | Path, scale: int) -> "EvaluationPairs":
+        """A set in the standard ``HR/`` + ``LR_bicubic/X{s}/NAMEx{s}.png`` layout, named after its folder."""
+        folder = Path(folder)
+        gt_paths = list_images(folder / "HR")
+        lq_folder = folder / "LR_bicubic" / f"X{scale}"
+        return cls(folder.name, gt_paths, [lq_path_for(p, lq_folder, f"{{}}x{scale}") for p in gt_paths], scale)
+
+    def __len__(self) -> int:
+        return len(self.gt_paths)
+
+    def image_name(self, index: int) -> str:
+        """The name results are reported and saved under: the LQ file's stem, as in BasicSR."""
+        return (self.gt_paths if self.lq_paths is None else self.lq_paths)[index].stem
+
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(lq, gt) of image ``index``; raises UnusableImage naming the file at fault."""
+        gt_path = self.gt_paths[index]
+        gt = read_image(gt_path)
+        s = self.scale
+        if self.lq_paths is None:
+            gt = gt[:gt.shape[0] - gt.shape[0] % s, :gt.shape[1] - gt.shape[1] % s]
+            if gt.size == 0:
+                raise UnusableImage(gt_path, f"it is smaller than the scale {s}")
+            lq = (downscale(as_unit_float(gt), s) * 255.0).round().astype(np.uint8)
+            return lq, gt
+        lq_path = self.lq_paths[index]
+        if not lq_path.is_file():
+            raise UnusableImage(lq_path, f"file not found (the LQ of {gt_path.name})")
+        lq = read_image(lq_path)
+        height, width = lq.shape[0] * s, lq.shape[1] * s
+        if gt.shape[0] < height or gt.shape[1] < width:
+            raise UnusableImage(gt_path, f"it is {gt.shape[1]}x{gt.shape[0]}, smaller than its LQ {lq_path.name} "
+                                         f"({lq.shape[1]}x{lq.shape[0]}) times {s}")
+        return lq, gt[:height, :width]

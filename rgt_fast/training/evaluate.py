@@ -1,0 +1,218 @@
+"""PSNR/SSIM of an RGT on benchmark sets, from a BasicSR test option file or from command-line flags.
+
+Scores follow BasicSR (``rgt_fast.metrics``: crop ``crop_border`` pixels, Y channel); the model runs through
+``rgt_fast.upscale`` on whole images unless tiling is asked for. An image that cannot be read or scored is
+reported by name and the rest of the set is still evaluated; the exit status says whether anything failed.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+
+from ..checkpoint import load_model
+from ..inference import DTYPES, upscale
+from ..metrics import calculate_psnr, calculate_ssim
+from ..reference.rgt import MIN_EVAL_SIZE
+from .data import EvaluationPairs, UnusableImage
+from .logs import configure_console_logging
+from .options import OptionError, load_test_options, require_choice
+
+logger = logging.getLogger(__name__)
+
+Metric = Callable[[np.ndarray, np.ndarray], float]
+METRIC_FUNCTIONS = {"calculate_psnr": calculate_psnr, "calculate_ssim": calculate_ssim}
+# use_chop in the authors' test files asks for a memory-saving split without a size; this is one of the tile sizes
+# upscale() itself falls back to when a whole image does not fit.
+CHOP_TILE = 256
+DEFAULT_SUFFIX = "RGT"
+
+
+def build_metrics(metrics_options: Mapping[str, Mapping[str, Any]], dotted: str = "val.metrics") -> dict[str, Metric]:
+    """Named metric functions from BasicSR's ``metrics`` section (type calculate_psnr / calculate_ssim)."""
+    metrics = {}
+    for name, spec in metrics_options.items():
+        kind = require_choice(spec["type"], f"{dotted}.{name}.type", METRIC_FUNCTIONS)
+        metrics[name] = functools.partial(METRIC_FUNCTIONS[kind], crop_border=int(spec["crop_border"]),
+                                          test_y_channel=bool(spec["test_y_channel"]))
+    return metrics
+
+
+def benchmark_metrics(scale: int) -> dict[str, Metric]:
+    """PSNR and SSIM as SR papers report them: Y channel, ``scale`` pixels cropped from each edge."""
+    return {name: functools.partial(function, crop_border=scale, test_y_channel=True)
+            for name, function in (("psnr", calculate_psnr), ("ssim", calculate_ssim))}
+
+
+@dataclass
+class SetScores:
+    name: str
+    metric_names: list[str]
+    images: list[tuple[str, dict[str, float]]] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def averages(self) -> dict[str, float]:
+        """Mean of each metric over the scored images; NaN for a set where nothing could be scored."""
+        return {m: float(np.mean([scores[m] for _, scores in self.images])) if self.images else math.nan
+                for m in self.metric_names}
+
+    def as_dict(self) -> dict[str, Any]:
+        averages = {m: None if math.isnan(v) else v for m, v in self.averages().items()}
+        return {"name": self.name, "average": averages,
+                "images": [{"name": name, **scores} for name, scores in self.images],
+                "failed": [{"name": name, "error": error} for name, error in self.failures]}
+
+
+def evaluate_set(model: nn.Module, pairs: EvaluationPairs, metrics: Mapping[str, Metric], *, tile: int | None = None,
+                 tile_overlap: int = 32, self_ensemble: bool = False, dtype: str | None = None,
+                 save_dir: Path | None = None, image_suffix: str = DEFAULT_SUFFIX) -> SetScores:
+    """Scores of every image of ``pairs``; SR images saved as ``save_dir/<name>_<image_suffix>.png`` if asked."""
+    result = SetScores(pairs.name, list(metrics))
+    for index in range(len(pairs)):
+        name = pairs.image_name(index)
+        try:
+            lq, gt = pairs.load(index)
+            sr = upscale(model, lq, tile=tile, tile_overlap=tile_overlap, dtype=dtype, self_ensemble=self_ensemble)
+            scores = {metric: float(function(sr, gt)) for metric, function in metrics.items()}
+        except (UnusableImage, ValueError) as err:
+            logger.warning("%s: cannot evaluate %s: %s", pairs.name, name, err)
+            result.failures.append((name, str(err)))
+            continue
+        result.images.append((name, scores))
+        if save_dir is not None:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(save_dir / f"{name}_{image_suffix}.png"), sr)
+    return result
+
+
+def format_table(sets: Sequence[SetScores]) -> str:
+    lines = []
+    for scores in sets:
+        width = max([len("average"), *(len(name) for name, _ in scores.images),
+                     *(len(name) for name, _ in scores.failures)])
+        header = "  ".join(f"{m:>9}" for m in scores.metric_names)
+        lines += [f"== {scores.name} ==", f"{'image':<{width}}  {header}"]
+        lines += [f"{name:<{width}}  " + "  ".join(f"{values[m]:9.4f}" for m in scores.metric_names)
+                  for name, values in scores.images]
+        lines += [f"{name:<{width}}  FAILED: {error}" for name, error in scores.failures]
+        averages = scores.averages()
+        lines.append(f"{'average':<{width}}  " + "  ".join(f"{averages[m]:9.4f}" for m in scores.metric_names))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, sets: Sequence[SetScores], info: Mapping[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**info, "sets": [s.as_dict() for s in sets]}, indent=2) + "\n")
+
+
+def write_csv(path: Path, sets: Sequence[SetScores]) -> None:
+    """One row per image and one per set average (image "(average)"); failed images have an error column."""
+    metric_names = list(dict.fromkeys(m for s in sets for m in s.metric_names))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["set", "image", *metric_names, "error"])
+        for scores in sets:
+            for name, values in scores.images:
+                writer.writerow([scores.name, name, *(values.get(m, "") for m in metric_names), ""])
+            for name, error in scores.failures:
+                writer.writerow([scores.name, name, *([""] * len(metric_names)), error])
+            averages = scores.averages()
+            writer.writerow([scores.name, "(average)", *(averages.get(m, "") for m in metric_names), ""])
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-opt", metavar="FILE", help="a BasicSR test option file (datasets test_1, test_2, ...)")
+    parser.add_argument("--force_yml", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="override options of -opt, e.g. path.pretrain_network_g=W.pth")
+    parser.add_argument("--weights", help="weights file (.pth/.safetensors); the architecture is read from it")
+    parser.add_argument("--data", nargs="+", action="extend", metavar="DIR",
+                        help="benchmark set folder(s) with HR/ and LR_bicubic/X{scale}/NAMEx{scale}.png")
+    parser.add_argument("--scale", type=int, help="upscaling factor; must be the one of the weights")
+    parser.add_argument("--tile", type=int, help="run the model on overlapping tiles of this many LQ pixels")
+    parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles in LQ pixels")
+    parser.add_argument("--save-img", action="store_true", help="save the SR images as PNG")
+    parser.add_argument("--out", help="save the SR images in this folder (--save-img alone: results/<weights name>)")
+    parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes")
+    parser.add_argument("--json", type=Path, help="write per-image and per-set scores as JSON")
+    parser.add_argument("--csv", type=Path, help="write per-image and per-set scores as CSV")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="inference precision")
+
+
+_FLAG_ONLY = ("weights", "data", "scale", "tile", "save_img", "out")  # -opt sets these (tile: use_chop)
+
+
+def _load_checked_model(weights: str | Path, scale: int, device: str, strict: bool = True) -> nn.Module:
+    model = load_model(weights, device=device, strict=strict)
+    if model.upscale != scale:
+        raise ValueError(f"{weights} holds an x{model.upscale} model, but scale {scale} was asked for")
+    return model
+
+
+def run_evaluation(args: argparse.Namespace) -> int:
+    """``rgt-fast eval``: 0 when every image was scored, 1 when any failed."""
+    configure_console_logging()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.opt:
+        given = [f"--{name.replace('_', '-')}" for name in _FLAG_ONLY if getattr(args, name) not in (None, False)]
+        if given:
+            raise OptionError(f"{', '.join(given)} cannot be combined with -opt; the option file sets them")
+        options = load_test_options(args.opt, args.force_yml)
+        scale, weights = options["scale"], options["path"]["pretrain_network_g"]
+        model = _load_checked_model(weights, scale, device, options["path"]["strict_load_g"])
+        sets = [EvaluationPairs.from_options(spec, scale, f"datasets.{key}")
+                for key, spec in sorted(options["datasets"].items())]
+        metrics = build_metrics(options["val"]["metrics"])
+        tile = CHOP_TILE if options["val"]["use_chop"] else None
+        save_root = Path("results") / options["name"] / "visualization" if options["val"]["save_img"] else None
+        # As BasicSR: the suffix, else the experiment name.
+        suffix = options["val"]["suffix"] or options["name"]
+    else:
+        missing = [flag for flag, value in (("--weights", args.weights), ("--data", args.data),
+                                            ("--scale", args.scale)) if not value]
+        if missing:
+            raise OptionError(f"give -opt FILE, or {', '.join(missing)}")
+        if args.force_yml:
+            raise OptionError("--force_yml changes an option file; it needs -opt")
+        scale, weights = args.scale, args.weights
+        model = _load_checked_model(weights, scale, device)
+        sets = [EvaluationPairs.from_benchmark_folder(folder, scale) for folder in args.data]
+        metrics = benchmark_metrics(scale)
+        tile = args.tile
+        if tile is not None and not (tile >= MIN_EVAL_SIZE and 0 <= args.tile_overlap < tile):
+            raise OptionError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
+                              f"{tile} and {args.tile_overlap}")
+        save_root = Path(args.out or Path("results") / Path(weights).stem) if args.save_img or args.out else None
+        suffix = DEFAULT_SUFFIX
+
+    results = []
+    for pairs in sets:
+        save_dir = save_root / pairs.name if save_root is not None else None
+        results.append(evaluate_set(model, pairs, metrics, tile=tile, tile_overlap=args.tile_overlap,
+                                    self_ensemble=args.self_ensemble, dtype=args.dtype, save_dir=save_dir,
+                                    image_suffix=suffix))
+    print(format_table(results))
+    info = {"weights": str(weights), "scale": scale, "self_ensemble": args.self_ensemble, "tile": tile,
+            "tile_overlap": args.tile_overlap if tile else None, "dtype": args.dtype}
+    if args.json:
+        write_json(args.json, results, info)
+    if args.csv:
+        write_csv(args.csv, results)
+    failed = sum(len(r.failures) for r in results)
+    if failed:
+        logger.error("%d image(s) could not be evaluated: %s", failed,
+                     ", ".join(f"{r.name}/{name}" for r in results for name, _ in r.failures))
+    return 1 if failed else 0

@@ -1,0 +1,214 @@
+"""Training patches, samplers and evaluation pairs of rgt_fast.training.data."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from rgt_fast import imresize
+from rgt_fast.training.data import (EvaluationPairs, SampleKey, TrainingPatches, TrainingSampler, augment,
+                                    downscale, read_image, to_tensor)
+from rgt_fast.training.options import OptionError
+
+
+def smooth_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A uint8 BGR image with structure at several scales (plain noise makes degenerate SR tests)."""
+    coarse = rng.integers(0, 256, (max(height // 6, 2), max(width // 6, 2), 3), dtype=np.uint8)
+    return cv2.resize(coarse, (width, height), interpolation=cv2.INTER_CUBIC)
+
+
+def write_benchmark_set(folder: Path, scale: int, sizes, seed: int = 0) -> list[str]:
+    """``folder/HR/NAME.png`` and ``folder/LR_bicubic/X{scale}/NAMEx{scale}.png`` (MATLAB bicubic, uint8)."""
+    rng = np.random.default_rng(seed)
+    (folder / "HR").mkdir(parents=True, exist_ok=True)
+    lr_folder = folder / "LR_bicubic" / f"X{scale}"
+    lr_folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for index, (height, width) in enumerate(sizes):
+        name = f"img{index:02d}"
+        hr = smooth_image(rng, height, width)
+        lr = np.clip(imresize(hr.astype(np.float64) / 255, 1 / scale), 0, 1)
+        cv2.imwrite(str(folder / "HR" / f"{name}.png"), hr)
+        cv2.imwrite(str(lr_folder / f"{name}x{scale}.png"), (lr * 255).round().astype(np.uint8))
+        names.append(name)
+    return names
+
+
+def write_position_coded_pairs(folder: Path, scale: int, count: int = 2, lq_size=(20, 24)) -> None:
+    """LQ pixels that encode their own (row, column), and a GT that repeats each LQ pixel scale x scale times:
+    a GT patch is aligned with its LQ patch exactly when it equals the LQ patch repeated."""
+    (folder / "gt").mkdir(parents=True, exist_ok=True)
+    (folder / "lq").mkdir(parents=True, exist_ok=True)
+    rows, cols = np.meshgrid(np.arange(lq_size[0]), np.arange(lq_size[1]), indexing="ij")
+    for index in range(count):
+        lq = np.stack([rows * 10, cols * 10, np.full_like(rows, 50 * index)], axis=-1).astype(np.uint8)
+        gt = lq.repeat(scale, axis=0).repeat(scale, axis=1)
+        cv2.imwrite(str(folder / "gt" / f"p{index}.png"), gt)
+        cv2.imwrite(str(folder / "lq" / f"p{index}x{scale}.png"), lq)
+
+
+def paired_options(folder: Path, scale: int, **overrides):
+    return {"type": "PairedImageDataset", "dataroot_gt": str(folder / "gt"), "dataroot_lq": str(folder / "lq"),
+            "filename_tmpl": f"{{}}x{scale}", "io_backend": {"type": "disk"}, "gt_size": 8 * scale,
+            "use_hflip": False, "use_rot": False, **overrides}
+
+
+def as_images(sample) -> tuple[np.ndarray, np.ndarray]:
+    return sample["gt"].permute(1, 2, 0).numpy(), sample["lq"].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_paired_crops_are_aligned_across_scales(tmp_path, scale):
+    write_position_coded_pairs(tmp_path, scale)
+    dataset = TrainingPatches.from_options(paired_options(tmp_path, scale), scale)
+    corners = set()
+    for seed in range(12):
+        gt, lq = as_images(dataset[SampleKey(seed % 2, seed)])
+        assert lq.shape == (8, 8, 3) and gt.shape == (8 * scale, 8 * scale, 3)
+        np.testing.assert_array_equal(gt, lq.repeat(scale, axis=0).repeat(scale, axis=1))
+        corners.add((lq[0, 0, 0], lq[0, 0, 1]))  # RGB: the first channel holds the column, the third the row
+    assert len(corners) > 3
+
+
+def test_flips_and_rotations_are_applied_identically(tmp_path):
+    write_position_coded_pairs(tmp_path, 2, count=1)
+    dataset = TrainingPatches.from_options(paired_options(tmp_path, 2, use_hflip=True, use_rot=True), 2)
+    orientations = set()
+    for seed in range(64):
+        gt, lq = as_images(dataset[SampleKey(0, seed)])
+        np.testing.assert_array_equal(gt, lq.repeat(2, axis=0).repeat(2, axis=1))
+        rows, cols = lq[..., 2], lq[..., 1]  # B (row) and G (column) in RGB order
+        orientations.add((np.sign(rows[1, 0] - rows[0, 0]), np.sign(cols[1, 0] - cols[0, 0]),
+                          np.sign(rows[0, 1] - rows[0, 0]), np.sign(cols[0, 1] - cols[0, 0])))
+    assert len(orientations) == 8
+
+
+def test_augment_without_flags_changes_nothing():
+    image = np.arange(24, dtype=np.float32).reshape(2, 4, 3)
+    (out,) = augment([image], False, False, np.random.default_rng(0))
+    assert out is image
+
+
+@pytest.mark.parametrize("scale", [2, 3])
+def test_hr_only_lq_patch_is_the_bicubic_downscale_of_the_gt_patch(tmp_path, scale):
+    (tmp_path / "hr").mkdir()
+    full = smooth_image(np.random.default_rng(1), 61, 50)
+    cv2.imwrite(str(tmp_path / "hr" / "a.png"), full)
+    options = {"type": "SingleHRDataset", "dataroot_gt": str(tmp_path / "hr"), "dataroot_lq": None,
+               "filename_tmpl": "{}", "io_backend": {"type": "disk"}, "gt_size": 12 * scale,
+               "use_hflip": False, "use_rot": False}
+    dataset = TrainingPatches.from_options(options, scale)
+    for seed in range(4):
+        gt, lq = as_images(dataset[SampleKey(0, seed)])
+        gt_bgr = gt[..., ::-1]
+        np.testing.assert_array_equal(lq[..., ::-1], np.clip(imresize(gt_bgr, 1 / scale), 0, 1))
+        # The GT patch is a crop of the image at a corner on the LQ grid.
+        matches = [(top, left) for top in range(0, 61 - 12 * scale + 1)
+                   for left in range(0, 50 - 12 * scale + 1)
+                   if np.array_equal(full[top:top + 12 * scale, left:left + 12 * scale], (gt_bgr * 255).round())]
+        assert matches and all(top % scale == 0 and left % scale == 0 for top, left in matches)
+
+
+def test_hr_only_with_augmentation_keeps_lq_the_downscale_of_gt(tmp_path):
+    (tmp_path / "hr").mkdir()
+    cv2.imwrite(str(tmp_path / "hr" / "a.png"), smooth_image(np.random.default_rng(2), 40, 40))
+    dataset = TrainingPatches([tmp_path / "hr" / "a.png"], None, 2, 16, use_hflip=True, use_rot=True)
+    for seed in range(8):
+        gt, lq = as_images(dataset[SampleKey(0, seed)])
+        np.testing.assert_allclose(lq, np.clip(imresize(gt, 0.5), 0, 1), atol=1e-6)
+
+
+def test_samples_are_float32_rgb_chw_in_unit_range(tmp_path):
+    (tmp_path / "hr").mkdir()
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[..., 0] = 255  # blue in OpenCV's BGR
+    cv2.imwrite(str(tmp_path / "hr" / "blue.png"), image)
+    tensor = to_tensor(read_image(tmp_path / "hr" / "blue.png").astype(np.float32) / 255)
+    assert tensor.dtype == torch.float32 and tensor.shape == (3, 8, 8)
+    assert tensor[2].eq(1).all() and tensor[:2].eq(0).all()
+
+
+def test_a_corrupt_image_is_skipped_and_named(tmp_path, caplog):
+    write_position_coded_pairs(tmp_path, 2, count=3)
+    (tmp_path / "gt" / "p1.png").write_bytes(b"not a png")
+    dataset = TrainingPatches.from_options(paired_options(tmp_path, 2), 2)
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        for seed in range(6):
+            gt, lq = as_images(dataset[SampleKey(1, seed)])
+            np.testing.assert_array_equal(gt, lq.repeat(2, axis=0).repeat(2, axis=1))
+    warnings = [r.getMessage() for r in caplog.records if "p1.png" in r.getMessage()]
+    assert len(warnings) == 1 and "skipping" in warnings[0]
+
+
+def test_a_set_of_only_bad_images_is_an_error(tmp_path):
+    write_position_coded_pairs(tmp_path, 2, count=2)
+    for path in (tmp_path / "lq").iterdir():
+        path.write_bytes(b"")
+    dataset = TrainingPatches.from_options(paired_options(tmp_path, 2), 2)
+    with pytest.raises(RuntimeError, match="none of the 2 training images"):
+        dataset[SampleKey(0, 0)]
+
+
+def test_a_pair_of_the_wrong_scale_is_skipped(tmp_path, caplog):
+    write_position_coded_pairs(tmp_path, 2, count=2)
+    cv2.imwrite(str(tmp_path / "lq" / "p0x2.png"), np.zeros((7, 7, 3), np.uint8))
+    dataset = TrainingPatches.from_options(paired_options(tmp_path, 2), 2)
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        dataset[SampleKey(0, 0)]
+    assert "p0.png" in caplog.text and "not 1/2" in caplog.text
+
+
+def test_a_missing_lq_file_is_an_error_naming_it(tmp_path):
+    write_position_coded_pairs(tmp_path, 2, count=2)
+    (tmp_path / "lq" / "p1x2.png").unlink()
+    with pytest.raises(FileNotFoundError, match="p1x2.png"):
+        TrainingPatches.from_options(paired_options(tmp_path, 2), 2)
+
+
+def test_gt_size_must_be_a_multiple_of_the_scale(tmp_path):
+    write_position_coded_pairs(tmp_path, 3, count=1)
+    with pytest.raises(OptionError, match="multiple"):
+        TrainingPatches.from_options(paired_options(tmp_path, 3, gt_size=16), 3)
+
+
+def test_sampler_is_reproducible_sharded_and_resumable():
+    sampler = TrainingSampler(5, enlarge_ratio=3, shuffle=True, seed=7)
+    sampler.set_epoch(2)
+    epoch = list(sampler)
+    assert len(epoch) == 15 and sorted(k.index for k in epoch) == sorted(list(range(5)) * 3)
+    assert epoch == list(sampler)
+    sampler.set_epoch(3)
+    assert list(sampler) != epoch
+    sampler.set_epoch(2, skip=4)
+    assert list(sampler) == epoch[4:] and len(sampler) == 11
+
+    shards = [TrainingSampler(5, 3, True, 7, num_replicas=2, rank=r) for r in range(2)]
+    for shard in shards:
+        shard.set_epoch(2)
+    rank0, rank1 = list(shards[0]), list(shards[1])
+    assert len(rank0) == len(rank1) == 8
+    assert rank0 == epoch[0::2] and rank1[:7] == epoch[1::2]
+    assert rank1[7].index == epoch[0].index  # padded by wrapping around, as DistributedSampler does
+
+
+def test_evaluation_pairs_crop_the_gt_to_lq_times_scale(tmp_path):
+    write_benchmark_set(tmp_path / "Set", 3, [(30, 42)])
+    hr_path = tmp_path / "Set" / "HR" / "img00.png"
+    hr = cv2.imread(str(hr_path))
+    cv2.imwrite(str(hr_path), np.pad(hr, ((0, 2), (0, 1), (0, 0))))  # a GT that is not a multiple of the scale
+    pairs = EvaluationPairs.from_benchmark_folder(tmp_path / "Set", 3)
+    lq, gt = pairs.load(0)
+    assert lq.shape == (10, 14, 3) and pairs.name == "Set" and pairs.image_name(0) == "img00x3"
+    np.testing.assert_array_equal(gt, hr)
+
+
+def test_hr_only_evaluation_pairs_downscale_the_gt(tmp_path):
+    write_benchmark_set(tmp_path / "Set", 2, [(33, 40)])
+    pairs = EvaluationPairs("hr", [tmp_path / "Set" / "HR" / "img00.png"], None, 2)
+    lq, gt = pairs.load(0)
+    assert gt.shape == (32, 40, 3) and lq.dtype == np.uint8
+    np.testing.assert_array_equal(lq, (downscale(gt.astype(np.float32) / 255, 2) * 255).round().astype(np.uint8))

@@ -1,0 +1,129 @@
+"""``rgt-fast eval`` / train/evaluate.py: scores, outputs and failures on tiny generated benchmark sets."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import rgt_fast
+from rgt_fast.cli import main
+from rgt_fast.metrics import calculate_psnr, calculate_ssim
+from test_data import write_benchmark_set
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # Tiny models: extra threads only add overhead and contention on shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def bench(tmp_path, monkeypatch):
+    """x2 weights of a small RGT and two benchmark sets in the HR/ + LR_bicubic/X2 layout."""
+    torch.manual_seed(0)
+    model = rgt_fast.create_model("RGT-S", 2, depth=[2], num_heads=[2], embed_dim=48)
+    weights = tmp_path / "tiny_x2.pth"
+    rgt_fast.save_state_dict(model.state_dict(), weights)
+    write_benchmark_set(tmp_path / "SetA", 2, [(32, 36), (34, 40), (40, 32)], seed=1)
+    write_benchmark_set(tmp_path / "SetB", 2, [(36, 36)], seed=2)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path, weights
+
+
+def expected_scores(weights: Path, folder: Path, lr_name: str, hr_name: str) -> tuple[float, float, np.ndarray]:
+    model = rgt_fast.load_model(weights)
+    lq = cv2.imread(str(folder / "LR_bicubic" / "X2" / lr_name))
+    gt = cv2.imread(str(folder / "HR" / hr_name))
+    sr = rgt_fast.upscale(model, lq)
+    return (calculate_psnr(sr, gt, 2, test_y_channel=True), calculate_ssim(sr, gt, 2, test_y_channel=True), sr)
+
+
+def test_flags_mode_scores_every_image_and_writes_every_output(bench, capsys):
+    root, weights = bench
+    code = main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), str(root / "SetB"), "--scale", "2",
+                 "--json", "out/scores.json", "--csv", "out/scores.csv", "--out", "sr"])
+    assert code == 0
+    assert "SetA" in capsys.readouterr().out
+    report = json.loads(Path("out/scores.json").read_text())
+    assert report["scale"] == 2 and [s["name"] for s in report["sets"]] == ["SetA", "SetB"]
+    set_a = report["sets"][0]
+    assert [image["name"] for image in set_a["images"]] == ["img00x2", "img01x2", "img02x2"] and not set_a["failed"]
+    psnr, ssim, sr = expected_scores(weights, root / "SetA", "img01x2.png", "img01.png")
+    assert set_a["images"][1]["psnr"] == pytest.approx(psnr, abs=1e-9)
+    assert set_a["images"][1]["ssim"] == pytest.approx(ssim, abs=1e-9)
+    assert set_a["average"]["psnr"] == pytest.approx(np.mean([i["psnr"] for i in set_a["images"]]))
+    np.testing.assert_array_equal(cv2.imread("sr/SetA/img01x2_RGT.png"), sr)
+    rows = list(csv.DictReader(Path("out/scores.csv").open()))
+    assert len(rows) == 3 + 1 + 1 + 1 and rows[3]["image"] == "(average)"
+    assert float(rows[1]["psnr"]) == pytest.approx(psnr)
+
+
+def test_weights_of_another_scale_are_an_error_naming_it(bench, capsys):
+    root, weights = bench
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), "--scale", "4"]) == 1
+    assert "x2 model" in capsys.readouterr().err
+
+
+def test_a_corrupt_image_is_reported_and_the_rest_evaluated(bench):
+    root, weights = bench
+    (root / "SetA" / "LR_bicubic" / "X2" / "img01x2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    code = main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), "--data", str(root / "SetB"),
+                 "--scale", "2", "--json", "scores.json", "--csv", "scores.csv"])
+    assert code == 1
+    set_a, set_b = json.loads(Path("scores.json").read_text())["sets"]
+    assert [i["name"] for i in set_a["images"]] == ["img00x2", "img02x2"] and len(set_b["images"]) == 1
+    assert set_a["failed"][0]["name"] == "img01x2" and "img01x2.png" in set_a["failed"][0]["error"]
+    failed_rows = [r for r in csv.DictReader(Path("scores.csv").open()) if r["error"]]
+    assert [r["image"] for r in failed_rows] == ["img01x2"]
+
+
+def test_a_test_option_file_runs_like_basicsr(bench):
+    root, weights = bench
+    options = yaml.safe_load((REPO / "train" / "options" / "test_RGT_S_x2.yml").read_text())
+    options.update(name="test_tiny", datasets={
+        "test_1": {"name": "SetA", "type": "PairedImageDataset", "dataroot_gt": str(root / "SetA" / "HR"),
+                   "dataroot_lq": str(root / "SetA" / "LR_bicubic" / "X2"), "filename_tmpl": "{}x2",
+                   "io_backend": {"type": "disk"}}})
+    options["path"]["pretrain_network_g"] = str(weights)
+    options["val"]["use_chop"] = True
+    Path("test.yml").write_text(yaml.safe_dump(options))
+    assert main(["eval", "-opt", "test.yml", "--json", "scores.json"]) == 0
+    report = json.loads(Path("scores.json").read_text())
+    psnr, _, sr = expected_scores(weights, root / "SetA", "img00x2.png", "img00.png")
+    assert report["tile"] == 256 and report["sets"][0]["images"][0]["psnr"] == pytest.approx(psnr, abs=1e-9)
+    saved = Path("results/test_tiny/visualization/SetA/img00x2_test_tiny.png")
+    np.testing.assert_array_equal(cv2.imread(str(saved)), sr)
+
+
+def test_option_file_and_data_flags_do_not_mix(bench, capsys):
+    root, weights = bench
+    assert main(["eval", "-opt", "x.yml", "--weights", str(weights)]) == 1
+    assert "--weights cannot be combined with -opt" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetB"), "--scale", "2", "--tile", "16"]) == 1
+    assert "--tile-overlap" in capsys.readouterr().err
+
+
+def test_entry_script_with_tiles_self_ensemble_and_bf16(bench):
+    root, weights = bench
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train" / "evaluate.py"), "--weights", str(weights), "--data", str(root / "SetB"),
+         "--scale", "2", "--tile", "16", "--tile-overlap", "4", "--self-ensemble", "--dtype", "bf16", "--json", "scores.json"],
+        capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(Path("scores.json").read_text())
+    assert report["tile"] == 16 and report["self_ensemble"] and report["dtype"] == "bf16"
+    assert report["sets"][0]["average"]["psnr"] > 10

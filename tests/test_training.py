@@ -1,0 +1,283 @@
+"""Training from BasicSR option files: options, a smoke run of the fused model, exact resume, DDP on gloo."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import rgt_fast
+from rgt_fast.cli import main
+from rgt_fast.config import preset_kwargs
+from rgt_fast.training.checkpoints import ExperimentPaths
+from rgt_fast.training.options import (OptionError, load_test_options, load_train_options, network_kwargs)
+from rgt_fast.training.trainer import LearningRateSchedule, Trainer
+from test_data import write_benchmark_set
+
+REPO = Path(__file__).resolve().parents[1]
+OPTIONS = REPO / "train" / "options"
+SMOKE = OPTIONS / "smoke_cpu.yml"
+
+
+@pytest.fixture
+def smoke_dir(tmp_path, monkeypatch):
+    """A working directory holding the datasets/smoke images that smoke_cpu.yml points at."""
+    write_benchmark_set(tmp_path / "datasets" / "smoke", 2, [(36, 42)] * 4)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    # These models are tiny: extra threads only add overhead and contention (several times slower on shared
+    # cores). One thread also makes PyTorch's CPU reductions bitwise reproducible, which the resume test needs.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def train(*overrides: str, auto_resume: bool = False) -> int:
+    return main(["train", "-opt", str(SMOKE), *(["--auto_resume"] if auto_resume else []), "--force_yml", *overrides])
+
+
+def log_text(name: str) -> str:
+    return "\n".join(p.read_text() for p in sorted(Path("experiments", name).glob(f"train_{name}_*.log")))
+
+
+def write_options(path: Path, edit) -> Path:
+    options = yaml.safe_load(SMOKE.read_text())
+    edit(options)
+    path.write_text(yaml.safe_dump(options))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------- options
+@pytest.mark.parametrize("preset,tag", [("RGT", "RGT"), ("RGT-S", "RGT_S")])
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_shipped_option_files_load_cleanly_and_describe_the_presets(preset, tag, scale, caplog):
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        train_options = load_train_options(OPTIONS / f"train_{tag}_x{scale}.yml")
+        test_options = load_test_options(OPTIONS / f"test_{tag}_x{scale}.yml")
+    assert not caplog.records
+    expected = preset_kwargs(preset, scale)
+    for options in (train_options, test_options):
+        kwargs = network_kwargs(options["network_g"])
+        assert {k: expected[k] for k in kwargs} == kwargs
+    assert train_options["datasets"]["train"]["dataroot_gt"] == "datasets/DF2K/HR"
+    assert train_options["datasets"]["train"]["gt_size"] == 64 * scale
+    assert train_options["val"]["val_freq"] == 5000 and train_options["train"]["optim_g"]["lr"] == 2e-4
+    assert [d["name"] for d in test_options["datasets"].values()] == ["Set5", "Set14", "B100", "Urban100",
+                                                                     "Manga109"]
+
+
+def test_unknown_keys_are_reported_in_one_warning(tmp_path, caplog):
+    def edit(options):
+        options["datasets"]["train"]["use_hfilp"] = True
+        options["train"]["optim_g"]["momentum"] = 0.9
+        options["debug"] = True
+    path = write_options(tmp_path / "o.yml", edit)
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        options = load_train_options(path)
+    assert len(caplog.records) == 1
+    message = caplog.records[0].getMessage()
+    for key in ("datasets.train.use_hfilp", "train.optim_g.momentum", "debug"):
+        assert key in message
+    assert "use_hfilp" not in options["datasets"]["train"] and options["datasets"]["train"]["use_hflip"] is True
+
+
+@pytest.mark.parametrize("path", ["train.optim_g.lr", "datasets.train.gt_size", "network_g", "name",
+                                  "datasets.val.dataroot_gt"])
+def test_a_missing_required_key_is_an_error_naming_it(tmp_path, path):
+    def edit(options):
+        *parents, key = path.split(".")
+        section = options
+        for parent in parents:
+            section = section[parent]
+        del section[key]
+    with pytest.raises(OptionError, match=f"missing required option {path}$"):
+        load_train_options(write_options(tmp_path / "o.yml", edit))
+
+
+def test_force_yml_overrides_with_yaml_values():
+    options = load_train_options(SMOKE, ["train.total_iter=10", "train:ema_decay=0.5", "network_g.depth=[1, 1]",
+                                         "datasets.train.use_rot=false", "train.amp=bf16", "train.optim_g.lr=1e-3",
+                                         "path.experiments_root=/tmp/x"])
+    assert options["train"]["total_iter"] == 10 and options["train"]["ema_decay"] == 0.5
+    assert options["network_g"]["depth"] == [1, 1] and options["datasets"]["train"]["use_rot"] is False
+    assert options["train"]["amp"] == "bf16" and options["train"]["optim_g"]["lr"] == 1e-3
+    assert options["path"]["experiments_root"] == "/tmp/x"
+    with pytest.raises(OptionError, match="key.path=value"):
+        load_train_options(SMOKE, ["train.total_iter"])
+    with pytest.raises(OptionError, match="whole number"):
+        load_train_options(SMOKE, ["train.total_iter=2.5"])
+
+
+def test_learning_rate_follows_warmup_and_milestones():
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    steps = LearningRateSchedule(optimizer, [3, 5], 0.5, warmup_iter=-1)
+    assert [steps.factor(k) for k in range(1, 8)] == [1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+    warm = LearningRateSchedule(optimizer, [6], 0.5, warmup_iter=4)
+    assert [warm.factor(k) for k in range(1, 8)] == [0.25, 0.5, 0.75, 1, 1, 1, 0.5]
+    warm.apply(2)
+    assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_smoke_run_writes_basicsr_checkpoints(smoke_dir):
+    assert train("train.total_iter=4", "logger.use_tb_logger=true") == 0
+    paths = ExperimentPaths(Path("experiments/smoke_cpu"))
+    assert sorted(p.name for p in paths.models.iterdir()) == ["net_g_2.pth", "net_g_4.pth", "net_g_latest.pth"]
+    assert sorted(p.name for p in paths.training_states.iterdir()) == ["2.state", "4.state"]
+    weights = torch.load(paths.net_file(4), weights_only=True)
+    assert set(weights) == {"params", "params_ema"}
+    model = rgt_fast.load_model(paths.net_file(4))
+    assert isinstance(model, rgt_fast.RGT) and model.upscale == 2
+    state = torch.load(paths.state_file(4), weights_only=True)
+    assert state["iter"] == 4 and state["epoch"] == 1 and set(state["rng"][0]) >= {"python", "numpy", "torch"}
+    log = log_text("smoke_cpu")
+    assert "iter 4/4, lr 1.000e-04" in log and "it/s, eta" in log
+    assert "validation smoke_val at iter 4: psnr" in log and "best" in log
+    assert (paths.root / "tb_logger").is_dir() or "TensorBoard is not installed" in log
+
+
+def test_path_resume_state_resumes_from_that_state(smoke_dir):
+    assert train("train.total_iter=4", "val=null") == 0
+    assert train("train.total_iter=5", "val=null", "path.resume_state=experiments/smoke_cpu/training_states/2.state") == 0
+    log = log_text("smoke_cpu")
+    assert "resuming from iteration 2 " in log and "iterations 3 to 5" in log
+
+
+def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_dir):
+    # The uninterrupted run loads data in two worker processes, the interrupted one in the main process:
+    # batches depend on (seed, epoch, position) only.
+    assert train("name=full", "train.total_iter=6", "datasets.train.num_worker_per_gpu=2") == 0
+    assert train("name=part", "train.total_iter=3") == 0
+    assert train("name=part", "train.total_iter=6", auto_resume=True) == 0
+    log = log_text("part")
+    assert "resuming from iteration 3 (epoch 1)" in log and "iterations 4 to 6" in log
+    assert "iter 4/6, lr 1.000e-04" in log  # the milestone at 3 applies from iteration 4, after the resume
+
+    full, part = ExperimentPaths(Path("experiments/full")), ExperimentPaths(Path("experiments/part"))
+    for name in (6, "latest"):
+        expected, resumed = (torch.load(p.net_file(name), weights_only=True) for p in (full, part))
+        for key in ("params", "params_ema"):
+            for tensor in expected[key]:
+                assert torch.equal(expected[key][tensor], resumed[key][tensor]), (key, tensor)
+    expected, resumed = (torch.load(p.state_file(6), weights_only=True) for p in (full, part))
+    assert (resumed["iter"], resumed["epoch"], resumed["samples_into_epoch"]) == (6, 2, 4)
+    assert (expected["epoch"], expected["samples_into_epoch"]) == (2, 4)
+    assert resumed["optimizers"][0]["param_groups"] == expected["optimizers"][0]["param_groups"]
+    for index, values in expected["optimizers"][0]["state"].items():
+        for key, tensor in values.items():
+            assert torch.equal(tensor, resumed["optimizers"][0]["state"][index][key])
+    assert torch.equal(expected["rng"][0]["torch"], resumed["rng"][0]["torch"])
+
+
+def test_amp_fp16_with_gradient_checkpointing_and_warmup(smoke_dir):
+    assert train("train.total_iter=2", "train.amp=fp16", "network_g.use_chk=true", "train.warmup_iter=2",
+                 "val=null") == 0
+    state = torch.load("experiments/smoke_cpu/training_states/2.state", weights_only=True)
+    assert state["grad_scaler"]["scale"] > 0
+    assert "iter 1/2, lr 1.000e-04" in log_text("smoke_cpu")
+
+
+def test_hr_only_training_skips_a_corrupt_image_by_name(smoke_dir):
+    Path("datasets/smoke/HR/img01.png").write_bytes(b"\x89PNG truncated")
+    assert train("train.total_iter=4", "datasets.train.type=SingleHRDataset", "datasets.train.dataroot_lq=null",
+                 "datasets.val.type=SingleHRDataset") == 0
+    log = log_text("smoke_cpu")
+    assert "skipping training image" in log and "img01.png" in log
+    assert "cannot evaluate img01" in log and "validation smoke_val at iter 4" in log
+
+
+def test_the_reference_model_trains_with_fast_false(smoke_dir):
+    options = load_train_options(SMOKE, ["train.total_iter=1", "network_g.fast=false", "val=null"])
+    trainer = Trainer(options)
+    try:
+        assert type(trainer.net) is rgt_fast.reference.RGT
+        trainer.fit()
+    finally:
+        trainer.close()
+    assert trainer.iteration == 1
+
+
+def test_finetuning_from_another_scale_skips_mismatched_weights(smoke_dir, caplog):
+    source = rgt_fast.create_model_from_kwargs(network_kwargs(load_train_options(SMOKE)["network_g"]))
+    rgt_fast.save_state_dict(source.state_dict(), "x2.pth")
+    overrides = ["scale=3", "network_g.upscale=3", "path.pretrain_network_g=x2.pth", "val=null",
+                 "datasets.train.type=SingleHRDataset", "datasets.train.gt_size=30"]
+    with pytest.raises(rgt_fast.CheckpointError, match="strict_load_g"):
+        Trainer(load_train_options(SMOKE, overrides))
+    assert not [h for h in logging.getLogger("rgt_fast").handlers if isinstance(h, logging.FileHandler)]
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        trainer = Trainer(load_train_options(SMOKE, [*overrides, "path.strict_load_g=false"]))
+    trainer.close()
+    assert "different shape" in caplog.text and "upsample.0.weight" in caplog.text
+    assert torch.equal(trainer.net.conv_first.weight, source.conv_first.weight)
+
+
+def test_a_second_run_of_the_same_name_archives_the_first(smoke_dir):
+    assert train("train.total_iter=1", "val=null") == 0
+    assert train("train.total_iter=1", "val=null") == 0
+    assert len(list(Path("experiments").glob("smoke_cpu_archived_*"))) == 1
+
+
+# ---------------------------------------------------------------------------------------------------- DDP
+DDP_SCRIPT = textwrap.dedent("""
+    import sys
+    import torch
+    import torch.distributed as dist
+    from rgt_fast.training.options import load_train_options
+    from rgt_fast.training.trainer import Trainer
+
+    trainer = Trainer(load_train_options(sys.argv[1], sys.argv[3:]), launcher="pytorch")
+    try:
+        trainer.fit()
+        torch.save(trainer.net.state_dict(), f"{sys.argv[2]}/rank{dist.get_rank()}.pt")
+    finally:
+        trainer.close()
+""")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_ddp_on_gloo_keeps_ranks_identical(smoke_dir):
+    script = smoke_dir / "ddp_train.py"
+    script.write_text(DDP_SCRIPT)
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(script), str(SMOKE), str(smoke_dir), "name=ddp",
+               "train.total_iter=2"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(smoke_dir / f"rank{r}.pt", weights_only=True) for r in range(2))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    saved = torch.load("experiments/ddp/models/net_g_2.pth", weights_only=True)["params"]
+    assert all(torch.equal(saved[k], rank0[k]) for k in rank0)
+    state = torch.load("experiments/ddp/training_states/2.state", weights_only=True)
+    assert len(state["rng"]) == 2 and not torch.equal(state["rng"][0]["torch"], state["rng"][1]["torch"])
+    assert len(list(Path("experiments/ddp").glob("*.log"))) == 1
+
+
+def test_entry_script_trains_and_reports_option_errors(smoke_dir):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    script = [sys.executable, str(REPO / "train" / "train.py"), "-opt", str(SMOKE)]
+    done = subprocess.run([*script, "--force_yml", "train.total_iter=1", "val=null"], capture_output=True, text=True,
+                          timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "iter 1/1" in done.stderr and Path("experiments/smoke_cpu/models/net_g_1.pth").is_file()
+    bad = subprocess.run([*script, "--force_yml", "train.optim_g.lr=null"], capture_output=True, text=True,
+                         timeout=120, env=env)
+    assert bad.returncode == 1 and "missing required option train.optim_g.lr" in bad.stderr
