@@ -11,6 +11,32 @@ import torch
 # GPU kernels keep their bf16/fp16 tensor-core MMAs.
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+
+def _let_interpreter_loops_take_runtime_bounds() -> None:
+    """Make Triton 3.6's interpreter accept ``range(start, runtime_bound, step)`` under NumPy >= 2.4.
+
+    The interpreter holds scalar kernel arguments as 1-element arrays and converts them for ``range`` with
+    ``int(array)``, which NumPy 2.4 turned into a TypeError; ``.item()`` is the conversion NumPy keeps.
+    Patching the function that installs ``tensor.__index__`` (it runs at every kernel launch) is process-wide,
+    so every interpreted kernel of the project benefits.
+    """
+    from triton.runtime import interpreter
+
+    install_tensor_methods = getattr(interpreter, "_patch_lang_tensor", None)
+    if install_tensor_methods is None or getattr(install_tensor_methods, "rgt_fast_scalar_index", False):
+        return  # another Triton (nothing to patch), or already patched
+
+    def install_tensor_methods_with_scalar_index(tensor, scope):
+        install_tensor_methods(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    install_tensor_methods_with_scalar_index.rgt_fast_scalar_index = True
+    interpreter._patch_lang_tensor = install_tensor_methods_with_scalar_index
+
+
+if INTERPRET:
+    _let_interpreter_loops_take_runtime_bounds()
+
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -1,6 +1,6 @@
 """Ahead-of-time report: compile every Triton kernel of rgt_fast for chosen GPU archs, without a GPU.
 
-    python -m rgt_fast.kernels.report --arch sm_80 --arch sm_90a [--json PATH] [--module NAME] [--jobs N]
+    python -m rgt_fast.kernels.report --arch sm_80 --arch sm_90a [--json PATH] [--module NAME] [--config TEXT]
 
 Kernels are discovered from the ``aot_variants()`` function of each submodule of ``rgt_fast.kernels``. For
 every variant and arch the report gives registers per thread, spill bytes, dynamic shared memory, and the
@@ -13,24 +13,27 @@ import argparse
 import importlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 _ARCH_CAPABILITY = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90, "sm_90a": 90}
 _KERNEL_PACKAGE = "rgt_fast.kernels"
 _TENSOR_CORE_OPCODE = re.compile(r"\b(HGMMA|HMMA)\.")
-_REGISTERS = re.compile(r"\bREG:(\d+)")
+_RESOURCE = re.compile(r"\b(REG|STACK|LOCAL):(\d+)")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 @dataclass
 class ReportRow:
+    """One kernel variant on one arch. Per thread: registers and spill bytes (stores + loads); per program:
+    dynamic shared memory. ``error`` says why a variant has no measurements."""
+
     module: str
     kernel: str
     arch: str
@@ -42,6 +45,7 @@ class ReportRow:
     hmma: int
     hgmma: int
     uses_dot: bool
+    error: str | None = None
 
 
 def kernel_modules(only: list[str] | None = None) -> list[str]:
@@ -88,28 +92,28 @@ def compile_variant(module_name: str, index: int, arch: str) -> ReportRow:
 
     with tempfile.TemporaryDirectory() as workdir:
         cubin_path = os.path.join(workdir, "kernel.cubin")
-        ptx_path = os.path.join(workdir, "kernel.ptx")
         with open(cubin_path, "wb") as f:
             f.write(compiled.asm["cubin"])
-        with open(ptx_path, "w") as f:
-            f.write(compiled.asm["ptx"])
-        resources = _run([_binary("cuobjdump"), "-res-usage", cubin_path])
-        sass = _run([_binary("cuobjdump"), "-sass", cubin_path])
-        # Triton runs ptxas with these flags and discards its log; rerunning it is the only way to read the
-        # spill counts, and the same PTX and flags give the same allocation as the cubin above.
-        ptxas_log = _run([get_ptxas(capability).path, "-lineinfo", "-v",
-                          f"--gpu-name={sm_arch_from_capability(capability)}", ptx_path,
-                          "-o", os.path.join(workdir, "ptxas.o")])
+        dump = _run([_binary("cuobjdump"), "-res-usage", "-sass", cubin_path])
+        usage = {key: int(value) for key, value in _RESOURCE.findall(dump)}
+        if "REG" not in usage:
+            raise RuntimeError(f"cannot read the resource usage of {variant.kernel} for {arch}:\n{dump}")
+        spill_bytes = 0
+        if usage.get("STACK", 0) or usage.get("LOCAL", 0):
+            # Spills live in local memory, but so may other arrays: only ptxas tells spill bytes apart. Triton
+            # runs ptxas with these flags and discards its log, so the same PTX is assembled again to read it.
+            ptx_path = os.path.join(workdir, "kernel.ptx")
+            with open(ptx_path, "w") as f:
+                f.write(compiled.asm["ptx"])
+            ptxas_log = _run([get_ptxas(capability).path, "-lineinfo", "-v",
+                              f"--gpu-name={sm_arch_from_capability(capability)}", ptx_path,
+                              "-o", os.path.join(workdir, "ptxas.o")])
+            spill_bytes = sum(int(count) for count in _SPILLS.search(ptxas_log).groups())
 
-    registers = _REGISTERS.search(resources)
-    spills = _SPILLS.search(ptxas_log)
-    if registers is None or spills is None:
-        raise RuntimeError(f"cannot read resource usage of {variant.kernel} for {arch}:\n{resources}\n{ptxas_log}")
-    opcodes = _TENSOR_CORE_OPCODE.findall(sass)
+    opcodes = _TENSOR_CORE_OPCODE.findall(dump)
     hmma, hgmma = opcodes.count("HMMA"), opcodes.count("HGMMA")
     return ReportRow(module=module_name.rsplit(".", 1)[-1], kernel=variant.kernel, arch=arch,
-                     config=variant.config, registers=int(registers.group(1)),
-                     spill_bytes=int(spills.group(1)) + int(spills.group(2)),
+                     config=variant.config, registers=usage["REG"], spill_bytes=spill_bytes,
                      shared_bytes=int(compiled.metadata.shared), mma_instructions=hmma + hgmma,
                      hmma=hmma, hgmma=hgmma, uses_dot=variant.uses_dot)
 
@@ -124,6 +128,9 @@ def problems(rows: list[ReportRow]) -> list[str]:
     found = []
     for row in rows:
         where = f"{row.kernel} [{row.config}] on {row.arch}"
+        if row.error:
+            found.append(f"{where} did not compile: {row.error}")
+            continue
         if row.spill_bytes > 0:
             found.append(f"{where} spills {row.spill_bytes} bytes")
         if row.uses_dot and row.mma_instructions == 0:
@@ -132,9 +139,9 @@ def problems(rows: list[ReportRow]) -> list[str]:
 
 
 def format_table(rows: list[ReportRow]) -> str:
-    headers = ("kernel", "arch", "config", "regs", "spill B", "smem B", "HMMA", "HGMMA", "dot")
+    headers = ("kernel", "arch", "config", "regs", "spill B", "smem B", "HMMA", "HGMMA", "dot", "error")
     cells = [(r.kernel, r.arch, r.config, str(r.registers), str(r.spill_bytes), str(r.shared_bytes), str(r.hmma),
-              str(r.hgmma), "yes" if r.uses_dot else "no") for r in rows]
+              str(r.hgmma), "yes" if r.uses_dot else "no", (r.error or "")[:80]) for r in rows]
     widths = [max(len(line[i]) for line in [headers, *cells]) for i in range(len(headers))]
     lines = ["  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
              for line in [headers, *cells]]
@@ -142,17 +149,80 @@ def format_table(rows: list[ReportRow]) -> str:
     return "\n".join(lines)
 
 
-def build_report(archs: list[str], modules: list[str] | None = None, jobs: int | None = None) -> list[ReportRow]:
+def _failed_row(module_name: str, index: int, arch: str, error: str) -> ReportRow:
+    try:
+        variant = importlib.import_module(module_name).aot_variants()[index]
+        kernel, config, uses_dot = variant.kernel, variant.config, variant.uses_dot
+    except Exception:  # the variant itself may be what fails; the row must still name it
+        kernel, config, uses_dot = f"variant {index}", "?", True
+    return ReportRow(module=module_name.rsplit(".", 1)[-1], kernel=kernel, arch=arch, config=config, registers=0,
+                     spill_bytes=0, shared_bytes=0, mma_instructions=0, hmma=0, hgmma=0, uses_dot=uses_dot,
+                     error=error)
+
+
+def _compile_worker(connection) -> None:
+    while (message := connection.recv()) is not None:
+        try:
+            connection.send(("done", asdict(compile_variant(*message))))
+        except Exception as error:
+            connection.send(("failed", f"{type(error).__name__}: {str(error).strip()[:500]}"))
+
+
+def _compile_all(tasks: list[tuple], jobs: int) -> list[ReportRow]:
+    """Compile in ``jobs`` spawned processes, one task at a time each over a pipe.
+
+    A compiler crash (an MLIR assertion aborts the whole process) then fails only the variant that caused it,
+    and a fresh process takes over the remaining tasks.
+    """
+    context = multiprocessing.get_context("spawn")  # forking a process that has loaded torch is not safe
+    pending = list(enumerate(tasks))[::-1]
+    rows: dict[int, ReportRow] = {}
+    running: dict = {}  # parent end of a worker's pipe -> (process, id of the task it is compiling)
+
+    def hand_out(connection, process) -> None:
+        if pending:
+            task_id, task = pending.pop()
+            connection.send(task)
+            running[connection] = (process, task_id)
+        else:
+            connection.send(None)
+            process.join()
+            connection.close()
+
+    def start_worker() -> None:
+        parent_end, child_end = context.Pipe()
+        process = context.Process(target=_compile_worker, args=(child_end,), daemon=True)
+        process.start()
+        child_end.close()
+        hand_out(parent_end, process)
+
+    for _ in range(jobs):
+        start_worker()
+    while running:
+        for connection in multiprocessing.connection.wait(list(running)):
+            process, task_id = running.pop(connection)
+            try:
+                state, payload = connection.recv()
+            except EOFError:
+                process.join()
+                connection.close()
+                rows[task_id] = _failed_row(*tasks[task_id], error=f"the compiler process died ({process.exitcode})")
+                if pending:
+                    start_worker()
+                continue
+            rows[task_id] = ReportRow(**payload) if state == "done" else _failed_row(*tasks[task_id], error=payload)
+            hand_out(connection, process)
+    return [rows[task_id] for task_id in range(len(tasks))]
+
+
+def build_report(archs: list[str], modules: list[str] | None = None, jobs: int | None = None,
+                 configs: list[str] | None = None) -> list[ReportRow]:
     tasks = [(name, index, arch)
              for name in kernel_modules(modules)
-             for index in range(len(importlib.import_module(name).aot_variants()))
+             for index, variant in enumerate(importlib.import_module(name).aot_variants())
+             if not configs or any(text in variant.config for text in configs)
              for arch in archs]
-    jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks)))
-    if jobs == 1:
-        return [compile_variant(*task) for task in tasks]
-    # Spawned workers import the kernels afresh; forking a process that has loaded torch is not safe.
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return list(pool.map(compile_variant, *zip(*tasks)))
+    return _compile_all(tasks, max(1, min(jobs or os.cpu_count() or 1, len(tasks))))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,10 +239,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the rows as a JSON list to PATH")
     parser.add_argument("--module", action="append", metavar="NAME",
                         help="only this submodule of rgt_fast.kernels (for example rgsa_attention); repeatable")
+    parser.add_argument("--config", action="append", metavar="TEXT",
+                        help="only variants whose config label contains TEXT (for example bf16); repeatable")
     parser.add_argument("--jobs", type=int, default=None, help="parallel compile processes (default: CPU count)")
     args = parser.parse_args(argv)
 
-    rows = build_report(args.arch, args.module, args.jobs)
+    rows = build_report(args.arch, args.module, args.jobs, args.config)
     if not rows:
         print("no kernel variants found", file=sys.stderr)
         return 1

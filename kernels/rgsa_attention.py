@@ -20,15 +20,19 @@ Design:
     casts them. There are no atomics, so dK and dV are bitwise identical from run to run. The chunk count
     targets ``_BACKWARD_TARGET_PROGRAMS`` programs, a constant rather than the SM count so that the result
     does not depend on which GPU computed it.
-  - When the whole map fits in one key block (N' <= 64, the training case), the program that owns a query
-    chunk sees every key of each query, so it also computes dQ and delta = rowsum(dO * O) itself: q and dO
-    are then read once for all three gradients.
+  - When the whole map fits in one key block of the dK/dV tiles (N' <= 64 in 16-bit; the training map has 16
+    keys), the program that owns a query chunk sees every key of each query, so it also computes dQ and
+    delta = rowsum(dO * O) itself: q, dO and O are then read once for all three gradients.
   - Otherwise a separate dQ kernel (one program per query block, looping over all keys: no races) computes
     delta and dQ, and stores delta for the dK/dV kernel.
 * Head dims of any size (15/30 in RGT) are padded to a power-of-two tile >= 16 inside the kernels with masked
   loads; nothing is padded in memory. q, k, v and dO are read through their strides: they may be any views.
-* Block sizes are fixed by N' (no autotuning), because the query chunking, and with it the bitwise value of
-  dK and dV, must not depend on timing.
+* Tiles are a fixed function of N' and the operand precision (no autotuning), because the query chunking,
+  and with it the bitwise value of dK and dV, must not depend on timing. ``aot_variants()`` lists every tile
+  configuration the launchers can pick, for ``python -m rgt_fast.kernels.report``.
+* Eager calls go through a torch.autograd.Function straight to the launchers. Under torch.compile the same
+  launchers run inside the custom ops ``rgt_fast::rgsa_attention_forward`` / ``_backward`` (with fake
+  implementations and a registered autograd formula), which the compiler treats as opaque: no graph break.
 """
 from __future__ import annotations
 
@@ -50,48 +54,44 @@ from ._common import (
     triton_runs_on,
 )
 
-_LOG2_E = 1.4426950408889634
-_LN_2 = 0.6931471805599453
+# The kernels work in base 2 (exp2 and log2 are single instructions); lse is stored as a natural log.
+_LOG2_E = tl.constexpr(math.log2(math.e))
+_LN_2 = tl.constexpr(math.log(2.0))
 
-# Largest padded head dim the fixed block sizes below keep within the register file.
+# The tiles below are sized, and checked for spills, for RGT's head dims (5 to 30); far larger heads would not
+# fit them in registers.
 _MAX_HEAD_DIM = 128
-_MAX_BLOCK_N = 64
-_FORWARD_BLOCK_M = 128
-_NUM_WARPS = 4
-_NUM_STAGES = 2
-# Roughly four waves of programs on a 132-SM H100: enough to hide the chunk tails without making the
-# scratch buffer of partials (num_chunks x B x heads x N' x (Dqk + Dv) fp32) large.
+# (BLOCK_M, largest BLOCK_N, num_warps, num_stages) per kernel and operand precision, for maps of at most
+# _SMALL_MAP keys (training) and for larger ones. Chosen from kernel times on an H200 among the tiles that
+# compile without register spills on sm_80 and sm_90a (python -m rgt_fast.kernels.report). FMA dots ("ieee")
+# hold whole operand tiles per thread, hence their smaller tiles. A map of N' <= BLOCK_N keys is one key
+# block, which selects the fused dQ/dK/dV backward.
+# The dK/dV tiles of small maps are one warp each where registers allow: in the [16, BLOCK_M] x [BLOCK_M, D]
+# products every warp of a larger program computes the same 16-row accumulators, and one-warp programs ran
+# the training shape's backward 1.5x faster.
+_SMALL_MAP = 16
+_TILE_TABLE = {
+    ("forward", "16bit"): ((128, 64, 4, 2), (128, 64, 4, 2)),
+    ("forward", "tf32"): ((128, 64, 4, 2), (128, 64, 4, 2)),
+    ("forward", "ieee"): ((64, 64, 4, 2), (64, 64, 4, 2)),
+    ("dq", "16bit"): ((64, 64, 4, 2), (64, 64, 4, 2)),
+    ("dq", "tf32"): ((64, 64, 4, 2), (64, 64, 4, 2)),
+    ("dq", "ieee"): ((32, 32, 4, 2), (32, 32, 4, 2)),
+    ("dkdv", "16bit"): ((16, 16, 1, 2), (64, 64, 4, 2)),
+    ("dkdv", "tf32"): ((16, 16, 1, 2), (32, 32, 4, 1)),
+    ("dkdv", "ieee"): ((32, 16, 4, 1), (32, 16, 4, 1)),
+}
+_SUM_PARTIALS_NUM_WARPS = 4
+_SUM_PARTIALS_NUM_STAGES = 2
+# tl.dot's input_precision only changes fp32 operands; 16-bit ones get Triton's default.
+_DOT_INPUT_PRECISION = {"16bit": "tf32", "tf32": "tf32", "ieee": "ieee"}
+# Enough programs to fill a 132-SM H100/H200 (about once with the one-warp small-map tiles, several times with
+# four-warp ones) without a large scratch buffer of partials (num_chunks x B x heads x N' x (Dqk + Dv) fp32).
+# On the H200 the training backward was no faster with 4x as many programs, whose partials take longer to sum.
 _BACKWARD_TARGET_PROGRAMS = 1024
 # A chunk shorter than this many query blocks spends more on writing its partial than on accumulating it.
 _MIN_QUERY_BLOCKS_PER_CHUNK = 4
 _SUM_PARTIALS_BLOCK_ROWS = 64
-
-
-
-def _let_interpreter_loops_take_runtime_bounds() -> None:
-    """Make Triton 3.6's interpreter accept ``range(start, runtime_bound, step)`` under NumPy >= 2.4.
-
-    The interpreter holds scalar kernel arguments as 1-element arrays and converts them for ``range`` with
-    ``int(array)``, which NumPy 2.4 turned into a TypeError; ``.item()`` is the conversion NumPy keeps.
-    Patching the function that installs ``tensor.__index__`` (it runs at every kernel launch) is process-wide,
-    so every interpreted kernel of the project benefits.
-    """
-    from triton.runtime import interpreter
-
-    install_tensor_methods = interpreter._patch_lang_tensor
-    if getattr(install_tensor_methods, "rgt_fast_scalar_index", False):
-        return
-
-    def install_tensor_methods_with_scalar_index(tensor, scope):
-        install_tensor_methods(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    install_tensor_methods_with_scalar_index.rgt_fast_scalar_index = True
-    interpreter._patch_lang_tensor = install_tensor_methods_with_scalar_index
-
-
-if INTERPRET:
-    _let_interpreter_loops_take_runtime_bounds()
 
 
 @triton.jit
@@ -164,7 +164,7 @@ def _rgsa_forward_kernel(
     tl.store(out_base + rows[:, None] * stride_on + dv[None, :] * stride_od, out.to(dtype),
              mask=row_valid[:, None] & (dv[None, :] < DV))
     lse_base = lse_ptr + (batch * num_heads + head).to(tl.int64) * num_queries + first_query
-    tl.store(lse_base + rows, (row_max + tl.log2(row_sum)) * 0.6931471805599453, mask=row_valid)
+    tl.store(lse_base + rows, (row_max + tl.log2(row_sum)) * _LN_2, mask=row_valid)
 
 
 @triton.jit
@@ -209,7 +209,7 @@ def _rgsa_backward_dq_kernel(
     delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
     row_stats = (batch * num_heads + head).to(tl.int64) * num_queries + first_query + rows
     tl.store(delta_ptr + row_stats, delta, mask=row_valid)
-    lse_log2 = tl.load(lse_ptr + row_stats, mask=row_valid, other=0.0) * 1.4426950408889634
+    lse_log2 = tl.load(lse_ptr + row_stats, mask=row_valid, other=0.0) * _LOG2_E
     q = _dot_operand(q, dtype, UPCAST_DOTS)
     dout = _dot_operand(dout, dtype, UPCAST_DOTS)
 
@@ -294,7 +294,7 @@ def _rgsa_backward_dkdv_kernel(
         o_mask = row_valid[:, None] & (dv[None, :] < DV)
         q = tl.load(q_block + q_offsets, mask=q_mask, other=0.0)
         dout = tl.load(dout_block + dout_offsets, mask=o_mask, other=0.0)
-        lse_log2 = tl.load(lse_ptr + stats_base + queries, mask=row_valid, other=0.0) * 1.4426950408889634
+        lse_log2 = tl.load(lse_ptr + stats_base + queries, mask=row_valid, other=0.0) * _LOG2_E
         if FUSED_DQ:
             out = tl.load(out_block + rows[:, None] * stride_on + dv[None, :] * stride_od, mask=o_mask, other=0.0)
             delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
@@ -374,27 +374,17 @@ class _Tiles(NamedTuple):
         return f"BLOCK_M={self.block_m} BLOCK_N={self.block_n} warps={self.num_warps} stages={self.num_stages}"
 
 
-def _key_block(num_keys: int) -> int:
-    return min(_MAX_BLOCK_N, next_power_of_2_at_least_16(num_keys))
+def _operand_precision(dtype: torch.dtype) -> str:
+    """How the kernels' dots run: "16bit" MMAs, "tf32" MMAs, or exact fp32 FMAs ("ieee")."""
+    if dtype != torch.float32:
+        return "16bit"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _forward_tiles(num_keys: int, dtype: torch.dtype) -> _Tiles:
-    return _Tiles(_FORWARD_BLOCK_M, _key_block(num_keys), _NUM_WARPS, _NUM_STAGES)
-
-
-def _dq_tiles(num_keys: int, dtype: torch.dtype) -> _Tiles:
-    return _Tiles(64, _key_block(num_keys), _NUM_WARPS, _NUM_STAGES)
-
-
-def _dkdv_tiles(num_keys: int, dtype: torch.dtype) -> _Tiles:
-    return _Tiles(64, _key_block(num_keys), _NUM_WARPS, _NUM_STAGES)
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # Only fp32 operands distinguish the two; bf16/fp16 MMAs are exact products either way.
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+def _tiles(kernel: str, num_keys: int, operand_precision: str) -> _Tiles:
+    small_map_tiles, large_map_tiles = _TILE_TABLE[(kernel, operand_precision)]
+    block_m, max_block_n, num_warps, num_stages = small_map_tiles if num_keys <= _SMALL_MAP else large_map_tiles
+    return _Tiles(block_m, min(max_block_n, next_power_of_2_at_least_16(num_keys)), num_warps, num_stages)
 
 
 def _query_chunking(num_queries: int, work_per_chunk: int, block_m: int, requested_chunk_len: int) -> tuple[int, int]:
@@ -427,16 +417,17 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     lse = torch.empty((batch, num_heads, num_queries), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    tiles = _forward_tiles(num_keys, q.dtype)
+    precision = _operand_precision(q.dtype)
+    tiles = _tiles("forward", num_keys, precision)
     num_query_blocks = triton.cdiv(num_queries, tiles.block_m)
     with _on_device_of(q):
         _rgsa_forward_kernel[(num_query_blocks * batch * num_heads,)](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             num_heads, num_queries, num_keys, num_query_blocks,
-            scale * _LOG2_E,
+            scale * _LOG2_E.value,
             **_head_dim_constexprs(dqk, dv), **tiles.launch_options(),
-            DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET,
+            DOT_PRECISION=_DOT_INPUT_PRECISION[precision], UPCAST_DOTS=INTERPRET,
         )
     return out, lse
 
@@ -452,12 +443,13 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
     if num_queries == 0:
         return dq, dk.zero_(), dv_grad.zero_()
 
-    dkdv_tiles = _dkdv_tiles(num_keys, q.dtype)
+    precision = _operand_precision(q.dtype)
+    dkdv_tiles = _tiles("dkdv", num_keys, precision)
     num_key_blocks = triton.cdiv(num_keys, dkdv_tiles.block_n)
     fused_dq = num_key_blocks == 1
     batch_heads = batch * num_heads
     head_dims = _head_dim_constexprs(dqk, dv)
-    common = dict(**head_dims, DOT_PRECISION=_dot_precision(q.dtype), UPCAST_DOTS=INTERPRET)
+    common = dict(**head_dims, DOT_PRECISION=_DOT_INPUT_PRECISION[precision], UPCAST_DOTS=INTERPRET)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride())
 
     with _on_device_of(q):
@@ -465,11 +457,11 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
             delta = lse  # unread: the fused kernel derives delta from dO and O itself
         else:
             delta = torch.empty_like(lse)
-            dq_tiles = _dq_tiles(num_keys, q.dtype)
+            dq_tiles = _tiles("dq", num_keys, precision)
             num_query_blocks = triton.cdiv(num_queries, dq_tiles.block_m)
             _rgsa_backward_dq_kernel[(num_query_blocks * batch_heads,)](
                 q, k, v, out, dout, lse, delta, dq, *strides,
-                num_heads, num_queries, num_keys, num_query_blocks, scale, scale * _LOG2_E,
+                num_heads, num_queries, num_keys, num_query_blocks, scale, scale * _LOG2_E.value,
                 **dq_tiles.launch_options(), **common,
             )
 
@@ -482,7 +474,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
         _rgsa_backward_dkdv_kernel[(num_key_blocks * num_heads * num_chunks * batch,)](
             q, k, v, out, dout, lse, delta, dq, dk_partial, dv_partial, *strides,
             num_heads, batch_heads, num_queries, num_keys, num_key_blocks, num_chunks, chunk_len,
-            scale, scale * _LOG2_E,
+            scale, scale * _LOG2_E.value,
             FUSED_DQ=fused_dq, **dkdv_tiles.launch_options(), **common,
         )
 
@@ -490,7 +482,8 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
         _rgsa_sum_key_partials_kernel[(triton.cdiv(num_rows, _SUM_PARTIALS_BLOCK_ROWS),)](
             dk_partial, dv_partial, dk, dv_grad, *dk.stride(), *dv_grad.stride(),
             num_heads, num_keys, num_rows, num_chunks,
-            **head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS, num_warps=_NUM_WARPS,
+            **head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS, num_warps=_SUM_PARTIALS_NUM_WARPS,
+            num_stages=_SUM_PARTIALS_NUM_STAGES,
         )
     return dq, dk, dv_grad
 
@@ -537,6 +530,25 @@ def _rgsa_attention_backward(ctx, dout, _dlse):
 
 
 _rgsa_attention_forward_op.register_autograd(_rgsa_attention_backward, setup_context=_setup_backward)
+
+
+class _RGSAAttention(torch.autograd.Function):
+    """The eager-mode entry: the custom ops' Python dispatch and checks cost more CPU time per call than the
+    training-shape kernels take on the GPU, so eager calls go straight to the launchers."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, backward_query_chunk: int):
+        out, lse = _triton_forward(q, k, v, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.scale = scale
+        ctx.backward_query_chunk = backward_query_chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _triton_backward(dout, q, k, v, out, lse, ctx.scale, ctx.backward_query_chunk)
+        return dq, dk, dv, None, None
 
 
 def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
@@ -612,17 +624,19 @@ def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
                              f"Dqk={q.shape[3]}, Dv={v.shape[3]}; use rgsa_attention_torch for larger heads.")
         if backward_query_chunk is not None and backward_query_chunk < 1:
             raise ValueError(f"rgsa_attention: backward_query_chunk must be >= 1, got {backward_query_chunk}.")
-        out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), backward_query_chunk or 0)
-        return out
+        if torch.compiler.is_compiling():
+            out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), backward_query_chunk or 0)
+            return out
+        return _RGSAAttention.apply(q, k, v, float(scale), backward_query_chunk or 0)
     return rgsa_attention_torch(q, k, v, scale)
 
 
 # Head dims the RGT models use: embed 180 with 6 heads and the q/k channels halved, and the embed-60 variant.
 _AOT_HEAD_DIMS = ((15, 30), (5, 10))
-# One key count per launch shape: each BLOCK_N of the fused backward, and a map of several key blocks.
-_AOT_KEY_COUNTS = (16, 32, 64, 65)
+# Key counts that reach every tile choice: the small-map tiles, BLOCK_N 32 and 64, and several key blocks.
+_AOT_KEY_COUNTS = (16, 17, 33, 65)
 # fp32 runs with TF32 MMAs or, when torch disallows TF32, with exact FMA dots that use no tensor cores.
-_AOT_PRECISIONS = ((torch.bfloat16, "tf32"), (torch.float16, "tf32"), (torch.float32, "tf32"),
+_AOT_PRECISIONS = ((torch.bfloat16, "16bit"), (torch.float16, "16bit"), (torch.float32, "tf32"),
                    (torch.float32, "ieee"))
 
 
@@ -658,10 +672,10 @@ def _aot_variant(fn, io_types: dict, constexprs: dict, num_warps: int, num_stage
 def aot_variants() -> list[KernelVariant]:
     """Every kernel x dtype x tile configuration the launchers above can pick, for the AOT report."""
     variants = {}
-    for dtype, dot_precision in _AOT_PRECISIONS:
+    for dtype, precision in _AOT_PRECISIONS:
         name = TRITON_DTYPE_NAMES[dtype]
-        precision_label = f"{name}/{dot_precision}" if dtype == torch.float32 else name
-        uses_tensor_cores = dtype != torch.float32 or dot_precision == "tf32"
+        label = f"{name}/{precision}" if dtype == torch.float32 else name
+        common = dict(DOT_PRECISION=_DOT_INPUT_PRECISION[precision], UPCAST_DOTS=False)
         for dqk, dv in _AOT_HEAD_DIMS:
             head_dims = _head_dim_constexprs(dqk, dv)
             io_types = dict(q_ptr=name, k_ptr=name, v_ptr=name, out_ptr=name, dout_ptr=name, dq_ptr=name,
@@ -669,23 +683,23 @@ def aot_variants() -> list[KernelVariant]:
                             dk_partial_ptr="fp32", dv_partial_ptr="fp32")
             launches = []
             for num_keys in _AOT_KEY_COUNTS:
-                dkdv_tiles = _dkdv_tiles(num_keys, dtype)
+                dkdv_tiles = _tiles("dkdv", num_keys, precision)
                 fused_dq = triton.cdiv(num_keys, dkdv_tiles.block_n) == 1
-                launches.append((_rgsa_forward_kernel, _forward_tiles(num_keys, dtype), {}))
+                launches.append((_rgsa_forward_kernel, _tiles("forward", num_keys, precision), {}))
                 if not fused_dq:
-                    launches.append((_rgsa_backward_dq_kernel, _dq_tiles(num_keys, dtype), {}))
+                    launches.append((_rgsa_backward_dq_kernel, _tiles("dq", num_keys, precision), {}))
                 launches.append((_rgsa_backward_dkdv_kernel, dkdv_tiles, {"FUSED_DQ": fused_dq}))
             for fn, tiles, flags in launches:
-                config = " ".join([f"{precision_label} D={dqk}/{dv}", tiles.label(),
+                config = " ".join([f"{label} D={dqk}/{dv}", tiles.label(),
                                    *(f"{flag}={value}" for flag, value in flags.items())])
-                constexprs = dict(**head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **flags,
-                                  DOT_PRECISION=dot_precision, UPCAST_DOTS=False)
+                constexprs = dict(**head_dims, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, **flags, **common)
                 # Key counts that share tiles launch the same kernel: keep one entry per configuration.
                 variants[(fn.__name__, config)] = _aot_variant(fn, io_types, constexprs, tiles.num_warps,
-                                                               tiles.num_stages, uses_tensor_cores, config)
-            if dot_precision == "tf32":
-                config = f"{name} D={dqk}/{dv} BLOCK_ROWS={_SUM_PARTIALS_BLOCK_ROWS} warps={_NUM_WARPS}"
+                                                               tiles.num_stages, precision != "ieee", config)
+            if precision != "ieee":  # the partial sums do not depend on how the dots ran
+                config = (f"{name} D={dqk}/{dv} BLOCK_ROWS={_SUM_PARTIALS_BLOCK_ROWS} warps={_SUM_PARTIALS_NUM_WARPS} "
+                          f"stages={_SUM_PARTIALS_NUM_STAGES}")
                 variants[(_rgsa_sum_key_partials_kernel.__name__, config)] = _aot_variant(
                     _rgsa_sum_key_partials_kernel, io_types, dict(**head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS),
-                    _NUM_WARPS, _NUM_STAGES, uses_dot=False, config=config)
+                    _SUM_PARTIALS_NUM_WARPS, _SUM_PARTIALS_NUM_STAGES, uses_dot=False, config=config)
     return list(variants.values())

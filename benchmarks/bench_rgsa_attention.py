@@ -1,0 +1,197 @@
+"""Benchmark the fused RG-SA attention against the reference computation and PyTorch SDPA (CUDA only).
+
+    python benchmarks/bench_rgsa_attention.py [--quick] [--json PATH]
+
+For each shape and dtype it times the forward pass and forward+backward of
+  * fused:     rgt_fast.kernels.rgsa_attention.rgsa_attention on the model's token-major views;
+  * reference: the RGT module's q @ k^T * scale, softmax, @ v on (B, heads, N, D) tensors, with its permutes;
+  * sdpa:      torch.nn.functional.scaled_dot_product_attention with the head dims zero-padded to 16 / 32
+               (the padding copies are part of what it costs to use SDPA here).
+and records the GPU kernel time per call (from torch.profiler: at the training shape the wall time is bound
+by the CPU cost of autograd and kernel launches) and the peak memory each one allocates beyond its inputs.
+A failure (out of memory, no SDPA kernel) is recorded in its row instead of stopping the run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+# Timing the interpreter would be meaningless, and it must be off before triton is first imported.
+os.environ.pop("TRITON_INTERPRET", None)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from rgt_fast.kernels.rgsa_attention import rgsa_attention  # noqa: E402
+
+HEADS, DQK, DV = 6, 15, 30
+# (name, batch, image tokens N, representative tokens N', dtypes)
+SHAPES = (
+    ("train", 32, 4096, 16, (torch.bfloat16, torch.float32)),
+    ("infer-256", 1, 65536, 256, (torch.bfloat16,)),
+    ("infer-1024", 1, 262144, 1024, (torch.bfloat16,)),
+    ("infer-3969", 1, 1016064, 3969, (torch.bfloat16,)),
+)
+QUICK_SHAPES = ("train", "infer-256")
+
+
+def fused(q, k, v, scale):
+    batch, tokens = q.shape[:2]
+    return rgsa_attention(q, k, v, scale).view(batch, tokens, -1)
+
+
+def reference(q, k, v, scale):
+    batch, tokens = q.shape[:2]
+    attn = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale
+    return (attn.softmax(dim=-1) @ v.transpose(1, 2)).transpose(1, 2).reshape(batch, tokens, -1)
+
+
+def sdpa(q, k, v, scale):
+    batch, tokens = q.shape[:2]
+    q16, k16 = (F.pad(t, (0, 16 - DQK)).transpose(1, 2) for t in (q, k))
+    v32 = F.pad(v, (0, 32 - DV)).transpose(1, 2)
+    out = F.scaled_dot_product_attention(q16, k16, v32, scale=scale)
+    return out[..., :DV].transpose(1, 2).reshape(batch, tokens, -1)
+
+
+IMPLEMENTATIONS = {"fused": fused, "reference": reference, "sdpa": sdpa}
+
+
+def make_inputs(batch, tokens, keys, dtype, requires_grad):
+    # q as the model makes it: a view of a Linear output with the heads interleaved along the channels.
+    q_flat = torch.randn(batch, tokens, HEADS * DQK, device="cuda", dtype=dtype, requires_grad=requires_grad)
+    k_flat = torch.randn(batch, keys, HEADS * DQK, device="cuda", dtype=dtype, requires_grad=requires_grad)
+    v_flat = torch.randn(batch, keys, HEADS * DV, device="cuda", dtype=dtype, requires_grad=requires_grad)
+    views = (q_flat.view(batch, tokens, HEADS, DQK), k_flat.view(batch, keys, HEADS, DQK),
+             v_flat.view(batch, keys, HEADS, DV))
+    return (q_flat, k_flat, v_flat), views
+
+
+def measure(step, leaves, rep_ms):
+    """Median wall milliseconds per call of ``step``, GPU kernel milliseconds per call, and the peak memory (MB)
+    it allocates beyond what exists before it.
+
+    The wall time includes the CPU cost of launching: at the training shape the kernels are short enough that
+    autograd and launch overheads can exceed them, so the kernel time is reported too.
+    """
+    import triton.testing
+    from torch.profiler import ProfilerActivity, profile
+
+    step()
+    torch.cuda.synchronize()
+    for leaf in leaves:
+        leaf.grad = None
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
+    wall_ms = triton.testing.do_bench(step, warmup=max(5, rep_ms // 10), rep=rep_ms, grad_to_none=list(leaves),
+                                      return_mode="median")
+    calls = 5
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            step()
+        torch.cuda.synchronize()
+    gpu_us = sum(event.self_device_time_total for event in prof.key_averages()
+                 if event.device_type == torch.autograd.DeviceType.CUDA)
+    return wall_ms, gpu_us / calls / 1000, peak_mb
+
+
+def run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms):
+    scale = DQK ** -0.5
+    row = {"name": name, "shape": f"B={batch} N={tokens} N'={keys} heads={HEADS} Dqk={DQK} Dv={DV}",
+           "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd" if with_backward else "fwd"}
+    leaves, (q, k, v) = make_inputs(batch, tokens, keys, dtype, with_backward)
+    grad = torch.randn(batch, tokens, HEADS * DV, device="cuda", dtype=dtype) if with_backward else None
+    fused_out = None
+    for impl_name in IMPLEMENTATIONS:
+        impl = IMPLEMENTATIONS[impl_name]
+        if with_backward:
+            def step():
+                impl(q, k, v, scale).backward(grad)
+        else:
+            @torch.no_grad()
+            def step():
+                return impl(q, k, v, scale)
+        try:
+            row[f"{impl_name}_ms"], row[f"{impl_name}_gpu_ms"], row[f"{impl_name}_peak_mb"] = measure(
+                step, leaves, rep_ms)
+            if not with_backward:
+                out = step().float()
+                if impl_name == "fused":
+                    fused_out = out
+                elif fused_out is not None:
+                    row[f"{impl_name}_max_abs_diff_vs_fused"] = (out - fused_out).abs().max().item()
+                del out
+        except torch.cuda.OutOfMemoryError:
+            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, "out of memory"
+        except Exception as error:  # e.g. no SDPA kernel for these head dims: record it and go on
+            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, f"{type(error).__name__}: {error}"[:200]
+        torch.cuda.empty_cache()
+    for other in ("reference", "sdpa"):
+        if row.get("fused_ms") and row.get(f"{other}_ms"):
+            row[f"speedup_vs_{other}"] = row[f"{other}_ms"] / row["fused_ms"]
+            row[f"gpu_speedup_vs_{other}"] = row[f"{other}_gpu_ms"] / row["fused_gpu_ms"]
+    return row
+
+
+def format_rows(rows):
+    def cell(value, digits=3):
+        if value is None:
+            return "-"
+        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+    headers = ("name", "dtype", "pass", "fused ms", "ref ms", "sdpa ms", "x ref", "x sdpa",
+               "fused gpu", "ref gpu", "sdpa gpu", "gpu x ref", "gpu x sdpa", "fused MB", "ref MB", "sdpa MB",
+               "notes")
+    lines = []
+    for row in rows:
+        notes = "; ".join(f"{impl}: {row[f'{impl}_error']}" for impl in IMPLEMENTATIONS if f"{impl}_error" in row)
+        lines.append((row["name"], row["dtype"], row["pass"],
+                      *(cell(row.get(f"{impl}_ms")) for impl in IMPLEMENTATIONS),
+                      cell(row.get("speedup_vs_reference"), 2), cell(row.get("speedup_vs_sdpa"), 2),
+                      *(cell(row.get(f"{impl}_gpu_ms")) for impl in IMPLEMENTATIONS),
+                      cell(row.get("gpu_speedup_vs_reference"), 2), cell(row.get("gpu_speedup_vs_sdpa"), 2),
+                      *(cell(row.get(f"{impl}_peak_mb"), 1) for impl in IMPLEMENTATIONS), notes))
+    widths = [max(len(line[i]) for line in [headers, *lines]) for i in range(len(headers))]
+    return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip()
+                     for line in [headers, *lines])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true",
+                        help=f"only the shapes {', '.join(QUICK_SHAPES)}, with shorter timing runs")
+    parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_rgsa_attention: no CUDA device, nothing measured (this benchmark needs a GPU).")
+        return 0
+
+    torch.manual_seed(0)
+    rep_ms = 50 if args.quick else 200
+    rows = []
+    for name, batch, tokens, keys, dtypes in SHAPES:
+        if args.quick and name not in QUICK_SHAPES:
+            continue
+        for dtype in dtypes:
+            for with_backward in (False, True):
+                rows.append(run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms))
+                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
+    print()
+    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+          f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+    print(format_rows(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
+                      indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

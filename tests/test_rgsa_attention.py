@@ -1,0 +1,195 @@
+"""RG-SA attention kernels against a float64 oracle, in Triton's interpreter on CPU (or on CUDA when the
+interpreter is off and a GPU is present)."""
+import os
+
+# Must precede the first import of triton and rgt_fast: @triton.jit and kernels._common read it at import.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rgt_fast.kernels import _common  # noqa: E402
+from rgt_fast.kernels import rgsa_attention as rgsa  # noqa: E402
+
+if _common.INTERPRET:
+    DEVICE = "cpu"
+elif torch.cuda.is_available():
+    DEVICE = "cuda"
+else:
+    pytest.skip("rgt_fast.kernels was imported without TRITON_INTERPRET=1 and there is no GPU: run pytest with "
+                "TRITON_INTERPRET=1 set in the environment", allow_module_level=True)
+
+
+@pytest.fixture
+def tf32_matmuls(request):
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def make_inputs(batch, queries, keys, heads, dqk, dv, dtype):
+    """Strided views as the model produces them: q from a projection with more channels than q needs, k stored
+    head-major and transposed, v read with a stride of 2 along its head dim."""
+    q_projection = torch.randn(batch, queries, heads * dqk + 7, device=DEVICE) * 1.5
+    q = q_projection.to(dtype)[..., 7:].unflatten(-1, (heads, dqk))
+    k = (torch.randn(batch, heads, keys, dqk, device=DEVICE) * 1.5).to(dtype).transpose(1, 2)
+    v = torch.randn(batch, keys, heads, 2 * dv, device=DEVICE).to(dtype)[..., ::2]
+    dout = torch.randn(batch, queries, heads, dv, device=DEVICE).to(dtype)
+    return q, k, v, dout
+
+
+def plain_attention(q, k, v, scale):
+    """The reference module's computation, in whatever dtype its inputs have."""
+    scores = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale
+    return (scores.softmax(dim=-1) @ v.transpose(1, 2)).transpose(1, 2)
+
+
+def output_and_grads(attention, q, k, v, dout, cast=None):
+    leaves = [t.detach().clone().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
+    out = attention(*leaves)
+    out.backward(dout.to(out.dtype))
+    return [out.detach()] + [leaf.grad for leaf in leaves]
+
+
+CASES = [
+    pytest.param(2, 37 * 5, 7, 3, 15, 30, None, id="rgt-heads-odd-sizes"),
+    pytest.param(1, 150, 100, 2, 5, 10, None, id="embed60-several-key-blocks"),
+    pytest.param(2, 130, 1, 2, 16, 32, None, id="single-key"),
+    pytest.param(1, 200, 40, 2, 15, 30, 16, id="forced-small-chunks"),
+    pytest.param(2, 185, 16, 2, 15, 30, 16, id="training-map-forced-chunks"),
+]
+
+
+@pytest.mark.parametrize("batch,queries,keys,heads,dqk,dv,chunk", CASES)
+@pytest.mark.parametrize("tf32_matmuls", [False], indirect=True)
+def test_fp32_matches_float64_oracle(batch, queries, keys, heads, dqk, dv, chunk, tf32_matmuls):
+    q, k, v, dout = make_inputs(batch, queries, keys, heads, dqk, dv, torch.float32)
+    scale = dqk ** -0.5
+    got = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, scale, backward_query_chunk=chunk), q, k, v, dout)
+    want = output_and_grads(lambda *t: plain_attention(*t, scale), q, k, v, dout, cast=torch.float64)
+    for name, g, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32, name
+        assert torch.isfinite(g).all(), name
+        # The absolute floor covers gradients that cancel to 0 (with one key, dq and dk are exactly 0).
+        torch.testing.assert_close(g.double(), w, rtol=1e-5, atol=1e-5 * max(1.0, w.abs().max().item()), msg=name)
+    assert got[0].is_contiguous()
+
+
+@pytest.mark.parametrize("batch,queries,keys,heads,dqk,dv,chunk", CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_flash_attention_bound(batch, queries, keys, heads, dqk, dv, chunk, dtype):
+    """FlashAttention's rule: the kernel's error against float64 is at most twice that of the plain
+    computation run in the same precision, plus a small absolute term."""
+    q, k, v, dout = make_inputs(batch, queries, keys, heads, dqk, dv, dtype)
+    scale = dqk ** -0.5
+    got = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, scale, backward_query_chunk=chunk), q, k, v, dout)
+    plain = output_and_grads(lambda *t: plain_attention(*t, scale), q, k, v, dout)
+    want = output_and_grads(lambda *t: plain_attention(*t, scale), q, k, v, dout, cast=torch.float64)
+    for name, g, p, w in zip(("out", "dq", "dk", "dv"), got, plain, want):
+        assert g.shape == w.shape and g.dtype == dtype, name
+        assert torch.isfinite(g).all(), name
+        kernel_error = (g.double() - w).abs().max().item()
+        plain_error = (p.double() - w).abs().max().item()
+        assert kernel_error <= 2 * plain_error + 1e-3, f"{name}: {kernel_error} vs plain {plain_error}"
+
+
+@pytest.mark.parametrize("tf32_matmuls", [True], indirect=True)
+def test_tf32_setting_selects_tf32_kernels(tf32_matmuls):
+    assert rgsa._operand_precision(torch.float32) == "tf32"
+    q, k, v, dout = make_inputs(1, 70, 20, 2, 15, 30, torch.float32)
+    got = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, 0.3), q, k, v, dout)
+    want = output_and_grads(lambda *t: plain_attention(*t, 0.3), q, k, v, dout, cast=torch.float64)
+    # The interpreter multiplies in full fp32, so there the TF32 tiles must match as tightly as the IEEE ones;
+    # on a GPU, TF32 MMAs keep 10 mantissa bits (errors of about 1e-3 of the largest value).
+    tolerance = 1e-5 if DEVICE == "cpu" else 1e-2
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=tolerance, atol=tolerance * max(1.0, w.abs().max().item()))
+
+
+def test_saved_logsumexp_is_natural_log_of_row_sums():
+    q, k, v, _ = make_inputs(2, 90, 33, 2, 15, 30, torch.float32)
+    out, lse = torch.ops.rgt_fast.rgsa_attention_forward(q, k, v, 0.4, 0)
+    scores = (q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1)) * 0.4
+    torch.testing.assert_close(lse.double(), scores.logsumexp(dim=-1), rtol=1e-6, atol=1e-5)
+    assert lse.shape == (2, 2, 90) and lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("keys", [16, 100])
+def test_dk_dv_bitwise_identical_between_runs(keys):
+    q, k, v, dout = make_inputs(2, 150, keys, 2, 15, 30, torch.bfloat16)
+    runs = [output_and_grads(lambda *t: rgsa.rgsa_attention(*t, 0.25, backward_query_chunk=32), q, k, v, dout)
+            for _ in range(2)]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_torch_fallback_matches_kernels():
+    q, k, v, dout = make_inputs(2, 100, 20, 3, 15, 30, torch.float32)
+    got = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, 0.3), q, k, v, dout)
+    fallback = output_and_grads(lambda *t: rgsa.rgsa_attention_torch(*t, 0.3), q, k, v, dout)
+    for g, f in zip(got, fallback):
+        torch.testing.assert_close(g, f, rtol=1e-5, atol=1e-5)
+    assert fallback[0].is_contiguous()
+
+
+def test_float64_dispatches_to_torch_fallback():
+    q, k, v, dout = make_inputs(1, 50, 9, 2, 5, 10, torch.float64)
+    got = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, 0.5), q, k, v, dout)
+    want = output_and_grads(lambda *t: plain_attention(*t, 0.5), q, k, v, dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_empty_image_gives_empty_output_and_zero_key_grads():
+    q, k, v, dout = make_inputs(1, 0, 4, 2, 15, 30, torch.float32)
+    out, dq, dk, dv = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, 0.3), q, k, v, dout)
+    assert out.shape == (1, 0, 2, 30) and dq.shape == q.shape
+    assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    q, k, v, dout = make_inputs(1, 80, 16, 2, 15, 30, torch.float32)
+
+    def block(q, k, v):
+        return rgsa.rgsa_attention(q, k, v, 0.3).flatten(2) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = output_and_grads(compiled, q, k, v, dout.flatten(2))
+    want = output_and_grads(block, q, k, v, dout.flatten(2))
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+
+
+def _good_inputs():
+    return make_inputs(1, 8, 4, 2, 15, 30, torch.float32)[:3]
+
+
+@pytest.mark.parametrize("mutate,error,message", [
+    (lambda q, k, v: (q.flatten(2), k, v), ValueError, "q must be 4-D"),
+    (lambda q, k, v: (q, k[:, :0], v[:, :0]), ValueError, "N' = 0"),
+    (lambda q, k, v: (q, k[:, :3], v), ValueError, "same number of key tokens"),
+    (lambda q, k, v: (q, torch.cat([k, k]), torch.cat([v, v])), ValueError, "batch sizes differ"),
+    (lambda q, k, v: (q, k[:, :, :1], v[:, :, :1]), ValueError, "head counts"),
+    (lambda q, k, v: (q, k[..., :5], v), ValueError, "head dims (dim 3) differ"),
+    (lambda q, k, v: (q, k.half(), v), TypeError, "share one dtype"),
+    (lambda q, k, v: (q.int(), k.int(), v.int()), TypeError, "unsupported dtype"),
+    (lambda q, k, v: (q, k.to("meta"), v), ValueError, "one device"),
+    (lambda q, k, v: (q.tolist(), k, v), TypeError, "must be a torch.Tensor"),
+])
+def test_bad_inputs_are_rejected_with_guidance(mutate, error, message):
+    with pytest.raises(error, match=message.replace("(", r"\(").replace(")", r"\)")):
+        rgsa.rgsa_attention(*mutate(*_good_inputs()), 0.3)
+
+
+@pytest.mark.parametrize("scale", [float("nan"), "0.3", True])
+def test_bad_scale_is_rejected(scale):
+    with pytest.raises(TypeError, match="scale must be a finite"):
+        rgsa.rgsa_attention(*_good_inputs(), scale)
+
+
+def test_oversized_head_dims_are_rejected_on_the_kernel_path():
+    q, k, v, _ = make_inputs(1, 8, 4, 1, 130, 30, torch.float32)
+    with pytest.raises(ValueError, match="head dims up to 128"):
+        rgsa.rgsa_attention(q, k, v, 0.1)
