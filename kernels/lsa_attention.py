@@ -5,29 +5,32 @@ concatenated branch outputs (B, H*W, C) of the L-SA attention core, before ``get
 
 Kernel design
 -------------
-Every window of the padded (and, for shifted blocks, rolled) map is index arithmetic: a token of window ``w`` at
-in-window offset ``t`` sits at rolled position (window row * Hw + t // Ww, window col * Ww + t % Ww); undoing the
-roll adds the shift modulo the padded size, and positions outside H x W load as zeros through the load masks.
-So no padded, rolled or partitioned copy of q, k, v or of the output ever exists, and each output row is written
-once, straight to its image token and channel. The position bias is gathered from the table with the
-relative-offset index of the (query, key) pair; the shift mask comes from region ids computed from coordinates.
+Windows are index arithmetic: in-window offset ``t`` of window ``w`` sits at rolled position
+(window row * Hw + t // Ww, window col * Ww + t % Ww); undoing the roll adds the shift modulo the padded size, and
+positions outside H x W load as zeros through the load masks (padded keys still take part in the softmax, as in
+the reference). No padded, rolled or partitioned copy of q, k, v or of the output exists: each output row is
+written once, straight to its image token and channel. The bias is gathered from the table by the relative index
+of each (query, key) pair, and the shift mask (-100) comes from region ids computed from the rolled coordinates.
 
-Each branch is its own launch with the window shape as compile-time constants, which turns the coordinate
-divisions into shifts and gives the bias-gradient reduction static tensor shapes.
+Each branch is its own launch with the window shape as compile-time constants (coordinate divisions become
+shifts). Tiles are BLOCK_M queries x BLOCK_N keys of one window; the head dim is padded to a power of two by
+masked loads.
 
-* forward: one program per (query block, window) x (batch, head); online softmax over the key blocks of the
-  256-key window (padded keys included, as the reference does); stores the base-2 logsumexp per query.
-* backward dq: same grid; recomputes the probabilities, writes dq and delta = rowsum(dO * O).
-* backward dk/dv: one program per (key block, chunk of windows) x (batch, head), looping over all query blocks;
-  writes dk and dv and reduces dS onto relative offsets for the position-bias gradient (see ``_offset_sums``).
+* forward: grid (query blocks of all windows, batch x heads/2); online softmax over the key blocks of the window;
+  stores the base-2 logsumexp per query token.
+* backward, three launches per branch:
+  - dq: same grid; recomputes P, writes dq and delta = rowsum(dO * O) (read by the next two).
+  - dk/dv: grid (key blocks of all windows, batch x heads/2), FlashAttention-2 style loop over the query blocks.
+  - dS sum for the position-bias gradient: each program keeps one (query block, key block) pair of the window
+    and sums its dS over a chunk of (batch, window) items in registers; _table_grad adds the chunks and then the
+    pairs of each relative offset in a fixed order (bitwise reproducible, no atomics).
 
-Shapes this op takes through Triton: split sizes that are powers of two (RGT's [8, 32]); other split sizes and
-float64 run the plain-PyTorch path, which is also the CPU path outside the interpreter.
+The Triton path takes split sizes that are powers of two (RGT's [8, 32]); other split sizes and float64 run the
+PyTorch path, which is also the CPU path outside the interpreter.
 """
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,15 @@ LOG2E = 1.4426950408889634
 _MASK_LOG2 = tl.constexpr(SHIFT_MASK_VALUE * LOG2E)
 
 
+# Image sizes and strides are not specialized on (divisibility by 16 would compile a kernel per image size);
+# the kernels gain nothing from it, as rows of a 30-channel head are not 16-byte aligned anyway.
+_SHAPE_ARGUMENTS = [
+    "stride_qkv_b", "stride_qkv_t", "stride_out_b", "stride_out_t", "stride_grad_out_b", "stride_grad_out_t",
+    "stride_grad_qkv_b", "stride_grad_qkv_t", "H", "W", "padded_H", "padded_W", "windows_per_row", "num_windows",
+    "num_items", "items_per_program",
+]
+
+
 @triton.jit
 def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     if UPCAST_DOT_OPERANDS:
@@ -60,11 +72,16 @@ def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.const
 @triton.jit
 def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
                    WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr):
-    """In-window row/col, shift-region id, image token index and in-image flag of window offsets."""
-    win_row = offsets // WIN_COLS
-    win_col = offsets % WIN_COLS
-    rolled_row = (window // windows_per_row) * WIN_ROWS + win_row
-    rolled_col = (window % windows_per_row) * WIN_COLS + win_col
+    """Shift-region id, image token index and in-image flag of in-window offsets of a window.
+
+    The vector arithmetic runs in int64: token offsets of large images need it, and the interpreter checks every
+    int32 operation for overflow, which made these few operations most of its run time. What enters tile-wide
+    operations (the region id) goes back to int32, which keeps those tiles at one register per element.
+    """
+    offsets = offsets.to(tl.int64)
+    window = window.to(tl.int64)
+    rolled_row = (window // windows_per_row) * WIN_ROWS + offsets // WIN_COLS
+    rolled_col = (window % windows_per_row) * WIN_COLS + offsets % WIN_COLS
     if SHIFTED:
         # torch.roll(shifts=-s) puts padded position p + s (mod L) at rolled position p, and rolling the
         # output back by +s returns it there: both directions are this one map.
@@ -72,78 +89,82 @@ def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
         row = tl.where(row >= padded_H, row - padded_H, row)
         col = rolled_col + WIN_COLS // 2
         col = tl.where(col >= padded_W, col - padded_W, col)
-        row_region = (rolled_row >= padded_H - WIN_ROWS).to(tl.int32) + \
-            (rolled_row >= padded_H - WIN_ROWS // 2).to(tl.int32)
-        col_region = (rolled_col >= padded_W - WIN_COLS).to(tl.int32) + \
-            (rolled_col >= padded_W - WIN_COLS // 2).to(tl.int32)
+        row_region = (rolled_row >= padded_H - WIN_ROWS).to(tl.int64) + \
+            (rolled_row >= padded_H - WIN_ROWS // 2).to(tl.int64)
+        col_region = (rolled_col >= padded_W - WIN_COLS).to(tl.int64) + \
+            (rolled_col >= padded_W - WIN_COLS // 2).to(tl.int64)
         region = 3 * row_region + col_region
     else:
         row = rolled_row
         col = rolled_col
-        region = win_row
-    in_image = (row < H) & (col < W)
-    token = row * W + col
-    return win_row, win_col, region, token.to(tl.int64), in_image
+        region = offsets
+    return region.to(tl.int32), row * W + col, (row < H) & (col < W)
 
 
 @triton.jit
-def _offset_key(win_row, win_col, TABLE_COLS: tl.constexpr):
-    """Table row of a pair = query key - key key + const: one subtraction per score instead of a 2-d formula."""
-    return win_row * TABLE_COLS + win_col
+def _bias_and_mask(table_head_ptr, q_offsets, k_offsets, q_region, k_region,
+                   WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr):
+    """Position bias plus shift mask (base-2 units) of a score tile; arguments come broadcast to its orientation.
 
-
-@triton.jit
-def _bias_and_mask(table_head_ptr, relative_index, query_region, key_region, SHIFTED: tl.constexpr):
-    """Position bias plus shift mask (base-2 units) of a score tile; regions come pre-broadcast."""
-    bias = tl.load(table_head_ptr + relative_index)
+    The table row of a pair, (dr + WIN_ROWS - 1) * (2 WIN_COLS - 1) + dc + WIN_COLS - 1, is a query term minus a
+    key term, so the tile costs one int32 subtraction per score.
+    """
+    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
+    q_offsets = q_offsets.to(tl.int64)
+    k_offsets = k_offsets.to(tl.int64)
+    q_term = (q_offsets // WIN_COLS) * TABLE_COLS + q_offsets % WIN_COLS + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
+    k_term = (k_offsets // WIN_COLS) * TABLE_COLS + k_offsets % WIN_COLS
+    bias = tl.load(table_head_ptr + (q_term.to(tl.int32) - k_term.to(tl.int32)))
     if SHIFTED:
-        bias = tl.where(query_region != key_region, bias + _MASK_LOG2, bias)
+        bias = tl.where(q_region != k_region, bias + _MASK_LOG2, bias)
     return bias
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGUMENTS)
 def _lsa_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr, table_ptr,
     stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t,
-    H, W, padded_H, padded_W, windows_per_row, embed_dim, num_heads, head_dim, scale_log2e,
+    H, W, padded_H, padded_W, windows_per_row, scale_log2e,
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+    EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
-    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
-    heads_per_branch = num_heads // 2
+    NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
     window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_M)
     q_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_M)) * BLOCK_M
-    batch = tl.program_id(1) // heads_per_branch
-    head = BRANCH * heads_per_branch + tl.program_id(1) % heads_per_branch
-    channel = BRANCH * (embed_dim // 2) + (tl.program_id(1) % heads_per_branch) * head_dim
+    batch = tl.program_id(1) // HEADS_PER_BRANCH
+    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
+    head = BRANCH * HEADS_PER_BRANCH + branch_head
+    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    q_row, q_col, q_region, q_token, q_in_image = _window_tokens(
+    d_valid = offs_d < HEAD_DIM
+    q_region, q_token, q_in_image = _window_tokens(
         window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+    q_mask = q_in_image[:, None] & d_valid[None, :]
     qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
-    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t,
-                mask=q_in_image[:, None] & d_valid[None, :], other=0.0)
-    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * TABLE_COLS)
-    q_offset_key = _offset_key(q_row, q_col, TABLE_COLS) + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
+    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * (2 * WIN_COLS - 1))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, WINDOW_TOKENS, BLOCK_N):
-        k_row, k_col, k_region, k_token, k_in_image = _window_tokens(
-            window, k_start + tl.arange(0, BLOCK_N), H, W, padded_H, padded_W, windows_per_row,
-            WIN_ROWS, WIN_COLS, SHIFTED)
+        offs_n = k_start + tl.arange(0, BLOCK_N)
+        k_region, k_token, k_in_image = _window_tokens(
+            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+        k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
         kv_mask = k_in_image[:, None] & d_valid[None, :]
-        k = tl.load(qkv_base + embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
-        v = tl.load(qkv_base + 2 * embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
         scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                       UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
-        scores += _bias_and_mask(table_head_ptr, q_offset_key[:, None] - _offset_key(k_row, k_col, TABLE_COLS)[None, :],
-                                 q_region[:, None], k_region[None, :], SHIFTED)
+        scores += _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], q_region[:, None],
+                                 k_region[None, :], WIN_ROWS, WIN_COLS, SHIFTED)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -153,34 +174,36 @@ def _lsa_fwd_kernel(
 
     acc = acc / l_i[:, None]
     out_ptrs = out_ptr + batch.to(tl.int64) * stride_out_b + q_token[:, None] * stride_out_t + channel + offs_d[None, :]
-    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_in_image[:, None] & d_valid[None, :])
-    lse_ptrs = lse_ptr + (batch * num_heads + head).to(tl.int64) * (H * W) + q_token
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=q_mask)
+    lse_ptrs = lse_ptr + (batch * NUM_HEADS + head).to(tl.int64) * (H * W) + q_token
     tl.store(lse_ptrs, m_i + tl.log2(l_i), mask=q_in_image)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGUMENTS)
 def _lsa_bwd_dq_kernel(
     qkv_ptr, out_ptr, grad_out_ptr, lse_ptr, delta_ptr, table_ptr, grad_qkv_ptr,
     stride_qkv_b, stride_qkv_t, stride_out_b, stride_out_t, stride_grad_out_b, stride_grad_out_t,
     stride_grad_qkv_b, stride_grad_qkv_t,
-    H, W, padded_H, padded_W, windows_per_row, embed_dim, num_heads, head_dim, scale_log2e, scale,
+    H, W, padded_H, padded_W, windows_per_row, scale_log2e, scale,
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+    EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
-    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
-    heads_per_branch = num_heads // 2
+    NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
     window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_M)
     q_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_M)) * BLOCK_M
-    batch = tl.program_id(1) // heads_per_branch
-    head = BRANCH * heads_per_branch + tl.program_id(1) % heads_per_branch
-    channel = BRANCH * (embed_dim // 2) + (tl.program_id(1) % heads_per_branch) * head_dim
+    batch = tl.program_id(1) // HEADS_PER_BRANCH
+    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
+    head = BRANCH * HEADS_PER_BRANCH + branch_head
+    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
 
     offs_m = q_start + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    q_row, q_col, q_region, q_token, q_in_image = _window_tokens(
+    d_valid = offs_d < HEAD_DIM
+    q_region, q_token, q_in_image = _window_tokens(
         window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
     q_mask = q_in_image[:, None] & d_valid[None, :]
     qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
@@ -189,26 +212,26 @@ def _lsa_bwd_dq_kernel(
                        + channel + offs_d[None, :], mask=q_mask, other=0.0)
     out = tl.load(out_ptr + batch.to(tl.int64) * stride_out_b + q_token[:, None] * stride_out_t
                   + channel + offs_d[None, :], mask=q_mask, other=0.0)
-    row_stat_offset = (batch * num_heads + head).to(tl.int64) * (H * W) + q_token
-    # Padded query rows get lse = +inf: their probabilities vanish instead of overflowing.
+    row_stat_offset = (batch * NUM_HEADS + head).to(tl.int64) * (H * W) + q_token
+    # Rows of padded queries are never stored; lse = +inf keeps their probabilities at 0 instead of overflowing.
     lse = tl.load(lse_ptr + row_stat_offset, mask=q_in_image, other=float("inf"))
     delta = tl.sum(grad_out.to(tl.float32) * out.to(tl.float32), 1)
     tl.store(delta_ptr + row_stat_offset, delta, mask=q_in_image)
+    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * (2 * WIN_COLS - 1))
 
-    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * TABLE_COLS)
-    q_offset_key = _offset_key(q_row, q_col, TABLE_COLS) + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, WINDOW_TOKENS, BLOCK_N):
-        k_row, k_col, k_region, k_token, k_in_image = _window_tokens(
-            window, k_start + tl.arange(0, BLOCK_N), H, W, padded_H, padded_W, windows_per_row,
-            WIN_ROWS, WIN_COLS, SHIFTED)
+        offs_n = k_start + tl.arange(0, BLOCK_N)
+        k_region, k_token, k_in_image = _window_tokens(
+            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+        k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
         kv_mask = k_in_image[:, None] & d_valid[None, :]
-        k = tl.load(qkv_base + embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
-        v = tl.load(qkv_base + 2 * embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
         scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                       UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
-        scores += _bias_and_mask(table_head_ptr, q_offset_key[:, None] - _offset_key(k_row, k_col, TABLE_COLS)[None, :],
-                                 q_region[:, None], k_region[None, :], SHIFTED)
+        scores += _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], q_region[:, None],
+                                 k_region[None, :], WIN_ROWS, WIN_COLS, SHIFTED)
         p = tl.exp2(scores - lse[:, None])
         grad_p = _dot(grad_out, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                       UPCAST_DOT_OPERANDS, INPUT_PRECISION)
@@ -220,88 +243,140 @@ def _lsa_bwd_dq_kernel(
     tl.store(grad_q_ptrs, (grad_q * scale).to(grad_qkv_ptr.dtype.element_ty), mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_SHAPE_ARGUMENTS)
 def _lsa_bwd_dkdv_kernel(
-    qkv_ptr, grad_out_ptr, lse_ptr, delta_ptr, table_ptr, grad_qkv_ptr, score_grad_partials_ptr,
+    qkv_ptr, grad_out_ptr, lse_ptr, delta_ptr, table_ptr, grad_qkv_ptr,
     stride_qkv_b, stride_qkv_t, stride_grad_out_b, stride_grad_out_t, stride_grad_qkv_b, stride_grad_qkv_t,
-    H, W, padded_H, padded_W, windows_per_row, num_windows, num_items, items_per_program,
-    embed_dim, num_heads, head_dim, scale_log2e, scale,
+    H, W, padded_H, padded_W, windows_per_row, scale_log2e, scale,
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
 ):
-    """dk, dv of BLOCK_N keys against all queries of the window, for a chunk of (batch, window) items.
-
-    Holding every query of the window in one tile makes dS^T of an item a whole (keys x window) block, so the
-    program sums it over its items in registers (one add per score) and writes that sum once: the position-bias
-    gradient needs dS summed over batch and windows only per (query, key) pair.
-    """
+    """dk, dv of one key block of a window, looping over the query blocks; tiles are (keys x queries)."""
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
-    TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
-    heads_per_branch = num_heads // 2
-    key_blocks: tl.constexpr = WINDOW_TOKENS // BLOCK_N
-    chunk = tl.program_id(0) // key_blocks
-    k_start = (tl.program_id(0) % key_blocks) * BLOCK_N
-    head = BRANCH * heads_per_branch + tl.program_id(1)
-    channel = BRANCH * (embed_dim // 2) + tl.program_id(1) * head_dim
+    NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
+    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_N)
+    k_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_N)) * BLOCK_N
+    batch = tl.program_id(1) // HEADS_PER_BRANCH
+    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
+    head = BRANCH * HEADS_PER_BRANCH + branch_head
+    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
 
     offs_n = k_start + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, WINDOW_TOKENS)
     offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < head_dim
-    # The bias tile depends on in-window positions only: loaded once for all items of the chunk.
-    relative_index = _offset_key(offs_m // WIN_COLS, offs_m % WIN_COLS, TABLE_COLS)[None, :] \
-        - _offset_key(offs_n // WIN_COLS, offs_n % WIN_COLS, TABLE_COLS)[:, None] \
-        + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
-    bias_t = tl.load(table_ptr + head * ((2 * WIN_ROWS - 1) * TABLE_COLS) + relative_index)
+    d_valid = offs_d < HEAD_DIM
+    k_region, k_token, k_in_image = _window_tokens(
+        window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+    kv_mask = k_in_image[:, None] & d_valid[None, :]
+    qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
+    k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
+    grad_out_base = grad_out_ptr + batch.to(tl.int64) * stride_grad_out_b + channel + offs_d[None, :]
+    row_stat_base = (batch * NUM_HEADS + head).to(tl.int64) * (H * W)
+    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * (2 * WIN_COLS - 1))
 
-    score_grad_sum = tl.zeros([BLOCK_N, WINDOW_TOKENS], tl.float32)
+    grad_k = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    grad_v = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for q_start in range(0, WINDOW_TOKENS, BLOCK_M):
+        offs_m = q_start + tl.arange(0, BLOCK_M)
+        q_region, q_token, q_in_image = _window_tokens(
+            window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+        q_mask = q_in_image[:, None] & d_valid[None, :]
+        q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+        grad_out = tl.load(grad_out_base + q_token[:, None] * stride_grad_out_t, mask=q_mask, other=0.0)
+        # Padded query rows get lse = +inf: their probabilities vanish instead of overflowing.
+        lse = tl.load(lse_ptr + row_stat_base + q_token, mask=q_in_image, other=float("inf"))
+        delta = tl.load(delta_ptr + row_stat_base + q_token, mask=q_in_image, other=0.0)
+        scores_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32),
+                        UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
+        scores_t += _bias_and_mask(table_head_ptr, offs_m[None, :], offs_n[:, None], q_region[None, :],
+                                   k_region[:, None], WIN_ROWS, WIN_COLS, SHIFTED)
+        p_t = tl.exp2(scores_t - lse[None, :])
+        grad_v = _dot(p_t.to(grad_out.dtype), grad_out, grad_v, UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        grad_p_t = _dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, BLOCK_M], tl.float32),
+                        UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+        grad_s_t = p_t * (grad_p_t - delta[None, :])
+        grad_k = _dot(grad_s_t.to(q.dtype), q, grad_k, UPCAST_DOT_OPERANDS, INPUT_PRECISION)
+
+    grad_k_ptrs = grad_qkv_ptr + batch.to(tl.int64) * stride_grad_qkv_b + EMBED_DIM + channel \
+        + k_token[:, None] * stride_grad_qkv_t + offs_d[None, :]
+    tl.store(grad_k_ptrs, (grad_k * scale).to(grad_qkv_ptr.dtype.element_ty), mask=kv_mask)
+    tl.store(grad_k_ptrs + EMBED_DIM, grad_v.to(grad_qkv_ptr.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit(do_not_specialize=_SHAPE_ARGUMENTS)
+def _lsa_bwd_score_grad_sum_kernel(
+    qkv_ptr, grad_out_ptr, lse_ptr, delta_ptr, table_ptr, score_grad_partials_ptr,
+    stride_qkv_b, stride_qkv_t, stride_grad_out_b, stride_grad_out_t,
+    H, W, padded_H, padded_W, windows_per_row, num_windows, num_items, items_per_program, scale_log2e,
+    BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+    EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+):
+    """dS of one (query block, key block) pair summed over a chunk of (batch, window) items.
+
+    The position-bias gradient only needs dS summed over batch and windows per in-window (query, key) pair. A
+    program that keeps its pair fixed across items sums in registers (one add per score) and writes once, and
+    its bias tile, which depends on in-window positions only, is loaded once.
+    """
+    WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
+    NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
+    TILES: tl.constexpr = (WINDOW_TOKENS // BLOCK_M) * (WINDOW_TOKENS // BLOCK_N)
+    chunk = tl.program_id(0) // TILES
+    q_start = (tl.program_id(0) % TILES) // (WINDOW_TOKENS // BLOCK_N) * BLOCK_M
+    k_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_N)) * BLOCK_N
+    head = BRANCH * HEADS_PER_BRANCH + tl.program_id(1)
+    channel = BRANCH * (EMBED_DIM // 2) + tl.program_id(1) * HEAD_DIM
+
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * (2 * WIN_COLS - 1))
+    bias = _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], 0, 0, WIN_ROWS, WIN_COLS, False)
+
+    score_grad_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     item = chunk * items_per_program
     chunk_end = tl.minimum(item + items_per_program, num_items)
     # A while loop: the interpreter cannot iterate range() over run-time bounds (numpy >= 2 scalars).
     while item < chunk_end:
         batch = item // num_windows
         window = item % num_windows
-        k_row, k_col, k_region, k_token, k_in_image = _window_tokens(
-            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
-        q_row, q_col, q_region, q_token, q_in_image = _window_tokens(
+        q_region, q_token, q_in_image = _window_tokens(
             window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+        k_region, k_token, k_in_image = _window_tokens(
+            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
         qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
-        kv_mask = k_in_image[:, None] & d_valid[None, :]
         q_mask = q_in_image[:, None] & d_valid[None, :]
-        k = tl.load(qkv_base + embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
-        v = tl.load(qkv_base + 2 * embed_dim + k_token[:, None] * stride_qkv_t, mask=kv_mask, other=0.0)
+        kv_mask = k_in_image[:, None] & d_valid[None, :]
         q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
         grad_out = tl.load(grad_out_ptr + batch.to(tl.int64) * stride_grad_out_b + q_token[:, None] * stride_grad_out_t
                            + channel + offs_d[None, :], mask=q_mask, other=0.0)
-        row_stat_offset = (batch * num_heads + head).to(tl.int64) * (H * W) + q_token
+        k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
+        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+        v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
+        row_stat_offset = (batch * NUM_HEADS + head).to(tl.int64) * (H * W) + q_token
         # Padded query rows get lse = +inf: their probabilities vanish instead of overflowing.
         lse = tl.load(lse_ptr + row_stat_offset, mask=q_in_image, other=float("inf"))
         delta = tl.load(delta_ptr + row_stat_offset, mask=q_in_image, other=0.0)
-
-        scores_t = _dot(k, tl.trans(q), tl.zeros([BLOCK_N, WINDOW_TOKENS], tl.float32),
-                        UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e + bias_t
+        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                      UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e + bias
         if SHIFTED:
-            scores_t = tl.where(q_region[None, :] != k_region[:, None], scores_t + _MASK_LOG2, scores_t)
-        p_t = tl.exp2(scores_t - lse[None, :])
-        grad_v = _dot(p_t.to(grad_out.dtype), grad_out, tl.zeros([BLOCK_N, BLOCK_D], tl.float32),
+            scores = tl.where(q_region[:, None] != k_region[None, :], scores + _MASK_LOG2, scores)
+        p = tl.exp2(scores - lse[:, None])
+        grad_p = _dot(grad_out, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                       UPCAST_DOT_OPERANDS, INPUT_PRECISION)
-        grad_p_t = _dot(v, tl.trans(grad_out), tl.zeros([BLOCK_N, WINDOW_TOKENS], tl.float32),
-                        UPCAST_DOT_OPERANDS, INPUT_PRECISION)
-        grad_s_t = p_t * (grad_p_t - delta[None, :])
-        grad_k = _dot(grad_s_t.to(q.dtype), q, tl.zeros([BLOCK_N, BLOCK_D], tl.float32),
-                      UPCAST_DOT_OPERANDS, INPUT_PRECISION)
-        score_grad_sum += grad_s_t
-        grad_qkv_base = grad_qkv_ptr + batch.to(tl.int64) * stride_grad_qkv_b + channel + offs_d[None, :]
-        tl.store(grad_qkv_base + embed_dim + k_token[:, None] * stride_grad_qkv_t,
-                 (grad_k * scale).to(grad_qkv_ptr.dtype.element_ty), mask=kv_mask)
-        tl.store(grad_qkv_base + 2 * embed_dim + k_token[:, None] * stride_grad_qkv_t,
-                 grad_v.to(grad_qkv_ptr.dtype.element_ty), mask=kv_mask)
+        score_grad_sum += p * (grad_p - delta[:, None])
         item += 1
 
     partial_ptrs = score_grad_partials_ptr \
-        + ((tl.program_id(1) * (tl.num_programs(0) // key_blocks) + chunk).to(tl.int64) * WINDOW_TOKENS
-           + offs_n[:, None]) * WINDOW_TOKENS + offs_m[None, :]
+        + ((tl.program_id(1) * (tl.num_programs(0) // TILES) + chunk).to(tl.int64) * WINDOW_TOKENS
+           + offs_m[:, None]) * WINDOW_TOKENS + offs_n[None, :]
     tl.store(partial_ptrs, score_grad_sum)
 
 
@@ -309,16 +384,20 @@ def _lsa_bwd_dkdv_kernel(
 # Launch configuration
 # ----------------------------------------------------------------------------------------------------------------
 
-_FWD_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-_DQ_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
-# The dk/dv tile is BLOCK_N keys x all window queries: 32 x 256 at 8 warps keeps its four fp32 tiles
-# (scores, dP, bias, dS sum) at 32 registers each.
-_DKDV_CONFIG = {"BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
-# dk/dv programs each take a chunk of (batch, window) items: fewer programs mean fewer dS partials to write and
-# reduce, so the grid keeps only this many programs per multiprocessor. The interpreter runs programs one after
-# another with a fixed cost each, so there a handful of long programs is fastest.
-_DKDV_PROGRAMS_PER_SM = 4
-_DKDV_INTERPRETER_PROGRAMS = 4
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and dot class: the largest tiles that compile without
+# register spills on sm_80 and sm_90a at RGT's head dim (30, padded to 32). Fp32 operands take twice the registers
+# of 16-bit ones, and ieee fp32 dots run on the FMA units with whole operand fragments in registers.
+_CONFIGS = {
+    "fwd": {"16-bit": (128, 32, 8, 2), "tf32": (64, 16, 4, 2), "ieee": (32, 32, 4, 2)},
+    "dq": {"16-bit": (64, 32, 4, 2), "tf32": (64, 32, 4, 2), "ieee": (32, 32, 4, 2)},
+    "dkdv": {"16-bit": (16, 64, 4, 2), "tf32": (16, 64, 4, 2), "ieee": (16, 32, 4, 2)},
+    "score_grad_sum": {"16-bit": (64, 64, 4, 2), "tf32": (64, 32, 4, 2), "ieee": (64, 32, 4, 2)},
+}
+# Programs of the dS-sum kernel each take a chunk of (batch, window) items: fewer programs mean fewer partial sums
+# to write and reduce, so the grid keeps only this many programs per multiprocessor. The interpreter runs
+# programs one after another at a fixed cost each, so there a handful of long programs is fastest.
+_SCORE_GRAD_SUM_PROGRAMS_PER_SM = 4
+_SCORE_GRAD_SUM_INTERPRETER_PROGRAMS = 4
 
 
 def _branch_window(split_size, branch: int) -> tuple[int, int]:
@@ -336,8 +415,15 @@ def _input_precision(dtype: torch.dtype) -> str:
     return "ieee"
 
 
-def _block(config_block: int, split_size) -> int:
-    return min(config_block, split_size[0] * split_size[1])
+def _dot_class(dtype: torch.dtype, input_precision: str) -> str:
+    return input_precision if dtype == torch.float32 else "16-bit"
+
+
+def _launch_config(kernel: str, dot_class: str, split_size) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages); a tile never spans more than one window."""
+    block_m, block_n, num_warps, num_stages = _CONFIGS[kernel][dot_class]
+    window_tokens = split_size[0] * split_size[1]
+    return min(block_m, window_tokens), min(block_n, window_tokens), num_warps, num_stages
 
 
 def _log2_tables(bias_table_0: torch.Tensor, bias_table_1: torch.Tensor) -> torch.Tensor:
@@ -351,42 +437,41 @@ def _empty(*shape, dtype, device) -> torch.Tensor:
     return torch.empty(*shape, dtype=dtype, device=device)
 
 
-def _dkdv_chunks(num_items: int, programs_per_chunk: int, device: torch.device) -> int:
+def _score_grad_sum_chunks(num_items: int, programs_per_chunk: int, device: torch.device) -> int:
     if device.type == "cuda":
-        wanted_programs = _DKDV_PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+        multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
+        wanted_programs = _SCORE_GRAD_SUM_PROGRAMS_PER_SM * multiprocessors
     else:
-        wanted_programs = _DKDV_INTERPRETER_PROGRAMS
+        wanted_programs = _SCORE_GRAD_SUM_INTERPRETER_PROGRAMS
     return max(1, min(num_items, wanted_programs // programs_per_chunk))
 
 
 @functools.lru_cache(maxsize=None)
 def _pairs_by_offset(win_rows: int, win_cols: int, device: torch.device) -> torch.Tensor:
-    """(table entries, most pairs) flat (key * N + query) positions of the pairs sharing each relative offset.
+    """(table entries, most pairs) flat (query * N + key) positions of the pairs sharing each relative offset.
 
-    Short rows are padded with position N*N, which the caller points at a zero.
+    Shorter rows are padded with position N*N, which _table_grad points at a zero.
     """
     window_tokens = win_rows * win_cols
-    relative = _relative_position_index(win_rows, win_cols, torch.device("cpu"))  # [query, key]
-    flat_key_major = relative.t().flatten()
-    order = torch.argsort(flat_key_major, stable=True)
-    counts = torch.bincount(flat_key_major, minlength=(2 * win_rows - 1) * (2 * win_cols - 1))
+    offset_of_pair = _relative_position_index(win_rows, win_cols, torch.device("cpu")).flatten()
+    order = torch.argsort(offset_of_pair, stable=True)
+    counts = torch.bincount(offset_of_pair, minlength=(2 * win_rows - 1) * (2 * win_cols - 1))
+    first_of_offset = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(order.numel()) - first_of_offset[offset_of_pair[order]]
     pairs = torch.full((counts.numel(), int(counts.max())), window_tokens * window_tokens, dtype=torch.long)
-    starts = torch.cumsum(counts, 0) - counts
-    slot = torch.arange(order.numel()) - starts[flat_key_major[order]]
-    pairs[flat_key_major[order], slot] = order
+    pairs[offset_of_pair[order], slot] = order
     return pairs.to(device)
 
 
 def _table_grad(score_grad_partials: torch.Tensor, win_rows: int, win_cols: int) -> torch.Tensor:
-    """Position-bias table gradient (entries, heads/2) from per-chunk (heads/2, chunks, key, query) dS sums.
+    """Position-bias table gradient (entries, heads/2) from per-chunk (heads/2, chunks, query, key) dS sums.
 
     Every reduction here has a fixed order (a sum over chunks, then a gather and a sum over each offset's
     padded pair list), so the gradient is bitwise reproducible run to run.
     """
     score_grad = score_grad_partials.sum(dim=1).flatten(1)
     score_grad = torch.cat([score_grad, score_grad.new_zeros(score_grad.shape[0], 1)], dim=1)
-    pairs = _pairs_by_offset(win_rows, win_cols, score_grad.device)
-    return score_grad[:, pairs].sum(dim=-1).t()
+    return score_grad[:, _pairs_by_offset(win_rows, win_cols, score_grad.device)].sum(dim=-1).t()
 
 
 def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
@@ -395,23 +480,25 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
     head_dim = embed_dim // num_heads
     heads_per_branch = num_heads // 2
     padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
+    window_tokens = split_size[0] * split_size[1]
+    input_precision = _input_precision(qkv.dtype)
+    block_m, block_n, num_warps, num_stages = _launch_config(
+        "fwd", _dot_class(qkv.dtype, input_precision), split_size)
     out = _empty(batch, tokens, embed_dim, dtype=qkv.dtype, device=qkv.device)
     lse = _empty(batch, num_heads, tokens, dtype=torch.float32, device=qkv.device)
     tables = _log2_tables(bias_table_0, bias_table_1)
-    block_m, block_n = _block(_FWD_CONFIG["BLOCK_M"], split_size), _block(_FWD_CONFIG["BLOCK_N"], split_size)
-    window_tokens = split_size[0] * split_size[1]
     for branch in (0, 1):
         win_rows, win_cols = _branch_window(split_size, branch)
         num_windows = (padded_H // win_rows) * (padded_W // win_cols)
-        grid = (num_windows * (window_tokens // block_m), batch * heads_per_branch)
-        _lsa_fwd_kernel[grid](
+        _lsa_fwd_kernel[(num_windows * (window_tokens // block_m), batch * heads_per_branch)](
             qkv, out, lse, tables,
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1),
-            H, W, padded_H, padded_W, padded_W // win_cols, embed_dim, num_heads, head_dim, scale * LOG2E,
+            H, W, padded_H, padded_W, padded_W // win_cols, scale * LOG2E,
             BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
+            EMBED_DIM=embed_dim, HEAD_DIM=head_dim,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_power_of_2_at_least_16(head_dim),
-            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=_input_precision(qkv.dtype),
-            num_warps=_FWD_CONFIG["num_warps"], num_stages=_FWD_CONFIG["num_stages"],
+            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
+            num_warps=num_warps, num_stages=num_stages,
         )
     return out, lse
 
@@ -428,53 +515,60 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
     window_tokens = split_size[0] * split_size[1]
     block_d = next_power_of_2_at_least_16(head_dim)
     input_precision = _input_precision(qkv.dtype)
+    dot_class = _dot_class(qkv.dtype, input_precision)
     tables = _log2_tables(bias_table_0, bias_table_1)
     grad_qkv = _empty(batch, tokens, 3 * embed_dim, dtype=qkv.dtype, device=qkv.device)
     delta = _empty(batch, num_heads, tokens, dtype=torch.float32, device=qkv.device)
+    shared = dict(SHIFTED=shifted, EMBED_DIM=embed_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
+                  UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision)
+    windows = [_branch_window(split_size, branch) for branch in (0, 1)]
+    num_windows = [(padded_H // win_rows) * (padded_W // win_cols) for win_rows, win_cols in windows]
 
-    block_m, block_n = _block(_DQ_CONFIG["BLOCK_M"], split_size), _block(_DQ_CONFIG["BLOCK_N"], split_size)
-    for branch in (0, 1):
-        win_rows, win_cols = _branch_window(split_size, branch)
-        num_windows = (padded_H // win_rows) * (padded_W // win_cols)
-        grid = (num_windows * (window_tokens // block_m), batch * heads_per_branch)
-        _lsa_bwd_dq_kernel[grid](
+    # dq first: it also writes delta = rowsum(dO * O), which the other two kernels read.
+    block_m, block_n, num_warps, num_stages = _launch_config("dq", dot_class, split_size)
+    for branch, (win_rows, win_cols) in enumerate(windows):
+        _lsa_bwd_dq_kernel[(num_windows[branch] * (window_tokens // block_m), batch * heads_per_branch)](
             qkv, out, grad_out, lse, delta, tables, grad_qkv,
             qkv.stride(0), qkv.stride(1), out.stride(0), out.stride(1), grad_out.stride(0), grad_out.stride(1),
             grad_qkv.stride(0), grad_qkv.stride(1),
-            H, W, padded_H, padded_W, padded_W // win_cols, embed_dim, num_heads, head_dim, scale * LOG2E, scale,
-            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
-            num_warps=_DQ_CONFIG["num_warps"], num_stages=_DQ_CONFIG["num_stages"],
+            H, W, padded_H, padded_W, padded_W // win_cols, scale * LOG2E, scale,
+            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, BLOCK_M=block_m, BLOCK_N=block_n, **shared,
+            num_warps=num_warps, num_stages=num_stages,
         )
 
-    # Table gradient: the sum of dS over (batch, window, query, key) per relative offset. Each dk/dv program sums
-    # dS over its chunk of (batch, window) items in registers and writes that (keys x queries) block once; the
-    # chunks and then the pairs of each offset are added up in _table_grad in a fixed order. Fp32 atomics into the
-    # 945-entry table from thousands of programs would change the order of the additions, and so the rounding,
-    # from run to run; this way the gradient is bitwise reproducible.
-    block_n = _block(_DKDV_CONFIG["BLOCK_N"], split_size)
-    key_blocks = window_tokens // block_n
+    block_m, block_n, num_warps, num_stages = _launch_config("dkdv", dot_class, split_size)
+    for branch, (win_rows, win_cols) in enumerate(windows):
+        _lsa_bwd_dkdv_kernel[(num_windows[branch] * (window_tokens // block_n), batch * heads_per_branch)](
+            qkv, grad_out, lse, delta, tables, grad_qkv,
+            qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
+            grad_qkv.stride(0), grad_qkv.stride(1),
+            H, W, padded_H, padded_W, padded_W // win_cols, scale * LOG2E, scale,
+            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, BLOCK_M=block_m, BLOCK_N=block_n, **shared,
+            num_warps=num_warps, num_stages=num_stages,
+        )
+
+    # Table gradient: dS summed over (batch, window, query, key) per relative offset. A dS-sum program keeps one
+    # (query block, key block) pair, sums its dS over a chunk of (batch, window) items in registers and writes
+    # that tile once; _table_grad adds the chunks and then the pairs of each offset in a fixed order. Fp32 atomics
+    # into the 945-entry table from thousands of programs would change the order of the additions, and so the
+    # rounding, from run to run; this way the gradient is bitwise reproducible.
+    block_m, block_n, num_warps, num_stages = _launch_config("score_grad_sum", dot_class, split_size)
+    tiles = (window_tokens // block_m) * (window_tokens // block_n)
     table_grads = []
-    for branch in (0, 1):
-        win_rows, win_cols = _branch_window(split_size, branch)
-        num_windows = (padded_H // win_rows) * (padded_W // win_cols)
-        num_items = batch * num_windows
-        chunks = _dkdv_chunks(num_items, key_blocks * heads_per_branch, qkv.device)
+    for branch, (win_rows, win_cols) in enumerate(windows):
+        num_items = batch * num_windows[branch]
+        chunks = _score_grad_sum_chunks(num_items, tiles * heads_per_branch, qkv.device)
         items_per_program = triton.cdiv(num_items, chunks)
         chunks = triton.cdiv(num_items, items_per_program)
         score_grad_partials = _empty(heads_per_branch, chunks, window_tokens, window_tokens,
                                      dtype=torch.float32, device=qkv.device)
-        _lsa_bwd_dkdv_kernel[(chunks * key_blocks, heads_per_branch)](
-            qkv, grad_out, lse, delta, tables, grad_qkv, score_grad_partials,
+        _lsa_bwd_score_grad_sum_kernel[(chunks * tiles, heads_per_branch)](
+            qkv, grad_out, lse, delta, tables, score_grad_partials,
             qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),
-            grad_qkv.stride(0), grad_qkv.stride(1),
-            H, W, padded_H, padded_W, padded_W // win_cols, num_windows, num_items, items_per_program,
-            embed_dim, num_heads, head_dim, scale * LOG2E, scale,
-            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
-            BLOCK_N=block_n, BLOCK_D=block_d,
-            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
-            num_warps=_DKDV_CONFIG["num_warps"], num_stages=_DKDV_CONFIG["num_stages"],
+            H, W, padded_H, padded_W, padded_W // win_cols, num_windows[branch], num_items, items_per_program,
+            scale * LOG2E,
+            BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, BLOCK_M=block_m, BLOCK_N=block_n, **shared,
+            num_warps=num_warps, num_stages=num_stages,
         )
         table_grads.append(_table_grad(score_grad_partials, win_rows, win_cols))
     return grad_qkv, table_grads[0].to(bias_table_0.dtype), table_grads[1].to(bias_table_1.dtype)
@@ -688,24 +782,28 @@ _FP32_POINTERS = {"lse_ptr", "delta_ptr", "table_ptr", "score_grad_partials_ptr"
 _FLOAT_SCALARS = {"scale", "scale_log2e"}
 
 
-def aot_variants(split_size=(8, 32), head_dim: int = 30) -> list[KernelVariant]:
-    """Every kernel x branch x shift x dtype (fp32 as tf32 and as ieee) at the configs the wrappers launch."""
+def aot_variants(split_size=(8, 32), embed_dim: int = 180, num_heads: int = 6) -> list[KernelVariant]:
+    """Every kernel x branch x shift x dtype (fp32 as tf32 and as ieee) at the config the wrappers launch it with."""
     variants = []
     dtype_cases = [(torch.float32, "tf32"), (torch.float32, "ieee"), (torch.bfloat16, "ieee"),
                    (torch.float16, "ieee")]
-    kernels = (("lsa_fwd", _lsa_fwd_kernel, _FWD_CONFIG), ("lsa_bwd_dq", _lsa_bwd_dq_kernel, _DQ_CONFIG),
-               ("lsa_bwd_dkdv", _lsa_bwd_dkdv_kernel, _DKDV_CONFIG))
+    kernels = (("fwd", _lsa_fwd_kernel), ("dq", _lsa_bwd_dq_kernel), ("dkdv", _lsa_bwd_dkdv_kernel),
+               ("score_grad_sum", _lsa_bwd_score_grad_sum_kernel))
+    head_dim = embed_dim // num_heads
     block_d = next_power_of_2_at_least_16(head_dim)
-    for name, fn, config in kernels:
-        blocks = {key: _block(value, split_size) for key, value in config.items() if key.startswith("BLOCK_")}
+    for name, fn in kernels:
         for dtype, precision in dtype_cases:
             dtype_name = TRITON_DTYPE_NAMES[dtype]
+            block_m, block_n, num_warps, num_stages = _launch_config(
+                name, _dot_class(dtype, precision), split_size)
             for branch in (0, 1):
                 win_rows, win_cols = _branch_window(split_size, branch)
                 for shifted in (False, True):
                     constexprs = {
                         "BRANCH": branch, "WIN_ROWS": win_rows, "WIN_COLS": win_cols, "SHIFTED": shifted,
-                        **blocks, "BLOCK_D": block_d, "UPCAST_DOT_OPERANDS": False, "INPUT_PRECISION": precision,
+                        "EMBED_DIM": embed_dim, "HEAD_DIM": head_dim,
+                        "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
+                        "UPCAST_DOT_OPERANDS": False, "INPUT_PRECISION": precision,
                     }
                     signature = {}
                     for arg in fn.arg_names:
@@ -715,14 +813,13 @@ def aot_variants(split_size=(8, 32), head_dim: int = 30) -> list[KernelVariant]:
                             signature[arg] = "*fp32" if arg in _FP32_POINTERS else f"*{dtype_name}"
                         else:
                             signature[arg] = "fp32" if arg in _FLOAT_SCALARS else "i32"
-                    block_label = " ".join(f"{key}={value}" for key, value in blocks.items())
                     label = (f"{dtype_name}{'/' + precision if dtype == torch.float32 else ''} branch={branch} "
-                             f"shifted={shifted} {block_label} D={block_d} "
-                             f"warps={config['num_warps']} stages={config['num_stages']}")
+                             f"shifted={shifted} BLOCK_M={block_m} BLOCK_N={block_n} D={block_d} "
+                             f"warps={num_warps} stages={num_stages}")
                     variants.append(KernelVariant(
-                        kernel=name, fn=fn, signature=signature, constexprs=constexprs,
-                        num_warps=config["num_warps"], num_stages=config["num_stages"], config=label,
+                        kernel=f"lsa_{name}", fn=fn, signature=signature, constexprs=constexprs,
+                        num_warps=num_warps, num_stages=num_stages, config=label,
                         # fp32 dots in ieee precision run on the FMA units by design: no tensor-core instructions.
-                        uses_dot=precision != "ieee" or dtype != torch.float32,
+                        uses_dot=_dot_class(dtype, precision) != "ieee",
                     ))
     return variants

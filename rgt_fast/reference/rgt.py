@@ -246,7 +246,7 @@ class LSA(nn.Module):
             if Hp == self.patches_resolution and Wp == self.patches_resolution:
                 masks = (self.attn_mask_0, self.attn_mask_1)
             else:
-                masks = tuple(m.to(qkv.device) for m in self.calculate_mask(Hp, Wp))
+                masks = tuple(m.to(device=qkv.device, dtype=qkv.dtype) for m in self.calculate_mask(Hp, Wp))
             shifts = ((s0, s1), (s1, s0))
         else:
             masks = (None, None)

@@ -1,0 +1,304 @@
+"""Fused L-SA attention core (rgt_fast.kernels.lsa_attention) against the reference L-SA module in float64.
+
+The Triton kernels run in Triton's interpreter on CPU tensors, which pays a fixed cost per tile operation: at the
+shipped tile sizes a 32x32 map with one head per branch takes about ten seconds forward and backward. So the
+shape and path coverage runs with whole-window tiles (one tile per window, same kernels), and the shipped tile
+configs of each dot class (16-bit, tf32, ieee fp32) run on small padded maps, where windows span several tiles.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import copy  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from rgt_fast.kernels import lsa_attention as lsa  # noqa: E402
+from rgt_fast.kernels._common import INTERPRET  # noqa: E402
+from rgt_fast.reference.rgt import LSA  # noqa: E402
+
+SPLIT = [8, 32]
+TABLE_ROWS = 15 * 63
+
+pytestmark = pytest.mark.skipif(not INTERPRET, reason="the kernels run on CPU only under TRITON_INTERPRET=1")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the op allocates for a kernel to fill starts as NaN, so an unwritten element shows up."""
+    def poisoned(*shape, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+    monkeypatch.setattr(lsa, "_empty", poisoned)
+
+
+@pytest.fixture
+def whole_window_tiles(monkeypatch):
+    window_tile = (SPLIT[0] * SPLIT[1], SPLIT[0] * SPLIT[1], 4, 2)
+    monkeypatch.setattr(lsa, "_CONFIGS", {kernel: {dot_class: window_tile for dot_class in classes}
+                                          for kernel, classes in lsa._CONFIGS.items()})
+
+
+@pytest.fixture
+def allow_tf32(request):
+    """fp32 runs the tf32-class tile configs when set (the interpreter computes every dot in full fp32)."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = request.param
+    yield request.param
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make_module(dim: int, heads: int, shifted: bool, reso: int) -> LSA:
+    # Block 2 of group 0 is a shifted block and block 0 is not (the official rule).
+    module = LSA(dim, heads, split_size=SPLIT, shift_size=[4, 16], qkv_bias=True, qk_scale=None,
+                 idx=2 if shifted else 0, reso=reso, rs_id=0).double()
+    assert module.shifted == shifted
+    return module
+
+
+def position_bias_parameters(module: LSA) -> list:
+    return [p for attn in module.attns for p in attn.pos.parameters()]
+
+
+def run_reference(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Tensor) -> dict:
+    """Output and gradients of the reference; its tables become leaves so their own gradients can be compared."""
+    tables = [attn.position_bias_table() for attn in module.attns]
+    leaves = [table.detach().requires_grad_() for table in tables]
+    qkv = qkv.detach().requires_grad_()
+    for attn, leaf in zip(module.attns, leaves):
+        attn.position_bias_table = lambda leaf=leaf: leaf
+    try:
+        out = module.attend(qkv, H, W)
+    finally:
+        for attn in module.attns:
+            del attn.position_bias_table
+    grad_qkv, *grad_tables = torch.autograd.grad(out, [qkv, *leaves], grad_out)
+    grad_parameters = torch.autograd.grad(tables, position_bias_parameters(module), grad_tables)
+    return dict(out=out.detach(), qkv=grad_qkv, tables=grad_tables, parameters=grad_parameters)
+
+
+def run_fused(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Tensor) -> dict:
+    """Output and gradients through lsa_attention, the tables straight from the position-bias MLPs."""
+    tables = [attn.position_bias_table() for attn in module.attns]
+    qkv = qkv.detach().requires_grad_()
+    out = lsa.lsa_attention(qkv, H, W, module.num_heads, SPLIT, module.shifted, *tables, module.attns[0].scale)
+    grad_qkv, *grads = torch.autograd.grad(out, [qkv, *tables, *position_bias_parameters(module)],
+                                           grad_out.to(out.dtype))
+    return dict(out=out.detach(), qkv=grad_qkv, tables=grads[:2], parameters=grads[2:])
+
+
+def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected.double()).abs().max().item()
+
+
+def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str, scale=None):
+    assert not torch.isnan(actual).any(), f"{what}: NaN (an element the kernels did not write?)"
+    scale = max(expected.abs().max().item() if scale is None else scale, 1e-12)
+    error = max_error(actual, expected)
+    assert error <= tolerance * scale, f"{what}: max error {error:.3e} > {tolerance:g} x {scale:.3e}"
+
+
+def parameter_gradient_scale(reference: dict) -> float:
+    """Size of the MLP-parameter gradients' rounding: they are sums of table gradients, some cancelling to ~0
+    (the last bias gets sum(dS) = 0), so their error scales with the tables' L1 norm, not with their own size."""
+    return sum(grad.abs().sum().item() for grad in reference["tables"])
+
+
+def assert_matches_reference(result: dict, reference: dict, tolerance: float):
+    assert result["out"].shape == reference["out"].shape
+    assert_close_to(result["out"], reference["out"], tolerance, "output")
+    assert_close_to(result["qkv"], reference["qkv"], tolerance, "dqkv")
+    for branch in (0, 1):
+        assert_close_to(result["tables"][branch], reference["tables"][branch], tolerance, f"table {branch} grad")
+    for index, (grad, ref_grad) in enumerate(zip(result["parameters"], reference["parameters"])):
+        assert_close_to(grad, ref_grad, tolerance, f"MLP parameter {index} grad", parameter_gradient_scale(reference))
+
+
+# (H, W, batch, dim, heads, shifted, reso): all but one map are padded and not multiples of the windows.
+FP32_CASES = {
+    "30x66-unshifted": (30, 66, 1, 64, 2, False, 64),
+    "24x40-shifted-batch2-rebuilt-mask": (24, 40, 2, 64, 2, True, 64),
+    "64x64-shifted-cached-mask": (64, 64, 1, 64, 2, True, 64),
+    "24x30-shifted-head-dim-30": (24, 30, 1, 180, 6, True, 64),
+    "24x30-unshifted-embed-60": (24, 30, 1, 60, 6, False, 64),
+}
+
+
+@pytest.mark.parametrize("allow_tf32", [True], indirect=True)
+@pytest.mark.parametrize("case", FP32_CASES.values(), ids=FP32_CASES.keys())
+def test_fp32_matches_reference(case, allow_tf32, whole_window_tiles, monkeypatch):
+    H, W, batch, dim, heads, shifted, reso = case
+    if batch > 1:
+        # Three dS-sum chunks per head, the last one short: the chunked reduction of the table gradient.
+        monkeypatch.setattr(lsa, "_SCORE_GRAD_SUM_INTERPRETER_PROGRAMS", 3)
+    module = make_module(dim, heads, shifted, reso)
+    qkv = torch.randn(batch, H * W, 3 * dim, dtype=torch.float64)
+    grad_out = torch.randn(batch, H * W, dim, dtype=torch.float64)
+    result = run_fused(module, qkv.float(), H, W, grad_out)
+    assert result["out"].dtype == torch.float32
+    assert_matches_reference(result, run_reference(module, qkv, H, W, grad_out), 1e-5)
+
+
+@pytest.mark.parametrize("allow_tf32", [True, False], indirect=True, ids=["tf32-tiles", "ieee-tiles"])
+def test_fp32_shipped_tiles_match_reference(allow_tf32):
+    H, W = 24, 30
+    module = make_module(64, 2, True, 64)
+    qkv = torch.randn(1, H * W, 3 * 64, dtype=torch.float64)
+    grad_out = torch.randn(1, H * W, 64, dtype=torch.float64)
+    result = run_fused(module, qkv.float(), H, W, grad_out)
+    assert_matches_reference(result, run_reference(module, qkv, H, W, grad_out), 1e-5)
+
+
+# Shipped 16-bit tiles, both shift modes. reso is the padded size: the reference's rebuilt masks stay float32
+# and cannot be added to bf16 scores, its cached mask buffers follow the module's dtype.
+LOW_PRECISION_CASES = {
+    "bf16-24x30-shifted": (torch.bfloat16, 24, 30, True, 32),
+    "fp16-24x30-unshifted": (torch.float16, 24, 30, False, 64),
+}
+
+
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES.values(), ids=LOW_PRECISION_CASES.keys())
+def test_low_precision_within_twice_the_pytorch_error(case):
+    """FlashAttention's rule: error vs float64 <= 2 x the error of the reference run in that dtype + a small term."""
+    dtype, H, W, shifted, reso = case
+    module = make_module(64, 2, shifted, reso)
+    qkv = torch.randn(1, H * W, 3 * 64, dtype=torch.float64)
+    grad_out = torch.randn(1, H * W, 64, dtype=torch.float64)
+    reference = run_reference(module, qkv, H, W, grad_out)
+    low = run_reference(copy.deepcopy(module).to(dtype), qkv.to(dtype), H, W, grad_out.to(dtype))
+    # The kernel path gets float32 tables, as from a float32 position-bias MLP next to low-precision activations.
+    result = run_fused(copy.deepcopy(module).float(), qkv.to(dtype), H, W, grad_out)
+    assert result["out"].dtype == dtype
+    checks = [("output", "out", None), ("dqkv", "qkv", None)]
+    checks += [(f"table {b} grad", "tables", b) for b in (0, 1)]
+    checks += [(f"MLP parameter {i} grad", "parameters", i) for i in range(len(reference["parameters"]))]
+    for name, key, index in checks:
+        actual, low_value, expected = (r[key] if index is None else r[key][index] for r in (result, low, reference))
+        assert not torch.isnan(actual).any(), name
+        scale = parameter_gradient_scale(reference) if key == "parameters" else expected.abs().max().item()
+        bound = 2 * max_error(low_value, expected) + 1e-3 * scale
+        assert max_error(actual, expected) <= bound, f"{name}: {max_error(actual, expected):.3e} > {bound:.3e}"
+
+
+@pytest.mark.parametrize("allow_tf32", [True], indirect=True)
+def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_tiles):
+    H, W, batch, dim = 24, 30, 2, 64
+    module = make_module(dim, 2, True, 64)
+    # Every other batch row of a wider buffer, starting 5 channels in: no stride is the contiguous one.
+    storage = torch.randn(2 * batch, H * W, 3 * dim + 12)
+    strided = storage[::2, :, 5:5 + 3 * dim]
+    assert not strided.is_contiguous() and strided.stride(-1) == 1
+    grad_out = torch.randn(batch, H * W, dim)
+    result = run_fused(module, strided, H, W, grad_out)
+    contiguous = run_fused(module, strided.contiguous(), H, W, grad_out)
+    assert torch.equal(result["out"], contiguous["out"])
+    assert torch.equal(result["qkv"], contiguous["qkv"])
+    for grad, contiguous_grad in zip(result["tables"], contiguous["tables"]):
+        assert torch.equal(grad, contiguous_grad)
+
+
+@pytest.mark.parametrize("allow_tf32", [True], indirect=True)
+def test_table_gradient_is_bitwise_reproducible(allow_tf32, whole_window_tiles, monkeypatch):
+    monkeypatch.setattr(lsa, "_SCORE_GRAD_SUM_INTERPRETER_PROGRAMS", 3)
+    H, W = 20, 36
+    qkv = torch.randn(2, H * W, 3 * 64, requires_grad=True)
+    tables = [torch.randn(TABLE_ROWS, 1, requires_grad=True) for _ in range(2)]
+    out = lsa.lsa_attention(qkv, H, W, 2, SPLIT, True, *tables, 0.125)
+    grad_out = torch.randn_like(out)
+    first = torch.autograd.grad(out, [qkv, *tables], grad_out, retain_graph=True)
+    second = torch.autograd.grad(out, [qkv, *tables], grad_out)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("allow_tf32", [True], indirect=True)
+def test_torch_compile_fullgraph_has_no_graph_break(allow_tf32, whole_window_tiles):
+    H, W, dim = 24, 30, 64
+    qkv = torch.randn(1, H * W, 3 * dim, requires_grad=True)
+    tables = [torch.randn(TABLE_ROWS, 1, requires_grad=True) for _ in range(2)]
+
+    def loss(qkv, table_0, table_1):
+        return (lsa.lsa_attention(qkv, H, W, 2, SPLIT, True, table_0, table_1, 0.125) ** 2).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    compiled_value = compiled(qkv, *tables)
+    compiled_grads = torch.autograd.grad(compiled_value, [qkv, *tables])
+    eager_value = loss(qkv, *tables)
+    eager_grads = torch.autograd.grad(eager_value, [qkv, *tables])
+    torch.testing.assert_close(compiled_value, eager_value)
+    for compiled_grad, eager_grad in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+# (H, W, batch, dim, heads, shifted, reso) for the PyTorch path, which is cheap on CPU: the spec's sizes.
+TORCH_PATH_CASES = {
+    "62x66-unshifted": (62, 66, 2, 64, 2, False, 64),
+    "62x66-shifted": (62, 66, 1, 64, 4, True, 64),
+    "36x70-shifted": (36, 70, 2, 180, 6, True, 64),
+    "24x30-shifted": (24, 30, 1, 60, 6, True, 64),
+    "64x64-shifted-cached-mask": (64, 64, 2, 180, 6, True, 64),
+    "64x64-unshifted": (64, 64, 1, 180, 6, False, 64),
+    "40x100-shifted": (40, 100, 1, 64, 2, True, 128),
+}
+
+
+@pytest.mark.parametrize("case", TORCH_PATH_CASES.values(), ids=TORCH_PATH_CASES.keys())
+def test_float64_takes_the_pytorch_path_and_matches_reference(case):
+    H, W, batch, dim, heads, shifted, reso = case
+    module = make_module(dim, heads, shifted, reso)
+    qkv = torch.randn(batch, H * W, 3 * dim, dtype=torch.float64)
+    grad_out = torch.randn(batch, H * W, dim, dtype=torch.float64)
+    assert_matches_reference(run_fused(module, qkv, H, W, grad_out), run_reference(module, qkv, H, W, grad_out),
+                             1e-11)
+
+
+def test_pytorch_path_in_float32_matches_reference():
+    H, W = 36, 70
+    module = make_module(64, 2, True, 64)
+    qkv = torch.randn(2, H * W, 3 * 64, dtype=torch.float64)
+    ref_out = module.attend(qkv, H, W)
+    tables = [attn.position_bias_table().float() for attn in module.attns]
+    out = lsa.lsa_attention_torch(qkv.float(), H, W, 2, SPLIT, True, *tables, module.attns[0].scale)
+    assert_close_to(out, ref_out, 1e-5, "output")
+
+
+def _valid_arguments():
+    return dict(qkv=torch.randn(1, 20 * 24, 3 * 64), H=20, W=24, num_heads=2, split_size=[8, 32], shifted=True,
+                bias_table_0=torch.randn(TABLE_ROWS, 1), bias_table_1=torch.randn(TABLE_ROWS, 1), scale=0.125)
+
+
+BAD_INPUTS = {
+    "tokens-not-H*W": ({"H": 21}, ValueError, "H\\*W"),
+    "qkv-not-3d": ({"qkv": torch.randn(20 * 24, 3 * 64)}, ValueError, "shape"),
+    "channels-not-3C": ({"qkv": torch.randn(1, 20 * 24, 190)}, ValueError, "3\\*C"),
+    "C-not-divisible-by-heads": ({"num_heads": 6}, ValueError, "divisible"),
+    "odd-heads": ({"num_heads": 1}, ValueError, "even"),
+    "integer-qkv": ({"qkv": torch.ones(1, 20 * 24, 3 * 64, dtype=torch.int32)}, TypeError, "floating"),
+    "split-size-one-entry": ({"split_size": [8]}, ValueError, "split_size"),
+    "table-wrong-shape": ({"bias_table_1": torch.randn(TABLE_ROWS, 2)}, ValueError, "bias_table_1"),
+    "table-not-float": ({"bias_table_0": torch.ones(TABLE_ROWS, 1, dtype=torch.long)}, TypeError, "bias_table_0"),
+    "table-on-other-device": ({"bias_table_0": torch.randn(TABLE_ROWS, 1, device="meta")}, ValueError, "device|on"),
+    "last-dim-strided": ({"qkv": torch.randn(1, 20 * 24, 6 * 64)[..., ::2]}, ValueError, "stride"),
+    "shifted-not-bool": ({"shifted": 1}, TypeError, "shifted"),
+    "scale-not-number": ({"scale": torch.tensor(0.1)}, TypeError, "scale"),
+}
+
+
+@pytest.mark.parametrize("change,error,message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_raises_a_clear_error(change, error, message):
+    with pytest.raises(error, match=message):
+        lsa.lsa_attention(**{**_valid_arguments(), **change})
+
+
+def test_aot_variants_cover_every_kernel_dtype_branch_and_shift():
+    variants = lsa.aot_variants()
+    kernels = {"lsa_fwd", "lsa_dq", "lsa_dkdv", "lsa_score_grad_sum"}
+    assert {v.kernel for v in variants} == kernels
+    assert len(variants) == len(kernels) * 4 * 2 * 2
+    for variant in variants:
+        assert variant.constexprs["UPCAST_DOT_OPERANDS"] is False
+        assert set(variant.signature) == set(variant.fn.arg_names)
+        assert {name for name, kind in variant.signature.items() if kind == "constexpr"} == set(variant.constexprs)
+        assert variant.uses_dot == (variant.constexprs["INPUT_PRECISION"] != "ieee" or "fp32" not in variant.config)
