@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py")
+BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.py")
 CUDA_TESTS = ("tests/test_rgsa_attention.py", "tests/test_lsa_attention.py")
 
 

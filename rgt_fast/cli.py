@@ -5,12 +5,6 @@ import argparse
 import json
 import sys
 
-PLANNED = {
-    "upscale": "upscale images with an RGT model",
-    "bench": "benchmark the fused model against the reference",
-}
-
-
 def _inspect(args: argparse.Namespace) -> int:
     from .checkpoint import read_state_dict
     from .config import infer_hyperparameters, preset_name
@@ -32,9 +26,23 @@ def _eval(args: argparse.Namespace) -> int:
     return run_evaluation(args)
 
 
+def _upscale(args: argparse.Namespace) -> int:
+    from .upscale_cli import run_upscale
+
+    return run_upscale(args)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench
+
+    return run_bench(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .bench import add_bench_arguments
     from .training.evaluate import add_eval_arguments
     from .training.trainer import add_train_arguments
+    from .upscale_cli import add_upscale_arguments
 
     parser = argparse.ArgumentParser(prog="rgt-fast", description="Fused RGT super-resolution")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,22 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="PSNR/SSIM on benchmark sets (BasicSR test option file or flags)")
     add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=_eval)
-    for name, help_text in PLANNED.items():
-        sub.add_parser(name, help=f"{help_text} (not yet available)", add_help=False)
+    upscale = sub.add_parser("upscale", help="super-resolve image files and folders into PNGs")
+    add_upscale_arguments(upscale)
+    upscale.set_defaults(handler=_upscale)
+    bench = sub.add_parser("bench", help="time the fused model against the reference with the same weights")
+    add_bench_arguments(bench)
+    bench.set_defaults(handler=_bench)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args, unknown = parser.parse_known_args(argv)
-    handler = getattr(args, "handler", None)
-    if handler is None:
-        print(f"rgt-fast {args.command}: not yet available in this version", file=sys.stderr)
-        return 2
-    if unknown:
-        parser.error(f"unrecognized arguments for {args.command}: {' '.join(unknown)}")
+    args = build_parser().parse_args(argv)
     try:
-        return handler(args)
+        return args.handler(args)
     except (OSError, ValueError) as err:
         print(f"rgt-fast {args.command}: error: {err}", file=sys.stderr)
         return 1

@@ -1,7 +1,6 @@
 import json
-import subprocess
-import sys
 
+import pytest
 import torch
 
 import rgt_fast
@@ -21,8 +20,20 @@ def test_inspect_of_a_missing_file_fails_cleanly(tmp_path, capsys):
     assert "missing.pth" in capsys.readouterr().err
 
 
-def test_planned_subcommands_say_so_and_exit_non_zero():
-    result = subprocess.run([sys.executable, "-m", "rgt_fast.cli", "upscale", "x.png"], capture_output=True,
-                            text=True)
-    assert result.returncode == 2
-    assert "not yet available" in result.stderr
+def test_bench_quick_writes_valid_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--model", "RGT-S", "--scale", "2", "--size", "16x20", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["device"].startswith("cpu")
+    (row,) = report["results"]
+    assert {"name", "reference_ms", "fused_ms", "speedup", "max_abs_err"} <= row.keys()
+    assert row["reference_ms"] > 0 and row["fused_ms"] > 0
+    assert row["max_abs_err"] < 1e-3
+    assert "speedup" in capsys.readouterr().out
+
+
+def test_unknown_arguments_are_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["inspect", "w.pth", "--frobnicate"])
+    assert info.value.code == 2
+    assert "--frobnicate" in capsys.readouterr().err

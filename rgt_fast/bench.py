@@ -1,0 +1,224 @@
+"""Fused against reference RGT with the same weights, on the current device, in one run (``rgt-fast bench``)."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import time
+from typing import Callable
+
+import torch
+
+from .config import preset_kwargs
+from .model import accelerate
+from .reference import RGT as ReferenceRGT
+from .reference.rgt import recursion_count
+
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def model_flops(model: torch.nn.Module, H: int, W: int) -> float:
+    """2 x multiply-adds of the convolutions, linear layers and attention matmuls for one H x W image (eval).
+
+    RGT x4 at 128x128 gives 248.8 G multiply-adds (the paper counts 251.07 G), RGT-S 191.3 G (193.08 G).
+    """
+    C, N, feat = model.embed_dim, H * W, model.num_feat
+    flops = 2 * N * 3 * C * 9 + 2 * N * C * C * 9 + 2 * N * C * feat * 9
+    for group in model.layers:
+        flops += 2 * N * C * C * 9
+        for block in group.blocks:
+            hidden = block.mlp.fc1.out_features
+            flops += 2 * N * (C * hidden + hidden // 2 * 9 + hidden // 2 * C)
+            attn = block.attn
+            if hasattr(attn, "attns"):
+                # qkv, proj, get_v; scores and P@V of both branches over 256-token windows
+                flops += 2 * N * (3 * C * C + C * C + 9 * C) + 2 * 2 * N * 256 * C
+            else:
+                steps = recursion_count(H, W, training=False)
+                n_rep = (H // 4 ** steps) * (W // 4 ** steps)
+                flops += 2 * N * (C * attn.cr + C * C) + 2 * N * n_rep * (attn.cr + C)
+    pixels = N
+    for module in model.upsample:
+        if isinstance(module, torch.nn.Conv2d):
+            flops += 2 * pixels * module.in_channels * module.out_channels * 9
+        else:
+            pixels *= module.upscale_factor ** 2
+    return flops + 2 * pixels * feat * 3 * 9
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
+    """Median wall time of ``fn`` in ms, synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        _synchronize(device)
+        start = time.perf_counter()
+        fn()
+        _synchronize(device)
+        samples.append((time.perf_counter() - start) * 1000)
+    return sorted(samples)[len(samples) // 2]
+
+
+def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory ``fn`` allocates beyond what was already allocated (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    _synchronize(device)
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    _synchronize(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: int, iters: int) -> dict:
+    device = x.device
+
+    def runner(model):
+        def call():
+            with torch.no_grad(), _autocast(device, dtype):
+                return model(x)
+        return call
+
+    reference.eval()
+    fused.eval()
+    out_ref, out_fused = runner(reference)(), runner(fused)()
+    row = {"name": name, "mode": "inference", "shape": list(x.shape),
+           "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
+           "max_abs_err": (out_ref.float() - out_fused.float()).abs().max().item()}
+    del out_ref, out_fused
+    row["reference_ms"] = time_ms(runner(reference), warmup, iters, device)
+    row["fused_ms"] = time_ms(runner(fused), warmup, iters, device)
+    row["speedup"] = row["reference_ms"] / row["fused_ms"]
+    row["reference_peak_mb"] = peak_mb(runner(reference), device)
+    row["fused_peak_mb"] = peak_mb(runner(fused), device)
+    row["fused_tflops"] = model_flops(fused, x.shape[-2], x.shape[-1]) * x.shape[0] / row["fused_ms"] / 1e9
+    return row
+
+
+def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: int, iters: int) -> dict:
+    """One Adam step on an L1 loss; both models start from the same weights and take the same steps."""
+    device = x.device
+    target = torch.rand(x.shape[0], x.shape[1], x.shape[2] * reference.upscale, x.shape[3] * reference.upscale,
+                        device=device)
+
+    def stepper(model):
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-7)
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(device, dtype):
+                loss = torch.nn.functional.l1_loss(model(x).float(), target)
+            loss.backward()
+            optimizer.step()
+            return loss
+        return step
+
+    reference.train()
+    fused.train()
+    torch.manual_seed(0)
+    loss_ref = stepper(reference)()
+    torch.manual_seed(0)
+    loss_fused = stepper(fused)()
+    row = {"name": name, "mode": "train", "shape": list(x.shape),
+           "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
+           "max_abs_err": abs(loss_ref.item() - loss_fused.item())}
+    row["reference_ms"] = time_ms(stepper(reference), warmup, iters, device)
+    row["fused_ms"] = time_ms(stepper(fused), warmup, iters, device)
+    row["speedup"] = row["reference_ms"] / row["fused_ms"]
+    row["reference_peak_mb"] = peak_mb(stepper(reference), device)
+    row["fused_peak_mb"] = peak_mb(stepper(fused), device)
+    return row
+
+
+def guarded(rows: list, row_fn: Callable[..., dict], name: str, *args) -> None:
+    """Run one row; an out-of-memory error becomes a row that says so, and the others still run."""
+    try:
+        rows.append(row_fn(name, *args))
+    except torch.cuda.OutOfMemoryError as err:
+        rows.append({"name": name, "error": f"out of memory: {str(err).splitlines()[0][:200]}"})
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def build_pair(model: str, scale: int, device: torch.device, backend: str = "auto"):
+    """A freshly initialised reference and the fused model with the same weights, on ``device``."""
+    torch.manual_seed(0)
+    reference = ReferenceRGT(**preset_kwargs(model, scale)).to(device)
+    return reference, accelerate(reference, backend=backend)
+
+
+def device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"size must look like 64x64, got {text!r}") from err
+    return h, w
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help="one size, few repetitions (about a minute on CPU)")
+    parser.add_argument("--model", choices=["RGT", "RGT-S"], default="RGT-S")
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--size", type=parse_size, nargs="+", help="input sizes HxW (default 64x64 on CPU, "
+                        "128x128 on CUDA)")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["fp32"])
+    parser.add_argument("--train", action="store_true", help="also time a training step (Adam, L1)")
+    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
+    parser.add_argument("--json", help="write the results here")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sizes = args.size or [(128, 128) if device.type == "cuda" else (64, 64)]
+    warmup, iters = (1, 2) if args.quick else (2, 5)
+    if args.quick:
+        sizes = sizes[:1]
+    reference, fused = build_pair(args.model, args.scale, device, args.backend)
+    rows: list[dict] = []
+    for H, W in sizes:
+        x = torch.rand(args.batch, 3, H, W, device=device)
+        for dtype_name in args.dtype:
+            label = f"{args.model} x{args.scale} {H}x{W} b{args.batch} {dtype_name}"
+            guarded(rows, inference_row, label, reference, fused, x, DTYPES[dtype_name], warmup, iters)
+            if args.train:
+                guarded(rows, training_row, label + " train", reference, fused, x, DTYPES[dtype_name], warmup,
+                        iters)
+    report = {"device": device_name(device), "torch": torch.__version__, "backend": args.backend, "results": rows}
+    print(format_table(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    header = f"{'name':<40} {'reference ms':>12} {'fused ms':>10} {'speedup':>8} {'max abs err':>12} {'peak MB ref/fused':>18}"
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        if "error" in row:
+            lines.append(f"{row['name']:<40} {row['error']}")
+            continue
+        memory = ("" if row.get("reference_peak_mb") is None
+                  else f"{row['reference_peak_mb']:.0f}/{row['fused_peak_mb']:.0f}")
+        lines.append(f"{row['name']:<40} {row['reference_ms']:>12.2f} {row['fused_ms']:>10.2f} "
+                     f"{row['speedup']:>7.2f}x {row['max_abs_err']:>12.2e} {memory:>18}")
+    return "\n".join(lines)

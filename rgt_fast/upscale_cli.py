@@ -1,0 +1,212 @@
+"""``rgt-fast upscale``: super-resolve image files and folders into PNGs.
+
+Everything that can be checked without running the model (the inputs, their output names, the output folder, the
+weights and their scale) is checked before the first image, so a mistake on the command line costs no compute and
+writes nothing. Then each image is handled on its own: one that cannot be read, super-resolved or written, or whose
+output already exists, is reported by name and the others still go through; the exit status says whether any
+failed.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import cv2
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import load_model
+from .inference import DTYPES, upscale
+from .model import BACKENDS
+from .reference.rgt import MIN_EVAL_SIZE
+from .training.data import list_images
+
+SUPPORTED_SAMPLE_TYPES = (np.uint8, np.uint16, np.float32)
+
+
+class UsageError(Exception):
+    """A command line that cannot run as given; exits with status 2, as argparse's own errors do."""
+
+
+def default_weights(scale: int | None) -> Path:
+    """The weights used when --weights is not given (for ``scale``, or the default scale when None)."""
+    raise UsageError("--weights is required: this version has no built-in model; pass an RGT checkpoint "
+                     "(.pth or .safetensors), e.g. --weights RGT_x4.pth")
+
+
+def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files and/or folders (a folder: the images directly inside it)")
+    parser.add_argument("-o", "--output-dir", required=True, type=Path, metavar="OUTDIR",
+                        help="where <input name>.png is written (created if missing)")
+    parser.add_argument("--weights", help="weights file (.pth/.safetensors); the architecture is read from it")
+    parser.add_argument("--scale", type=int, help="upscaling factor; refused unless it is the one of the weights")
+    parser.add_argument("--tile", type=int, help="run the model on overlapping tiles of this many input pixels "
+                                                 "(default: whole images, tiles only when the GPU runs out)")
+    parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles in input pixels")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="inference precision")
+    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="attention kernels: triton on CUDA with auto, plain PyTorch elsewhere")
+    parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (8x slower)")
+    parser.add_argument("--overwrite", action="store_true", help="replace outputs that already exist")
+    parser.add_argument("--allow-input-dir", action="store_true",
+                        help="allow OUTDIR to be the folder of an input")
+
+
+def collect_images(inputs: Sequence[str]) -> list[Path]:
+    """The image files named or held by ``inputs``, each once even when named twice (say, alone and by its folder)."""
+    images: dict[Path, Path] = {}
+    for given in map(Path, inputs):
+        if given.is_dir():
+            try:
+                found = list_images(given)
+            except FileNotFoundError as err:
+                raise UsageError(str(err)) from err
+        elif given.is_file():
+            found = [given]
+        else:
+            raise UsageError(f"input not found: {given}")
+        for image in found:
+            images.setdefault(image.resolve(), image)
+    return list(images.values())
+
+
+def plan_outputs(images: Sequence[Path], output_dir: Path, allow_input_dir: bool) -> list[tuple[Path, Path]]:
+    """(input, output PNG) pairs, refused when two inputs would share an output or OUTDIR holds an input."""
+    # Case-folded, because on case-insensitive file systems "A.png" and "a.png" are one file.
+    sources_by_output: dict[str, list[Path]] = {}
+    for image in images:
+        sources_by_output.setdefault(f"{image.stem}.png".casefold(), []).append(image)
+    clashes = [sources for sources in sources_by_output.values() if len(sources) > 1]
+    if clashes:
+        described = "; ".join(" and ".join(map(str, sources)) + f" -> {sources[0].stem}.png" for sources in clashes)
+        raise UsageError(f"inputs with the same name would be written to the same output: {described}; "
+                         f"upscale them in separate runs with different -o folders")
+    if not allow_input_dir:
+        target = output_dir.resolve()
+        for image in images:
+            if image.parent.resolve() == target:
+                raise UsageError(f"-o {output_dir} is the folder of the input {image}; choose another folder, or "
+                                 f"pass --allow-input-dir to write there")
+    return [(image, output_dir / f"{image.stem}.png") for image in images]
+
+
+def load_checked_model(weights: str | Path, scale: int | None, backend: str, device: str) -> nn.Module:
+    model = load_model(weights, backend=backend, device=device)
+    if scale is not None and model.upscale != scale:
+        raise UsageError(f"weights in {weights} are a x{model.upscale} model, but --scale {scale} was asked")
+    return model
+
+
+def read_unchanged(path: Path) -> np.ndarray:
+    """``path`` decoded as ``cv2.imread(path, cv2.IMREAD_UNCHANGED)`` does: bit depth and alpha kept.
+
+    Read through numpy so that an unreadable file says why, and so that non-ASCII paths work on Windows.
+    """
+    try:
+        data = np.fromfile(path, dtype=np.uint8)
+    except OSError as err:
+        raise ValueError(f"cannot be read ({err.strerror or err})") from err
+    try:
+        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
+    except cv2.error as err:
+        raise ValueError(f"cannot be decoded as an image ({err})") from err
+    if image is None:
+        raise ValueError("cannot be decoded as an image (corrupt, truncated or empty file?)")
+    return image
+
+
+def super_resolve(model: nn.Module, image: np.ndarray, **upscale_options: Any) -> np.ndarray:
+    """``image`` (as cv2 reads it) super-resolved, in the same layout and sample type.
+
+    A grayscale image goes through a colour model as three equal channels and comes back as one; the alpha plane
+    of a BGRA image is upscaled bicubically beside the super-resolved colour, since RGT was never trained on it.
+    """
+    if image.dtype not in SUPPORTED_SAMPLE_TYPES:
+        raise ValueError(f"has {image.dtype} samples; only 8-bit, 16-bit and float32 images are supported")
+    colour_model = int(model.in_chans) == 3
+    if image.ndim == 2:
+        if colour_model:
+            colour = upscale(model, cv2.cvtColor(image, cv2.COLOR_GRAY2BGR), **upscale_options)
+            return cv2.cvtColor(colour, cv2.COLOR_BGR2GRAY)
+        return upscale(model, image[..., None], **upscale_options)[..., 0]
+    if image.shape[2] == 4 and colour_model:
+        colour = upscale(model, np.ascontiguousarray(image[..., :3]), **upscale_options)
+        alpha = cv2.resize(image[..., 3], colour.shape[1::-1], interpolation=cv2.INTER_CUBIC)
+        if image.dtype == np.float32:
+            alpha = np.clip(alpha, 0.0, 1.0)  # bicubic overshoots; integer types saturate by themselves
+        return np.dstack([colour, alpha])
+    return upscale(model, image, **upscale_options)
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """PNG bytes of ``image``; float images (which PNG cannot hold) become 16-bit."""
+    if image.dtype == np.float32:
+        image = (np.clip(image, 0.0, 1.0) * 65535.0).round().astype(np.uint16)
+    ok, encoded = cv2.imencode(".png", image)
+    if not ok:
+        raise ValueError(f"cannot be encoded as PNG (shape {image.shape}, {image.dtype})")
+    return encoded.tobytes()
+
+
+def write_atomically(data: bytes, destination: Path) -> None:
+    """Write through a hidden temporary file beside ``destination`` so an interrupted run leaves no partial PNG."""
+    # Opened by name rather than with tempfile.mkstemp, whose 0600 mode would stay on the output after the rename.
+    temporary = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as handle:
+            handle.write(data)
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: bool,
+                 **upscale_options: Any) -> str | None:
+    """Super-resolve ``source`` into ``destination``; None when written, else why not."""
+    if destination.exists() and not overwrite:
+        return f"{source}: skipped, {destination} already exists (pass --overwrite to replace it)"
+    try:
+        write_atomically(encode_png(super_resolve(model, read_unchanged(source), **upscale_options)), destination)
+    except (ValueError, MemoryError, OSError) as err:
+        return f"{source}: {err}"
+    return None
+
+
+def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path]]]:
+    jobs = plan_outputs(collect_images(args.inputs), args.output_dir, args.allow_input_dir)
+    weights = args.weights or default_weights(args.scale)
+    if args.tile is not None and not (args.tile >= MIN_EVAL_SIZE and 0 <= args.tile_overlap < args.tile):
+        raise UsageError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
+                         f"{args.tile} and {args.tile_overlap}")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return load_checked_model(weights, args.scale, args.backend, device), jobs
+
+
+def run_upscale(args: argparse.Namespace) -> int:
+    """``rgt-fast upscale``: 0 when every input was written, 1 when any failed or was skipped, 2 on usage errors."""
+    try:
+        model, jobs = _prepare(args)
+    except UsageError as err:
+        print(f"rgt-fast upscale: error: {err}", file=sys.stderr)
+        return 2
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    options = dict(tile=args.tile, tile_overlap=args.tile_overlap, dtype=args.dtype,
+                   self_ensemble=args.self_ensemble)
+    failures = []
+    with torch.inference_mode():
+        for source, destination in tqdm(jobs, desc="upscale", unit="image", file=sys.stderr, disable=None):
+            failure = upscale_file(model, source, destination, args.overwrite, **options)
+            if failure is not None:
+                failures.append(failure)
+                tqdm.write(f"rgt-fast upscale: {failure}", file=sys.stderr)
+    print(f"{len(jobs) - len(failures)} written, {len(failures)} failed or skipped (output in {args.output_dir})")
+    return 1 if failures else 0
