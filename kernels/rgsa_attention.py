@@ -554,15 +554,16 @@ class _RGSAAttention(torch.autograd.Function):
 def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain-PyTorch RG-SA attention with the layouts of :func:`rgsa_attention` (any dtype, any device).
 
-    Queries are processed in slices so that the score matrix of one slice stays near 2**24 elements: the
-    math backend of scaled_dot_product_attention materialises it, and N x N' does not fit at inference.
+    Queries are processed in slices so that the score matrix of one slice stays near 2**24 elements, since
+    N x N' does not fit at inference. Matmul-softmax-matmul rather than scaled_dot_product_attention: on CPU
+    its math path took 1.15x (N' = 16) to 1.7x (N' = 256) as long.
     """
     batch, num_queries, num_heads, _ = q.shape
     num_keys = k.shape[1]
     rows_per_slice = max(1, (1 << 24) // max(1, batch * num_heads * num_keys))
-    k_heads, v_heads = k.transpose(1, 2), v.transpose(1, 2)
+    k_t, v_heads = k.permute(0, 2, 3, 1), v.transpose(1, 2)
     outs = [
-        torch.nn.functional.scaled_dot_product_attention(q_slice.transpose(1, 2), k_heads, v_heads, scale=scale)
+        torch.matmul(torch.softmax(torch.matmul(q_slice.transpose(1, 2) * scale, k_t), dim=-1), v_heads)
         for q_slice in q.split(rows_per_slice, dim=1)
     ]
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
