@@ -11,3 +11,12 @@ import torch  # noqa: E402
 def _seeded():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """Run a test on one CPU thread (bitwise-reproducible reductions, no contention for tiny models)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -34,14 +34,9 @@ def smoke_dir(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    # These models are tiny: extra threads only add overhead and contention (several times slower on shared
-    # cores). One thread also makes PyTorch's CPU reductions bitwise reproducible, which the resume test needs.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny models: extra threads only add contention on shared cores, and one thread makes CPU reductions
+# bitwise reproducible, which the resume checks need.
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def train(*overrides: str, auto_resume: bool = False) -> int:

@@ -120,6 +120,16 @@ def _check_io_backend(dataset_options: Mapping[str, Any], dotted: str) -> None:
     require_choice(dataset_options["io_backend"]["type"], f"{dotted}.io_backend.type", ["disk"])
 
 
+def _gt_and_lq_paths(dataset_options: Mapping[str, Any], dotted: str) -> tuple[list[Path], list[Path] | None]:
+    """The GT images of a dataset and their LQ pairs by ``filename_tmpl`` (None for an HR-only dataset)."""
+    _check_io_backend(dataset_options, dotted)
+    gt_paths = list_images(dataset_options["dataroot_gt"])
+    if _is_hr_only(dataset_options, dotted):
+        return gt_paths, None
+    return gt_paths, [lq_path_for(p, dataset_options["dataroot_lq"], dataset_options["filename_tmpl"])
+                      for p in gt_paths]
+
+
 class TrainingPatches(Dataset):
     """Aligned (GT, LQ) training patches; ``dataset[SampleKey(index, seed)]`` -> {"lq", "gt"} tensors.
 
@@ -143,12 +153,8 @@ class TrainingPatches(Dataset):
     @classmethod
     def from_options(cls, dataset_options: Mapping[str, Any], scale: int,
                      dotted: str = "datasets.train") -> "TrainingPatches":
-        _check_io_backend(dataset_options, dotted)
-        gt_paths = list_images(dataset_options["dataroot_gt"])
-        lq_paths = None
-        if not _is_hr_only(dataset_options, dotted):
-            lq_paths = [lq_path_for(p, dataset_options["dataroot_lq"], dataset_options["filename_tmpl"])
-                        for p in gt_paths]
+        gt_paths, lq_paths = _gt_and_lq_paths(dataset_options, dotted)
+        if lq_paths is not None:
             missing = [p for p in lq_paths if not p.is_file()]
             if missing:
                 raise FileNotFoundError(
@@ -284,12 +290,7 @@ class EvaluationPairs:
 
     @classmethod
     def from_options(cls, dataset_options: Mapping[str, Any], scale: int, dotted: str) -> "EvaluationPairs":
-        _check_io_backend(dataset_options, dotted)
-        gt_paths = list_images(dataset_options["dataroot_gt"])
-        lq_paths = None
-        if not _is_hr_only(dataset_options, dotted):
-            lq_paths = [lq_path_for(p, dataset_options["dataroot_lq"], dataset_options["filename_tmpl"])
-                        for p in gt_paths]
+        gt_paths, lq_paths = _gt_and_lq_paths(dataset_options, dotted)
         return cls(dataset_options["name"], gt_paths, lq_paths, scale)
 
     @classmethod
