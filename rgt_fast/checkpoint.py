@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -11,6 +10,7 @@ from typing import Any, Mapping, Union
 import torch
 
 from .config import ArchitectureMismatch, infer_hyperparameters
+from .files import atomic_destination
 
 StateDict = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, StateDict]
@@ -63,21 +63,13 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save_state_dict(state_dict: StateDict, path: str | os.PathLike, *, key: str = "params") -> None:
     """Write weights atomically: BasicSR layout ({key: state_dict}) for .pth, flat tensors for .safetensors."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if path.suffix == ".safetensors":
+    with atomic_destination(Path(path)) as temporary:
+        if Path(path).suffix == ".safetensors":
             from safetensors.torch import save_file
-            save_file(tensors, tmp)
+            save_file(tensors, str(temporary))
         else:
-            torch.save({key: tensors}, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            torch.save({key: tensors}, temporary)
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: StateDict, limit: int = 5) -> str:

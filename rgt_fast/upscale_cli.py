@@ -9,8 +9,6 @@ failed.
 from __future__ import annotations
 
 import argparse
-import os
-import secrets
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -22,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_model
+from .files import encode_png, read_image, write_atomically
 from .inference import DTYPES, upscale
 from .model import BACKENDS
 from .reference.rgt import MIN_EVAL_SIZE
@@ -105,24 +104,6 @@ def load_checked_model(weights: str | Path, scale: int | None, backend: str, dev
     return model
 
 
-def read_unchanged(path: Path) -> np.ndarray:
-    """``path`` decoded as ``cv2.imread(path, cv2.IMREAD_UNCHANGED)`` does: bit depth and alpha kept.
-
-    Read through numpy so that an unreadable file says why, and so that non-ASCII paths work on Windows.
-    """
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as err:
-        raise ValueError(f"cannot be read ({err.strerror or err})") from err
-    try:
-        image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
-    except cv2.error as err:
-        raise ValueError(f"cannot be decoded as an image ({err})") from err
-    if image is None:
-        raise ValueError("cannot be decoded as an image (corrupt, truncated or empty file?)")
-    return image
-
-
 def super_resolve(model: nn.Module, image: np.ndarray, **upscale_options: Any) -> np.ndarray:
     """``image`` (as cv2 reads it) super-resolved, in the same layout and sample type.
 
@@ -146,36 +127,14 @@ def super_resolve(model: nn.Module, image: np.ndarray, **upscale_options: Any) -
     return upscale(model, image, **upscale_options)
 
 
-def encode_png(image: np.ndarray) -> bytes:
-    """PNG bytes of ``image``; float images (which PNG cannot hold) become 16-bit."""
-    if image.dtype == np.float32:
-        image = (np.clip(image, 0.0, 1.0) * 65535.0).round().astype(np.uint16)
-    ok, encoded = cv2.imencode(".png", image)
-    if not ok:
-        raise ValueError(f"cannot be encoded as PNG (shape {image.shape}, {image.dtype})")
-    return encoded.tobytes()
-
-
-def write_atomically(data: bytes, destination: Path) -> None:
-    """Write through a hidden temporary file beside ``destination`` so an interrupted run leaves no partial PNG."""
-    # Opened by name rather than with tempfile.mkstemp, whose 0600 mode would stay on the output after the rename.
-    temporary = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temporary, "xb") as handle:
-            handle.write(data)
-        os.replace(temporary, destination)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
 def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: bool,
                  **upscale_options: Any) -> str | None:
     """Super-resolve ``source`` into ``destination``; None when written, else why not."""
     if destination.exists() and not overwrite:
         return f"{source}: skipped, {destination} already exists (pass --overwrite to replace it)"
     try:
-        write_atomically(encode_png(super_resolve(model, read_unchanged(source), **upscale_options)), destination)
+        image = read_image(source, cv2.IMREAD_UNCHANGED)
+        write_atomically(encode_png(super_resolve(model, image, **upscale_options)), destination)
     except (ValueError, MemoryError, OSError) as err:
         return f"{source}: {err}"
     return None

@@ -1,6 +1,7 @@
 """Loading official-format weights: detection from weights alone, formats, and clear errors."""
 from __future__ import annotations
 
+import os
 import pickle
 
 import pytest
@@ -83,6 +84,9 @@ def test_save_state_dict_is_atomic_and_round_trips(tmp_path):
         loaded = rgt_fast.read_state_dict(tmp_path / name)
         assert loaded.keys() == state_dict.keys()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net_g.pth", "net_g.safetensors"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "net_g.pth").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_missing_file_names_the_path(tmp_path):

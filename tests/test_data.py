@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from rgt_fast import imresize
+from rgt_fast.files import read_image
 from rgt_fast.training.data import (EvaluationPairs, SampleKey, TrainingPatches, TrainingSampler, augment,
-                                    downscale, read_image, to_tensor)
+                                    downscale, to_tensor)
 from rgt_fast.training.options import OptionError
 
 

@@ -16,11 +16,11 @@ import math
 from pathlib import Path
 from typing import Any, Iterator, Mapping, NamedTuple, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..files import UnusableImage, read_image
 from ..matlab_resize import imresize
 from .options import OptionError, require_choice
 
@@ -30,32 +30,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".p
 DATASET_TYPES = ("PairedImageDataset", "SingleHRDataset")
 
 
-class UnusableImage(Exception):
-    """An image that cannot be read or does not fit its pair; ``path`` names it."""
-
-    def __init__(self, path: Path, reason: str):
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-
 class SampleKey(NamedTuple):
     """What the training sampler hands the dataset: an image index and the seed of that sample's choices."""
 
     index: int
     seed: int
-
-
-def read_image(path: Path) -> np.ndarray:
-    """The (H, W, 3) BGR uint8 image at ``path``, decoded by OpenCV as BasicSR does (16-bit files become 8-bit)."""
-    try:
-        data = np.fromfile(path, dtype=np.uint8)
-    except OSError as err:
-        raise UnusableImage(path, f"cannot be read ({err.strerror or err})") from err
-    image = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if image is None:
-        raise UnusableImage(path, "cannot be decoded as an image (corrupt, truncated or empty file?)")
-    return image
 
 
 def list_images(folder: str | Path) -> list[Path]:

@@ -16,16 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
 from ..checkpoint import load_model
 from ..inference import DTYPES, upscale
+from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
 from ..reference.rgt import MIN_EVAL_SIZE
-from .data import EvaluationPairs, UnusableImage
+from .data import EvaluationPairs
 from .logs import configure_console_logging
 from .options import OptionError, load_test_options, require_choice
 
@@ -85,14 +85,13 @@ def evaluate_set(model: nn.Module, pairs: EvaluationPairs, metrics: Mapping[str,
             lq, gt = pairs.load(index)
             sr = upscale(model, lq, tile=tile, tile_overlap=tile_overlap, dtype=dtype, self_ensemble=self_ensemble)
             scores = {metric: float(function(sr, gt)) for metric, function in metrics.items()}
-        except (UnusableImage, ValueError) as err:
+        except ValueError as err:  # an UnusableImage, or an image the model cannot take
             logger.warning("%s: cannot evaluate %s: %s", pairs.name, name, err)
             result.failures.append((name, str(err)))
             continue
         result.images.append((name, scores))
         if save_dir is not None:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            cv2.imwrite(str(save_dir / f"{name}_{image_suffix}.png"), sr)
+            write_atomically(encode_png(sr), save_dir / f"{name}_{image_suffix}.png")
     return result
 
 
