@@ -120,6 +120,70 @@ def _bias_and_mask(table_head_ptr, q_offsets, k_offsets, q_region, k_region,
     return bias
 
 
+@triton.jit
+def _program_block(BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr,
+                   EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr):
+    """Window, first in-window offset, batch, head and first channel of the program's block of BLOCK tokens
+    on a (blocks of all windows, batch x heads/2) grid."""
+    WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
+    HEADS_PER_BRANCH: tl.constexpr = EMBED_DIM // HEAD_DIM // 2
+    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK)
+    start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK)) * BLOCK
+    batch = tl.program_id(1) // HEADS_PER_BRANCH
+    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
+    head = BRANCH * HEADS_PER_BRANCH + branch_head
+    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
+    return window, start, batch, head, channel
+
+
+@triton.jit
+def _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
+                 BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+                 EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The program's query block on the forward and dq grid, and its q tile.
+
+    Returns (window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask,
+    qkv_base, q); qkv_base points at the head's q channels of the batch item's token 0 (k and v follow at
+    +EMBED_DIM and +2 EMBED_DIM).
+    """
+    window, q_start, batch, head, channel = _program_block(BRANCH, WIN_ROWS, WIN_COLS, EMBED_DIM, HEAD_DIM,
+                                                           BLOCK_M)
+    offs_m = q_start + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_valid = offs_d < HEAD_DIM
+    q_region, q_token, q_in_image = _window_tokens(
+        window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+    q_mask = q_in_image[:, None] & d_valid[None, :]
+    qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
+    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+    return window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q
+
+
+@triton.jit
+def _key_block_scores(q, qkv_base, stride_qkv_t, table_head_ptr, window, k_start, offs_m, q_region, d_valid,
+                      H, W, padded_H, padded_W, windows_per_row, scale_log2e,
+                      WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
+                      EMBED_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """(k, v, base-2 scores with bias and mask) of the key block at k_start against the q tile.
+
+    Shared by the forward and dq: dq recomputes the forward's probabilities against the stored logsumexp, so the
+    two score computations must not drift apart.
+    """
+    offs_n = k_start + tl.arange(0, BLOCK_N)
+    k_region, k_token, k_in_image = _window_tokens(
+        window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
+    k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
+    kv_mask = k_in_image[:, None] & d_valid[None, :]
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
+    scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
+                  UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
+    scores += _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], q_region[:, None],
+                             k_region[None, :], WIN_ROWS, WIN_COLS, SHIFTED)
+    return k, v, scores
+
+
 @triton.jit(do_not_specialize=_SHAPE_ARGUMENTS)
 def _lsa_fwd_kernel(
     qkv_ptr, out_ptr, lse_ptr, table_ptr,
@@ -132,39 +196,19 @@ def _lsa_fwd_kernel(
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
-    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_M)
-    q_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_M)) * BLOCK_M
-    batch = tl.program_id(1) // HEADS_PER_BRANCH
-    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
-    head = BRANCH * HEADS_PER_BRANCH + branch_head
-    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
-
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q_region, q_token, q_in_image = _window_tokens(
-        window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
-    q_mask = q_in_image[:, None] & d_valid[None, :]
-    qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
-    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+    window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
+        _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
+                     BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
     table_head_ptr = table_ptr + head * ((2 * WIN_ROWS - 1) * (2 * WIN_COLS - 1))
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, WINDOW_TOKENS, BLOCK_N):
-        offs_n = k_start + tl.arange(0, BLOCK_N)
-        k_region, k_token, k_in_image = _window_tokens(
-            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
-        k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
-        kv_mask = k_in_image[:, None] & d_valid[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
-                      UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
-        scores += _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], q_region[:, None],
-                                 k_region[None, :], WIN_ROWS, WIN_COLS, SHIFTED)
+        _, v, scores = _key_block_scores(
+            q, qkv_base, stride_qkv_t, table_head_ptr, window, k_start, offs_m, q_region, d_valid,
+            H, W, padded_H, padded_W, windows_per_row, scale_log2e, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM,
+            BLOCK_M, BLOCK_N, UPCAST_DOT_OPERANDS, INPUT_PRECISION)
         m_new = tl.maximum(m_i, tl.max(scores, 1))
         p = tl.exp2(scores - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -192,22 +236,9 @@ def _lsa_bwd_dq_kernel(
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
-    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_M)
-    q_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_M)) * BLOCK_M
-    batch = tl.program_id(1) // HEADS_PER_BRANCH
-    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
-    head = BRANCH * HEADS_PER_BRANCH + branch_head
-    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
-
-    offs_m = q_start + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_valid = offs_d < HEAD_DIM
-    q_region, q_token, q_in_image = _window_tokens(
-        window, offs_m, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
-    q_mask = q_in_image[:, None] & d_valid[None, :]
-    qkv_base = qkv_ptr + batch.to(tl.int64) * stride_qkv_b + channel + offs_d[None, :]
-    q = tl.load(qkv_base + q_token[:, None] * stride_qkv_t, mask=q_mask, other=0.0)
+    window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
+        _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
+                     BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
     grad_out = tl.load(grad_out_ptr + batch.to(tl.int64) * stride_grad_out_b + q_token[:, None] * stride_grad_out_t
                        + channel + offs_d[None, :], mask=q_mask, other=0.0)
     out = tl.load(out_ptr + batch.to(tl.int64) * stride_out_b + q_token[:, None] * stride_out_t
@@ -221,17 +252,10 @@ def _lsa_bwd_dq_kernel(
 
     grad_q = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for k_start in range(0, WINDOW_TOKENS, BLOCK_N):
-        offs_n = k_start + tl.arange(0, BLOCK_N)
-        k_region, k_token, k_in_image = _window_tokens(
-            window, offs_n, H, W, padded_H, padded_W, windows_per_row, WIN_ROWS, WIN_COLS, SHIFTED)
-        k_ptrs = qkv_base + EMBED_DIM + k_token[:, None] * stride_qkv_t
-        kv_mask = k_in_image[:, None] & d_valid[None, :]
-        k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-        v = tl.load(k_ptrs + EMBED_DIM, mask=kv_mask, other=0.0)
-        scores = _dot(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
-                      UPCAST_DOT_OPERANDS, INPUT_PRECISION) * scale_log2e
-        scores += _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], q_region[:, None],
-                                 k_region[None, :], WIN_ROWS, WIN_COLS, SHIFTED)
+        k, v, scores = _key_block_scores(
+            q, qkv_base, stride_qkv_t, table_head_ptr, window, k_start, offs_m, q_region, d_valid,
+            H, W, padded_H, padded_W, windows_per_row, scale_log2e, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM,
+            BLOCK_M, BLOCK_N, UPCAST_DOT_OPERANDS, INPUT_PRECISION)
         p = tl.exp2(scores - lse[:, None])
         grad_p = _dot(grad_out, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                       UPCAST_DOT_OPERANDS, INPUT_PRECISION)
@@ -256,13 +280,7 @@ def _lsa_bwd_dkdv_kernel(
     """dk, dv of one key block of a window, looping over the query blocks; tiles are (keys x queries)."""
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
-    window = tl.program_id(0) // (WINDOW_TOKENS // BLOCK_N)
-    k_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_N)) * BLOCK_N
-    batch = tl.program_id(1) // HEADS_PER_BRANCH
-    branch_head = tl.program_id(1) % HEADS_PER_BRANCH
-    head = BRANCH * HEADS_PER_BRANCH + branch_head
-    channel = BRANCH * (EMBED_DIM // 2) + branch_head * HEAD_DIM
+    window, k_start, batch, head, channel = _program_block(BRANCH, WIN_ROWS, WIN_COLS, EMBED_DIM, HEAD_DIM, BLOCK_N)
 
     offs_n = k_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)

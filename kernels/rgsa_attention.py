@@ -104,6 +104,22 @@ def _dot_operand(x, DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
 
 
 @triton.jit
+def _query_block(num_heads, num_queries, num_query_blocks, BLOCK_M: tl.constexpr):
+    """(batch, head, first query, row offsets, row validity) of the program's query block.
+
+    Programs are numbered head-fastest, so the programs that run side by side share their token rows.
+    """
+    pid = tl.program_id(0)
+    head = pid % num_heads
+    query_block = (pid // num_heads) % num_query_blocks
+    batch = pid // (num_heads * num_query_blocks)
+    first_query = query_block * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    row_valid = first_query + rows < num_queries
+    return batch, head, first_query, rows, row_valid
+
+
+@triton.jit
 def _rgsa_forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     stride_qb, stride_qn, stride_qh, stride_qd,
@@ -116,15 +132,8 @@ def _rgsa_forward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = pid % num_heads
-    query_block = (pid // num_heads) % num_query_blocks
-    batch = pid // (num_heads * num_query_blocks)
+    batch, head, first_query, rows, row_valid = _query_block(num_heads, num_queries, num_query_blocks, BLOCK_M)
     dtype = q_ptr.dtype.element_ty
-
-    first_query = query_block * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    row_valid = first_query + rows < num_queries
     dqk = tl.arange(0, DQK_PAD)
     dv = tl.arange(0, DV_PAD)
     key_cols = tl.arange(0, BLOCK_N)
@@ -182,15 +191,8 @@ def _rgsa_backward_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    head = pid % num_heads
-    query_block = (pid // num_heads) % num_query_blocks
-    batch = pid // (num_heads * num_query_blocks)
+    batch, head, first_query, rows, row_valid = _query_block(num_heads, num_queries, num_query_blocks, BLOCK_M)
     dtype = q_ptr.dtype.element_ty
-
-    first_query = query_block * BLOCK_M
-    rows = tl.arange(0, BLOCK_M)
-    row_valid = first_query + rows < num_queries
     dqk = tl.arange(0, DQK_PAD)
     dv = tl.arange(0, DV_PAD)
     key_cols = tl.arange(0, BLOCK_N)

@@ -1,9 +1,11 @@
 """Fused L-SA attention core (rgt_fast.kernels.lsa_attention) against the reference L-SA module in float64.
 
-The Triton kernels run in Triton's interpreter on CPU tensors, which pays a fixed cost per tile operation: at the
-shipped tile sizes a 32x32 map with one head per branch takes about ten seconds forward and backward. So the
-shape and path coverage runs with whole-window tiles (one tile per window, same kernels), and the shipped tile
-configs of each dot class (16-bit, tf32, ieee fp32) run on small padded maps, where windows span several tiles.
+Under TRITON_INTERPRET=1 the Triton kernels run in Triton's interpreter on CPU tensors; with the interpreter off
+and a GPU present they run compiled on CUDA, with the same tests. The interpreter pays a fixed cost per tile
+operation: at the shipped tile sizes a 32x32 map with one head per branch takes about ten seconds forward and
+backward. So there the shape and path coverage runs with whole-window tiles (one tile per window, same kernels),
+and the shipped tile configs of each dot class (16-bit, tf32, ieee fp32) run on small padded maps, where windows
+span several tiles.
 """
 import os
 
@@ -13,15 +15,16 @@ import copy  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
 
 from rgt_fast.kernels import lsa_attention as lsa  # noqa: E402
-from rgt_fast.kernels._common import INTERPRET  # noqa: E402
 from rgt_fast.reference.rgt import LSA  # noqa: E402
 
 SPLIT = [8, 32]
 TABLE_ROWS = 15 * 63
 
-pytestmark = pytest.mark.skipif(not INTERPRET, reason="the kernels run on CPU only under TRITON_INTERPRET=1")
+# The PyTorch path is the same device-generic code everywhere; its CPU run under the interpreter covers it.
+pytorch_path_on_cpu = pytest.mark.skipif(DEVICE != "cpu", reason="checks the PyTorch path, run on CPU tensors")
 
 
 @pytest.fixture(autouse=True)
@@ -35,6 +38,13 @@ def poisoned_buffers(monkeypatch):
 
 @pytest.fixture
 def whole_window_tiles(monkeypatch):
+    """One tile per window under the interpreter, whose cost is per tile operation whatever the tile's size.
+
+    Compiled, such a tile (256 x 256 fp32 scores over 128 threads) spills tens of KB per thread, and ptxas took
+    15-50 s per kernel for sm_90a, some 15 minutes over these tests: on a GPU they run the shipped tiles instead.
+    """
+    if DEVICE != "cpu":
+        return
     window_tile = (SPLIT[0] * SPLIT[1], SPLIT[0] * SPLIT[1], 4, 2)
     monkeypatch.setattr(lsa, "_CONFIGS", {kernel: {dot_class: window_tile for dot_class in classes}
                                           for kernel, classes in lsa._CONFIGS.items()})
@@ -42,17 +52,24 @@ def whole_window_tiles(monkeypatch):
 
 @pytest.fixture
 def allow_tf32(request):
-    """fp32 runs the tf32-class tile configs when set (the interpreter computes every dot in full fp32)."""
+    """fp32 runs the tf32 kernels when set: TF32 MMAs on a GPU; the interpreter computes every dot in full fp32,
+    so there only the tile configs change."""
     saved = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = request.param
     yield request.param
     torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+def three_score_grad_sum_chunks(num_items: int, programs_per_chunk: int, device: torch.device) -> int:
+    """Stands in for lsa._score_grad_sum_chunks: three dS-sum chunks per head on either device (the last one
+    short on the maps that use it), where the GPU rule would give each (batch, window) item a chunk of its own."""
+    return 3
+
+
 def make_module(dim: int, heads: int, shifted: bool, reso: int) -> LSA:
     # Block 2 of group 0 is a shifted block and block 0 is not (the official rule).
     module = LSA(dim, heads, split_size=SPLIT, shift_size=[4, 16], qkv_bias=True, qk_scale=None,
-                 idx=2 if shifted else 0, reso=reso, rs_id=0).double()
+                 idx=2 if shifted else 0, reso=reso, rs_id=0).to(DEVICE, torch.float64)
     assert module.shifted == shifted
     return module
 
@@ -115,6 +132,36 @@ def assert_matches_reference(result: dict, reference: dict, tolerance: float):
         assert_close_to(grad, ref_grad, tolerance, f"MLP parameter {index} grad", parameter_gradient_scale(reference))
 
 
+def assert_within_twice_the_plain_error(result: dict, plain: dict, reference: dict):
+    """FlashAttention's rule: error vs float64 <= 2 x the error of the reference run at the kernel's precision,
+    plus 1e-3 of the largest value (about one fp16 or TF32 unit in the last place there)."""
+    assert result["out"].shape == reference["out"].shape
+    checks = [("output", "out", None), ("dqkv", "qkv", None)]
+    checks += [(f"table {b} grad", "tables", b) for b in (0, 1)]
+    checks += [(f"MLP parameter {i} grad", "parameters", i) for i in range(len(reference["parameters"]))]
+    for name, key, index in checks:
+        actual, plain_value, expected = (r[key] if index is None else r[key][index] for r in (result, plain, reference))
+        assert not torch.isnan(actual).any(), name
+        scale = parameter_gradient_scale(reference) if key == "parameters" else expected.abs().max().item()
+        bound = 2 * max_error(plain_value, expected) + 1e-3 * scale
+        assert max_error(actual, expected) <= bound, f"{name}: {max_error(actual, expected):.3e} > {bound:.3e}"
+
+
+def assert_fp32_matches_reference(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Tensor):
+    """The fused op on fp32 qkv against the float64 reference, at the bound of the precision its dots run in."""
+    result = run_fused(module, qkv.float(), H, W, grad_out)
+    assert result["out"].dtype == torch.float32
+    reference = run_reference(module, qkv, H, W, grad_out)
+    if DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        # TF32 MMAs round their operands to 10 mantissa bits: relative errors near 1e-3, a hundred times the IEEE
+        # bound. The bound is then the 16-bit test's, against the reference run in fp32 with TF32 matmuls too.
+        plain = run_reference(copy.deepcopy(module).float(), qkv.float(), H, W, grad_out.float())
+        assert_within_twice_the_plain_error(result, plain, reference)
+    else:
+        # IEEE fp32 dots, and every dot under the interpreter: only fp32 rounding separates kernel and reference.
+        assert_matches_reference(result, reference, 1e-5)
+
+
 # (H, W, batch, dim, heads, shifted, reso): all but one map are padded and not multiples of the windows.
 FP32_CASES = {
     "30x66-unshifted": (30, 66, 1, 64, 2, False, 64),
@@ -130,24 +177,21 @@ FP32_CASES = {
 def test_fp32_matches_reference(case, allow_tf32, whole_window_tiles, monkeypatch):
     H, W, batch, dim, heads, shifted, reso = case
     if batch > 1:
-        # Three dS-sum chunks per head, the last one short: the chunked reduction of the table gradient.
-        monkeypatch.setattr(lsa, "_SCORE_GRAD_SUM_INTERPRETER_PROGRAMS", 3)
+        # The chunked reduction of the table gradient.
+        monkeypatch.setattr(lsa, "_score_grad_sum_chunks", three_score_grad_sum_chunks)
     module = make_module(dim, heads, shifted, reso)
-    qkv = torch.randn(batch, H * W, 3 * dim, dtype=torch.float64)
-    grad_out = torch.randn(batch, H * W, dim, dtype=torch.float64)
-    result = run_fused(module, qkv.float(), H, W, grad_out)
-    assert result["out"].dtype == torch.float32
-    assert_matches_reference(result, run_reference(module, qkv, H, W, grad_out), 1e-5)
+    qkv = torch.randn(batch, H * W, 3 * dim, dtype=torch.float64, device=DEVICE)
+    grad_out = torch.randn(batch, H * W, dim, dtype=torch.float64, device=DEVICE)
+    assert_fp32_matches_reference(module, qkv, H, W, grad_out)
 
 
 @pytest.mark.parametrize("allow_tf32", [True, False], indirect=True, ids=["tf32-tiles", "ieee-tiles"])
 def test_fp32_shipped_tiles_match_reference(allow_tf32):
     H, W = 24, 30
     module = make_module(64, 2, True, 64)
-    qkv = torch.randn(1, H * W, 3 * 64, dtype=torch.float64)
-    grad_out = torch.randn(1, H * W, 64, dtype=torch.float64)
-    result = run_fused(module, qkv.float(), H, W, grad_out)
-    assert_matches_reference(result, run_reference(module, qkv, H, W, grad_out), 1e-5)
+    qkv = torch.randn(1, H * W, 3 * 64, dtype=torch.float64, device=DEVICE)
+    grad_out = torch.randn(1, H * W, 64, dtype=torch.float64, device=DEVICE)
+    assert_fp32_matches_reference(module, qkv, H, W, grad_out)
 
 
 # Shipped 16-bit tiles, both shift modes. reso is the padded size: the reference's rebuilt masks stay float32
@@ -163,22 +207,14 @@ def test_low_precision_within_twice_the_pytorch_error(case):
     """FlashAttention's rule: error vs float64 <= 2 x the error of the reference run in that dtype + a small term."""
     dtype, H, W, shifted, reso = case
     module = make_module(64, 2, shifted, reso)
-    qkv = torch.randn(1, H * W, 3 * 64, dtype=torch.float64)
-    grad_out = torch.randn(1, H * W, 64, dtype=torch.float64)
+    qkv = torch.randn(1, H * W, 3 * 64, dtype=torch.float64, device=DEVICE)
+    grad_out = torch.randn(1, H * W, 64, dtype=torch.float64, device=DEVICE)
     reference = run_reference(module, qkv, H, W, grad_out)
     low = run_reference(copy.deepcopy(module).to(dtype), qkv.to(dtype), H, W, grad_out.to(dtype))
     # The kernel path gets float32 tables, as from a float32 position-bias MLP next to low-precision activations.
     result = run_fused(copy.deepcopy(module).float(), qkv.to(dtype), H, W, grad_out)
     assert result["out"].dtype == dtype
-    checks = [("output", "out", None), ("dqkv", "qkv", None)]
-    checks += [(f"table {b} grad", "tables", b) for b in (0, 1)]
-    checks += [(f"MLP parameter {i} grad", "parameters", i) for i in range(len(reference["parameters"]))]
-    for name, key, index in checks:
-        actual, low_value, expected = (r[key] if index is None else r[key][index] for r in (result, low, reference))
-        assert not torch.isnan(actual).any(), name
-        scale = parameter_gradient_scale(reference) if key == "parameters" else expected.abs().max().item()
-        bound = 2 * max_error(low_value, expected) + 1e-3 * scale
-        assert max_error(actual, expected) <= bound, f"{name}: {max_error(actual, expected):.3e} > {bound:.3e}"
+    assert_within_twice_the_plain_error(result, low, reference)
 
 
 @pytest.mark.parametrize("allow_tf32", [True], indirect=True)
@@ -186,10 +222,10 @@ def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_t
     H, W, batch, dim = 24, 30, 2, 64
     module = make_module(dim, 2, True, 64)
     # Every other batch row of a wider buffer, starting 5 channels in: no stride is the contiguous one.
-    storage = torch.randn(2 * batch, H * W, 3 * dim + 12)
+    storage = torch.randn(2 * batch, H * W, 3 * dim + 12, device=DEVICE)
     strided = storage[::2, :, 5:5 + 3 * dim]
     assert not strided.is_contiguous() and strided.stride(-1) == 1
-    grad_out = torch.randn(batch, H * W, dim)
+    grad_out = torch.randn(batch, H * W, dim, device=DEVICE)
     result = run_fused(module, strided, H, W, grad_out)
     contiguous = run_fused(module, strided.contiguous(), H, W, grad_out)
     assert torch.equal(result["out"], contiguous["out"])
@@ -200,10 +236,10 @@ def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_t
 
 @pytest.mark.parametrize("allow_tf32", [True], indirect=True)
 def test_table_gradient_is_bitwise_reproducible(allow_tf32, whole_window_tiles, monkeypatch):
-    monkeypatch.setattr(lsa, "_SCORE_GRAD_SUM_INTERPRETER_PROGRAMS", 3)
+    monkeypatch.setattr(lsa, "_score_grad_sum_chunks", three_score_grad_sum_chunks)
     H, W = 20, 36
-    qkv = torch.randn(2, H * W, 3 * 64, requires_grad=True)
-    tables = [torch.randn(TABLE_ROWS, 1, requires_grad=True) for _ in range(2)]
+    qkv = torch.randn(2, H * W, 3 * 64, device=DEVICE, requires_grad=True)
+    tables = [torch.randn(TABLE_ROWS, 1, device=DEVICE, requires_grad=True) for _ in range(2)]
     out = lsa.lsa_attention(qkv, H, W, 2, SPLIT, True, *tables, 0.125)
     grad_out = torch.randn_like(out)
     first = torch.autograd.grad(out, [qkv, *tables], grad_out, retain_graph=True)
@@ -215,8 +251,8 @@ def test_table_gradient_is_bitwise_reproducible(allow_tf32, whole_window_tiles, 
 @pytest.mark.parametrize("allow_tf32", [True], indirect=True)
 def test_torch_compile_fullgraph_has_no_graph_break(allow_tf32, whole_window_tiles):
     H, W, dim = 24, 30, 64
-    qkv = torch.randn(1, H * W, 3 * dim, requires_grad=True)
-    tables = [torch.randn(TABLE_ROWS, 1, requires_grad=True) for _ in range(2)]
+    qkv = torch.randn(1, H * W, 3 * dim, device=DEVICE, requires_grad=True)
+    tables = [torch.randn(TABLE_ROWS, 1, device=DEVICE, requires_grad=True) for _ in range(2)]
 
     def loss(qkv, table_0, table_1):
         return (lsa.lsa_attention(qkv, H, W, 2, SPLIT, True, table_0, table_1, 0.125) ** 2).sum()
@@ -244,6 +280,7 @@ TORCH_PATH_CASES = {
 }
 
 
+@pytorch_path_on_cpu
 @pytest.mark.parametrize("case", TORCH_PATH_CASES.values(), ids=TORCH_PATH_CASES.keys())
 def test_float64_takes_the_pytorch_path_and_matches_reference(case):
     H, W, batch, dim, heads, shifted, reso = case
@@ -254,6 +291,7 @@ def test_float64_takes_the_pytorch_path_and_matches_reference(case):
                              1e-11)
 
 
+@pytorch_path_on_cpu
 def test_pytorch_path_in_float32_matches_reference():
     H, W = 36, 70
     module = make_module(64, 2, True, 64)

@@ -7,17 +7,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
 
-from rgt_fast.kernels import _common  # noqa: E402
 from rgt_fast.kernels import rgsa_attention as rgsa  # noqa: E402
-
-if _common.INTERPRET:
-    DEVICE = "cpu"
-elif torch.cuda.is_available():
-    DEVICE = "cuda"
-else:
-    pytest.skip("rgt_fast.kernels was imported without TRITON_INTERPRET=1 and there is no GPU: run pytest with "
-                "TRITON_INTERPRET=1 set in the environment", allow_module_level=True)
 
 
 @pytest.fixture
@@ -107,7 +99,9 @@ def test_tf32_setting_selects_tf32_kernels(tf32_matmuls):
         torch.testing.assert_close(g.double(), w, rtol=tolerance, atol=tolerance * max(1.0, w.abs().max().item()))
 
 
-def test_saved_logsumexp_is_natural_log_of_row_sums():
+# fp32 tests with tight bounds pin TF32 off: on a GPU the kernels and torch.matmul follow the process-wide flag.
+@pytest.mark.parametrize("tf32_matmuls", [False], indirect=True)
+def test_saved_logsumexp_is_natural_log_of_row_sums(tf32_matmuls):
     q, k, v, _ = make_inputs(2, 90, 33, 2, 15, 30, torch.float32)
     out, lse = torch.ops.rgt_fast.rgsa_attention_forward(q, k, v, 0.4, 0)
     scores = (q.double().transpose(1, 2) @ k.double().permute(0, 2, 3, 1)) * 0.4
@@ -124,7 +118,8 @@ def test_dk_dv_bitwise_identical_between_runs(keys):
         assert torch.equal(first, second)
 
 
-def test_torch_fallback_matches_kernels():
+@pytest.mark.parametrize("tf32_matmuls", [False], indirect=True)
+def test_torch_fallback_matches_kernels(tf32_matmuls):
     q, k, v, dout = make_inputs(2, 100, 20, 3, 15, 30, torch.float32)
     got = output_and_grads(lambda *t: rgsa.rgsa_attention(*t, 0.3), q, k, v, dout)
     fallback = output_and_grads(lambda *t: rgsa.rgsa_attention_torch(*t, 0.3), q, k, v, dout)
