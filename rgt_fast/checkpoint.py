@@ -15,6 +15,10 @@ from .files import atomic_destination
 StateDict = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, StateDict]
 
+# Buffers that follow from the architecture alone: a file may leave them out (the built-in demo weights do, which
+# keeps them small: two shift masks are 8 MB at img_size 64). rpe_biases stays required: it records split_size.
+DERIVED_BUFFERS = ("attn_mask_0", "attn_mask_1", "relative_position_index")
+
 # BasicSR keeps EMA weights under 'params_ema' and prefers them for evaluation.
 PARAM_KEYS = ("params_ema", "params", "state_dict", "model")
 
@@ -92,6 +96,7 @@ def load_model(source: Source, *, fused: bool = True, backend: str = "auto", dev
     """Build the RGT that ``source`` (a path or a state_dict) holds, load it strictly and return it in eval mode.
 
     Every hyperparameter is read back from the weights. ``fused=False`` returns ``rgt_fast.reference.RGT``.
+    Buffers that the architecture determines (shift masks, relative position indices) may be absent.
     """
     from . import create_model_from_kwargs
 
@@ -102,6 +107,8 @@ def load_model(source: Source, *, fused: bool = True, backend: str = "auto", dev
     except ArchitectureMismatch as err:
         raise CheckpointError(f"{origin}: {err} (keys start with {list(state_dict)[:5]})") from err
     model = create_model_from_kwargs(kwargs, fused=fused, backend=backend)
+    derived = {k: v for k, v in model.state_dict().items() if k.endswith(DERIVED_BUFFERS) and k not in state_dict}
+    state_dict = {**state_dict, **derived}
     problems = describe_mismatch(model, state_dict)
     if problems and strict:
         raise CheckpointError(f"{origin}: weights do not match the RGT they describe ({problems})")

@@ -11,6 +11,11 @@ import cv2
 import numpy as np
 
 
+# Read once at import: os.umask can only be read by setting it, which is not safe once threads run.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class UnusableImage(ValueError):
     """An image that cannot be read or does not fit its pair; ``path`` names it."""
 
@@ -52,14 +57,15 @@ def encode_png(image: np.ndarray) -> bytes:
 def atomic_destination(destination: Path) -> Iterator[Path]:
     """A hidden temporary path beside ``destination`` that replaces it once the block succeeds.
 
-    An interrupted write leaves ``destination`` as it was. The temporary file is created by name rather than
-    with tempfile.mkstemp, whose 0600 mode would stay on the result after the rename.
+    An interrupted write leaves ``destination`` as it was. The result gets the usual mode for new files (some
+    writers, like tempfile.mkstemp or safetensors, create theirs 0600).
     """
     destination = Path(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
     temporary = destination.with_name(f".{destination.name}.{secrets.token_hex(4)}.tmp")
     try:
         yield temporary
+        os.chmod(temporary, 0o666 & ~_UMASK)
         os.replace(temporary, destination)
     except BaseException:
         temporary.unlink(missing_ok=True)

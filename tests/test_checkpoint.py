@@ -146,3 +146,17 @@ def test_non_tensor_entries_are_rejected(tmp_path):
     with pytest.raises(CheckpointError, match="not a tensor"):
         load_model(path, fused=False)
 
+
+
+def test_buffers_derived_from_the_architecture_may_be_left_out(tmp_path):
+    source = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2, 2], num_heads=[6, 6])
+    full = source.state_dict()
+    derived = [k for k in full if k.endswith(("attn_mask_0", "attn_mask_1", "relative_position_index"))]
+    assert any(k.endswith("attn_mask_0") for k in derived)
+    rgt_fast.save_state_dict({k: v for k, v in full.items() if k not in derived}, tmp_path / "small.safetensors")
+    model = load_model(tmp_path / "small.safetensors", fused=False)
+    for key, value in full.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "small.safetensors").stat().st_mode & 0o777 == 0o666 & ~umask
