@@ -33,10 +33,23 @@ class UsageError(Exception):
     """A command line that cannot run as given; exits with status 2, as argparse's own errors do."""
 
 
+DEMO_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEMO_DEFAULT_SCALE = 4
+
+
 def default_weights(scale: int | None) -> Path:
-    """The weights used when --weights is not given (for ``scale``, or the default scale when None)."""
-    raise UsageError("--weights is required: this version has no built-in model; pass an RGT checkpoint "
-                     "(.pth or .safetensors), e.g. --weights RGT_x4.pth")
+    """The built-in demo model for ``scale`` (x4 when None), used when --weights is not given."""
+    scale = DEMO_DEFAULT_SCALE if scale is None else scale
+    path = DEMO_WEIGHTS_DIR / f"demo_RGT_x{scale}.safetensors"
+    if not path.is_file():
+        built_in = ", ".join(sorted("x" + p.stem.rsplit("_x", 1)[1]
+                                    for p in DEMO_WEIGHTS_DIR.glob("demo_RGT_x*.safetensors"))) or "none"
+        raise UsageError(f"no built-in demo model for x{scale} (built in: {built_in}); pass an RGT checkpoint "
+                         f"(.pth or .safetensors) with --weights")
+    print(f"rgt-fast upscale: using the built-in demo model (x{scale}, a compact RGT trained on a few natural "
+          f"images); for the paper's quality pass the official weights with --weights RGT_x{scale}.pth",
+          file=sys.stderr)
+    return path
 
 
 def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:

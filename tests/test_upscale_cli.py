@@ -152,9 +152,19 @@ def test_inputs_sharing_a_name_are_refused_before_any_work(tmp_path, weights_x2,
     assert not (tmp_path / "out").exists()
 
 
-def test_without_weights_the_error_asks_for_them(tmp_path, capsys):
+@pytest.mark.parametrize("scale_args,scale", [([], 4), (["--scale", "2"], 2)])
+def test_without_weights_the_built_in_demo_model_is_used(tmp_path, capsys, scale_args, scale):
     source = _write(tmp_path / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
 
-    assert main(["upscale", str(source), "-o", str(tmp_path / "out")]) == 2
+    assert main(["upscale", str(source), "-o", str(tmp_path / "out"), "--backend", "torch", *scale_args]) == 0
 
-    assert "--weights is required" in capsys.readouterr().err
+    assert cv2.imread(str(tmp_path / "out" / "photo.png")).shape == (HEIGHT * scale, WIDTH * scale, 3)
+    assert capsys.readouterr().err.count("using the built-in demo model") == 1
+
+
+def test_a_scale_without_a_built_in_model_asks_for_weights(tmp_path, capsys):
+    source = _write(tmp_path / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
+
+    assert main(["upscale", str(source), "-o", str(tmp_path / "out"), "--scale", "3"]) == 2
+
+    assert "no built-in demo model for x3 (built in: x2, x4)" in capsys.readouterr().err
