@@ -10,11 +10,11 @@ from typing import Callable
 import torch
 
 from .config import preset_kwargs
+from .inference import DTYPES
 from .model import accelerate
 from .reference import RGT as ReferenceRGT
 from .reference.rgt import recursion_count
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def model_flops(model: torch.nn.Module, H: int, W: int) -> float:
@@ -79,7 +79,14 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    """Autocast to a 16-bit ``dtype``; None or float32 runs the models as they are."""
+    if dtype in (None, torch.float32):
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _dtype_label(dtype: torch.dtype | None) -> str:
+    return "fp32" if dtype in (None, torch.float32) else str(dtype).replace("torch.", "")
 
 
 def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: int, iters: int) -> dict:
@@ -95,7 +102,7 @@ def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: i
     fused.eval()
     out_ref, out_fused = runner(reference)(), runner(fused)()
     row = {"name": name, "mode": "inference", "shape": list(x.shape),
-           "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
+           "dtype": _dtype_label(dtype),
            "max_abs_err": (out_ref.float() - out_fused.float()).abs().max().item()}
     del out_ref, out_fused
     row["reference_ms"] = time_ms(runner(reference), warmup, iters, device)
@@ -132,7 +139,7 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
     torch.manual_seed(0)
     loss_fused = stepper(fused)()
     row = {"name": name, "mode": "train", "shape": list(x.shape),
-           "dtype": "fp32" if dtype is None else str(dtype).replace("torch.", ""),
+           "dtype": _dtype_label(dtype),
            "max_abs_err": abs(loss_ref.item() - loss_fused.item())}
     row["reference_ms"] = time_ms(stepper(reference), warmup, iters, device)
     row["fused_ms"] = time_ms(stepper(fused), warmup, iters, device)
