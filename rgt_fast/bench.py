@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import json
+import sys
 import time
 from typing import Callable
 
@@ -65,8 +68,49 @@ def time_ms(fn: Callable[[], object], warmup: int, iters: int, device: torch.dev
     return sorted(samples)[len(samples) // 2]
 
 
+def _proc_status_mib(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise OSError(f"/proc/self/status has no {field}")
+
+
+def _release_free_heap() -> None:
+    # glibc keeps freed heap pages resident, so a model run a second time would reuse them and read ~0 MiB of
+    # growth; handing them back first makes repeated measurements agree. musl has no malloc_trim.
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:
+        pass
+
+
+def _cpu_peak_mb(fn: Callable[[], object]) -> float | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    _release_free_heap()
+    try:
+        # "5" resets the kernel's high-water mark (VmHWM) to the current resident set size.
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        base = _proc_status_mib("VmRSS")
+    except OSError:
+        return None
+    fn()
+    return _proc_status_mib("VmHWM") - base
+
+
 def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory ``fn`` allocates beyond what was already allocated (CUDA only)."""
+    """Peak memory in MiB that ``fn`` needs beyond what was already in use, or None where it cannot be measured.
+
+    On CUDA it is the caching allocator's peak of allocated bytes. On CPU (Linux only, through /proc) it is the
+    peak growth of the process's resident set, so it includes allocator behaviour (fragmentation, pages the
+    allocator keeps resident) and anything else the process touches meanwhile; free heap memory is handed back
+    to the system before the baseline is read, where the C library allows it (glibc's malloc_trim).
+    """
+    gc.collect()
+    if device.type == "cpu":
+        return _cpu_peak_mb(fn)
     if device.type != "cuda":
         return None
     _synchronize(device)
@@ -168,7 +212,10 @@ def build_pair(model: str, scale: int, device: torch.device, backend: str = "aut
 
 
 def device_name(device: torch.device) -> str:
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def parse_size(text: str) -> tuple[int, int]:

@@ -15,6 +15,7 @@ from torch import nn
 from .kernels._common import SUPPORTED_DTYPES, triton_runs_on
 from .kernels.lsa_attention import lsa_attention, lsa_attention_torch
 from .kernels.rgsa_attention import rgsa_attention, rgsa_attention_torch
+from .kernels.spatial_gate import spatial_gate
 from .reference import rgt as reference
 
 BACKENDS = ("auto", "triton", "torch")
@@ -69,7 +70,24 @@ class FusedRGSA(reference.RGSA):
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
-FUSED_CLASSES = {reference.LSA: FusedLSA, reference.RGSA: FusedRGSA}
+class FusedMLP(reference.MLP):
+    """MLP whose GELU, spatial gate (LayerNorm, depthwise conv) and product are one fused op between fc1 and fc2.
+
+    The torch backend keeps the reference's modules: the same ops, in the same order, are what PyTorch runs
+    fastest on CPU.
+    """
+
+    backend = "auto"
+
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        if (self.training and self.drop.p > 0) or not uses_triton(self.backend, x):
+            return super().forward(x, H, W)  # the fused op has no dropout
+        gate = self.sg
+        return self.fc2(spatial_gate(self.fc1(x), H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight,
+                                     gate.conv.bias, gate.norm.eps))
+
+
+FUSED_CLASSES = {reference.LSA: FusedLSA, reference.RGSA: FusedRGSA, reference.MLP: FusedMLP}
 
 
 class RGT(reference.RGT):
@@ -87,7 +105,7 @@ class RGT(reference.RGT):
         check_backend(backend)
         self.backend = backend
         for module in self.modules():
-            if isinstance(module, (FusedLSA, FusedRGSA)):
+            if isinstance(module, (FusedLSA, FusedRGSA, FusedMLP)):
                 module.backend = backend
         return self
 

@@ -4,7 +4,20 @@ import pytest
 import torch
 
 import rgt_fast
+from rgt_fast.bench import peak_mb
 from rgt_fast.cli import main
+
+
+def _peak_rss_resettable() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+PEAK_RSS_RESETTABLE = _peak_rss_resettable()
 
 
 def test_inspect_prints_the_detected_architecture(tmp_path, capsys):
@@ -29,7 +42,19 @@ def test_bench_quick_writes_valid_json(tmp_path, capsys):
     assert {"name", "reference_ms", "fused_ms", "speedup", "max_abs_err"} <= row.keys()
     assert row["reference_ms"] > 0 and row["fused_ms"] > 0
     assert row["max_abs_err"] < 1e-3
+    if PEAK_RSS_RESETTABLE:
+        assert isinstance(row["reference_peak_mb"], float) and row["reference_peak_mb"] > 0
+        assert isinstance(row["fused_peak_mb"], float) and row["fused_peak_mb"] > 0
     assert "speedup" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not PEAK_RSS_RESETTABLE,
+                    reason="/proc/self/clear_refs is not writable, so CPU peak memory is not measured")
+def test_cpu_peak_mb_is_the_growth_fn_causes():
+    tensor_mib = 200
+    peak = peak_mb(lambda: torch.ones(tensor_mib * 2**20 // 4), torch.device("cpu"))
+    assert 150 <= peak <= 400
+    assert peak_mb(lambda: None, torch.device("cpu")) < 10
 
 
 def test_unknown_arguments_are_refused(capsys):

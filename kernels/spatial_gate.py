@@ -1,0 +1,512 @@
+"""The MLP's spatial gate: GELU, LayerNorm of the second half, depthwise 3x3 conv, product with the first half.
+
+``spatial_gate(hidden, H, W, norm_weight, norm_bias, conv_weight, conv_bias, eps)`` takes the output of the
+MLP's ``fc1``, before its GELU, as (B, H*W, 2C) tokens (any strides) and returns (B, H*W, C), contiguous,
+ready for ``fc2``. It equals ``x1 * conv(LayerNorm(x2))`` with ``x1, x2 = GELU(hidden).chunk(2, -1)``; the conv
+has zero padding and runs on the token map as an H x W image.
+
+The reference writes GELU(hidden), the normalised half, a channel-first copy of it for the conv, the conv
+output and the product: five tensors of the size of the output or larger, each written and read back. Here:
+
+* Forward: a norm kernel reads the second half of ``hidden`` once and writes the normalised map (in the input
+  dtype, which is where autocast rounds it too, as the conv's bf16 input); a conv kernel reads its 3x3
+  neighbourhoods (cache hits after the first), adds the bias, multiplies by GELU of the first half and
+  writes the output. Nothing is saved for the backward except ``hidden``, which the reference keeps too.
+* Backward: the norm kernel runs again to recompute the normalised map. A conv-backward kernel recomputes
+  the conv output, writes the gradient of the first half of ``hidden`` and the conv output's gradient, and
+  accumulates the conv weight and bias gradients. A norm-backward kernel applies the transposed conv
+  (the 3x3 neighbourhood again), then the LayerNorm and GELU backward, and accumulates the LayerNorm
+  weight and bias gradients. Those parameter gradients are sums over every token: each program sums a
+  fixed chunk of tokens into an fp32 partial, and the partials are summed in a fixed order afterwards.
+  There are no atomics, and the chunking depends only on the shapes, so they are bitwise identical from
+  run to run and between GPUs.
+* Token indices are 64-bit in address arithmetic: 4K x 4K maps with 2 x 180 channels pass 2**31 elements.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, KernelVariant, triton_runs_on
+
+_INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
+_INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
+# A whole token row of the gate (C channels, padded to a power of two) is one register tile in the norm
+# kernels; RGT has C = 180 (RGT, RGT-S) or the embed dim for other mlp ratios.
+_MAX_CHANNELS = 512
+# Elements per register tile of the whole-row kernels, and the (tokens x channels) tile of the conv kernels.
+_ROW_TILE_ELEMENTS = 4096
+_CONV_BLOCK_TOKENS = 32
+_CONV_BLOCK_CHANNELS = 64
+_NUM_WARPS = 4
+_NORM_BACKWARD_NUM_WARPS = 8
+# Enough programs to fill a 132-SM GPU several times over, with few enough partials (programs x 11 x C fp32)
+# that summing them is negligible.
+_BACKWARD_TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _gelu(x):
+    return 0.5 * x * (1.0 + tl.erf(x * _INV_SQRT_2))
+
+
+@triton.jit
+def _gelu_grad(x):
+    return 0.5 * (1.0 + tl.erf(x * _INV_SQRT_2)) + x * tl.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+@triton.jit
+def _token_coordinates(tokens, tokens_per_image, width):
+    """(image, row, column) of flat token indices over the batch."""
+    image = tokens // tokens_per_image
+    within = tokens - image * tokens_per_image
+    row = within // width
+    return image, row, within - row * width
+
+
+@triton.jit
+def _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid, channels,
+                          tokens_per_image, eps, CHANNELS: tl.constexpr):
+    """GELU of the second half of ``hidden`` for a tile of tokens, normalised per token: (x_hat, rstd, x)."""
+    image = tokens // tokens_per_image
+    within = tokens - image * tokens_per_image
+    channel_valid = channels < CHANNELS
+    valid = token_valid[:, None] & channel_valid[None, :]
+    x = tl.load(hidden_ptr + image[:, None] * stride_hb + within[:, None] * stride_hn
+                + (CHANNELS + channels[None, :]) * stride_hc, mask=valid, other=0.0).to(tl.float32)
+    gelu = _gelu(x)
+    mean = tl.sum(gelu, axis=1) / CHANNELS
+    centred = tl.where(valid, gelu - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CHANNELS + eps)
+    return centred * rstd[:, None], rstd, x
+
+
+@triton.jit
+def _gate_norm_kernel(
+    hidden_ptr, norm_weight_ptr, norm_bias_ptr, normed_ptr,
+    stride_hb, stride_hn, stride_hc,
+    num_tokens, tokens_per_image, eps,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_valid = tokens < num_tokens
+    channels = tl.arange(0, CHANNELS_PAD)
+    channel_valid = channels < CHANNELS
+    x_hat, _, _ = _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid,
+                                        channels, tokens_per_image, eps, CHANNELS)
+    weight = tl.load(norm_weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    bias = tl.load(norm_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    normed = x_hat * weight[None, :] + bias[None, :]
+    tl.store(normed_ptr + tokens[:, None] * CHANNELS + channels[None, :], normed.to(normed_ptr.dtype.element_ty),
+             mask=token_valid[:, None] & channel_valid[None, :])
+
+
+@triton.jit
+def _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels, channel_valid,
+                    tokens_per_image, height, width, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """The depthwise 3x3 conv (zero padding) of the normalised map plus its bias, at a tile of tokens."""
+    _, row, column = _token_coordinates(tokens, tokens_per_image, width)
+    acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
+    acc += tl.load(conv_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)[None, :]
+    for tap in tl.static_range(9):
+        dy = tap // 3 - 1
+        dx = tap % 3 - 1
+        inside = (token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
+                  & (column + dx < width))
+        neighbour = tokens + dy * width + dx
+        taps = tl.load(normed_ptr + neighbour[:, None] * CHANNELS + channels[None, :],
+                       mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
+        weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
+        acc += taps * weight[None, :]
+    return acc
+
+
+@triton.jit
+def _gate_conv_kernel(
+    hidden_ptr, normed_ptr, conv_weight_ptr, conv_bias_ptr, out_ptr,
+    stride_hb, stride_hn, stride_hc,
+    num_tokens, tokens_per_image, height, width,
+    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_valid = tokens < num_tokens
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_valid = channels < CHANNELS
+    conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
+                           channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
+    image, _, _ = _token_coordinates(tokens, tokens_per_image, width)
+    within = tokens - image * tokens_per_image
+    valid = token_valid[:, None] & channel_valid[None, :]
+    first_half = tl.load(hidden_ptr + image[:, None] * stride_hb + within[:, None] * stride_hn
+                         + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + tokens[:, None] * CHANNELS + channels[None, :],
+             (_gelu(first_half) * conv).to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _gate_conv_backward_kernel(
+    hidden_ptr, normed_ptr, conv_weight_ptr, conv_bias_ptr, dout_ptr, dhidden_ptr, dconv_ptr,
+    conv_weight_partial_ptr, conv_bias_partial_ptr,
+    stride_hb, stride_hn, stride_hc,
+    stride_ob, stride_on, stride_oc,
+    num_tokens, tokens_per_image, height, width, tiles_per_program,
+    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """d(first half of hidden) and d(conv output) for a chunk of token tiles; conv weight/bias partials."""
+    chunk = tl.program_id(0)
+    channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    channel_valid = channels < CHANNELS
+    taps_of_rows = tl.arange(0, 16)
+    weight_partial = tl.zeros([16, BLOCK_C], tl.float32)
+    bias_partial = tl.zeros([BLOCK_C], tl.float32)
+    for tile in range(tiles_per_program):
+        tokens = (chunk * tiles_per_program + tile).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_valid = tokens < num_tokens
+        valid = token_valid[:, None] & channel_valid[None, :]
+        conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
+                               channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
+        image, row, column = _token_coordinates(tokens, tokens_per_image, width)
+        within = tokens - image * tokens_per_image
+        first_half = tl.load(hidden_ptr + image[:, None] * stride_hb + within[:, None] * stride_hn
+                             + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + image[:, None] * stride_ob + within[:, None] * stride_on
+                       + channels[None, :] * stride_oc, mask=valid, other=0.0).to(tl.float32)
+        dfirst = dout * conv * _gelu_grad(first_half)
+        tl.store(dhidden_ptr + tokens[:, None] * (2 * CHANNELS) + channels[None, :],
+                 dfirst.to(dhidden_ptr.dtype.element_ty), mask=valid)
+        # Rounded to the storage dtype before use, as the reference's autocast backward rounds it.
+        dconv = (dout * _gelu(first_half)).to(dconv_ptr.dtype.element_ty)
+        tl.store(dconv_ptr + tokens[:, None] * CHANNELS + channels[None, :], dconv, mask=valid)
+        dconv = dconv.to(tl.float32)
+        bias_partial += tl.sum(dconv, axis=0)
+        for tap in tl.static_range(9):
+            dy = tap // 3 - 1
+            dx = tap % 3 - 1
+            inside = (token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
+                      & (column + dx < width))
+            neighbour = tokens + dy * width + dx
+            taps = tl.load(normed_ptr + neighbour[:, None] * CHANNELS + channels[None, :],
+                           mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
+            weight_partial += tl.where(taps_of_rows[:, None] == tap, tl.sum(taps * dconv, axis=0)[None, :], 0.0)
+    partial_row = chunk.to(tl.int64) * 9 * CHANNELS
+    tl.store(conv_weight_partial_ptr + partial_row + channels[None, :] * 9 + taps_of_rows[:, None],
+             weight_partial, mask=(taps_of_rows[:, None] < 9) & channel_valid[None, :])
+    tl.store(conv_bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
+
+
+@triton.jit
+def _gate_norm_backward_kernel(
+    hidden_ptr, norm_weight_ptr, conv_weight_ptr, dconv_ptr, dhidden_ptr,
+    norm_weight_partial_ptr, norm_bias_partial_ptr,
+    stride_hb, stride_hn, stride_hc,
+    num_tokens, tokens_per_image, height, width, tiles_per_program, eps,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    """Transposed conv, LayerNorm and GELU backward: d(second half of hidden); norm weight/bias partials."""
+    chunk = tl.program_id(0)
+    channels = tl.arange(0, CHANNELS_PAD)
+    channel_valid = channels < CHANNELS
+    norm_weight = tl.load(norm_weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    weight_partial = tl.zeros([CHANNELS_PAD], tl.float32)
+    bias_partial = tl.zeros([CHANNELS_PAD], tl.float32)
+    for tile in range(tiles_per_program):
+        tokens = (chunk * tiles_per_program + tile).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        token_valid = tokens < num_tokens
+        valid = token_valid[:, None] & channel_valid[None, :]
+        _, row, column = _token_coordinates(tokens, tokens_per_image, width)
+        # The normalised value at token t fed the conv outputs at t - offset for each tap offset.
+        dnormed = tl.zeros([BLOCK_T, CHANNELS_PAD], tl.float32)
+        for tap in tl.static_range(9):
+            dy = tap // 3 - 1
+            dx = tap % 3 - 1
+            inside = (token_valid & (row - dy >= 0) & (row - dy < height) & (column - dx >= 0)
+                      & (column - dx < width))
+            source = tokens - dy * width - dx
+            dconv = tl.load(dconv_ptr + source[:, None] * CHANNELS + channels[None, :],
+                            mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
+            weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
+            dnormed += dconv * weight[None, :]
+        x_hat, rstd, x = _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid,
+                                               channels, tokens_per_image, eps, CHANNELS)
+        weight_partial += tl.sum(dnormed * x_hat, axis=0)
+        bias_partial += tl.sum(dnormed, axis=0)
+        dx_hat = dnormed * norm_weight[None, :]
+        dgelu = rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
+                                 - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+        tl.store(dhidden_ptr + tokens[:, None] * (2 * CHANNELS) + CHANNELS + channels[None, :],
+                 (dgelu * _gelu_grad(x)).to(dhidden_ptr.dtype.element_ty), mask=valid)
+    tl.store(norm_weight_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, weight_partial, mask=channel_valid)
+    tl.store(norm_bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
+
+
+def _row_block_tokens(channels_pad: int) -> int:
+    return max(1, _ROW_TILE_ELEMENTS // channels_pad)
+
+
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# Outputs and scratch buffers are allocated here, so that tests can poison them before the kernels write.
+_new_buffer = torch.empty
+
+
+def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.Tensor:
+    batch, tokens_per_image, two_channels = hidden.shape
+    channels = two_channels // 2
+    channels_pad = triton.next_power_of_2(channels)
+    block_t = _row_block_tokens(channels_pad)
+    num_tokens = batch * tokens_per_image
+    normed = _new_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
+    _gate_norm_kernel[(triton.cdiv(num_tokens, block_t),)](
+        hidden, norm_weight, norm_bias, normed, *hidden.stride(), num_tokens, tokens_per_image, eps,
+        CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, num_warps=_NUM_WARPS,
+    )
+    return normed
+
+
+def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
+                    eps: float) -> torch.Tensor:
+    batch, tokens_per_image, two_channels = hidden.shape
+    channels = two_channels // 2
+    out = _new_buffer((batch, tokens_per_image, channels), dtype=hidden.dtype, device=hidden.device)
+    num_tokens = batch * tokens_per_image
+    if num_tokens == 0:
+        return out
+    with _on_device_of(hidden):
+        normed = _normed(hidden, norm_weight, norm_bias, eps)
+        grid = (triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS), triton.cdiv(channels, _CONV_BLOCK_CHANNELS))
+        _gate_conv_kernel[grid](
+            hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),
+            num_tokens, tokens_per_image, height, width,
+            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
+        )
+    return out
+
+
+def _tiles_per_program(num_tiles: int) -> int:
+    return max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
+
+
+def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
+                     eps: float):
+    batch, tokens_per_image, two_channels = hidden.shape
+    channels = two_channels // 2
+    num_tokens = batch * tokens_per_image
+    device, dtype = hidden.device, hidden.dtype
+    dhidden = _new_buffer((batch, tokens_per_image, two_channels), dtype=dtype, device=device)
+    if num_tokens == 0:
+        return (dhidden, torch.zeros_like(norm_weight), torch.zeros_like(norm_bias), torch.zeros_like(conv_weight),
+                torch.zeros_like(conv_bias))
+    channels_pad = triton.next_power_of_2(channels)
+    with _on_device_of(hidden):
+        normed = _normed(hidden, norm_weight, norm_bias, eps)
+        dconv = _new_buffer((num_tokens, channels), dtype=dtype, device=device)
+
+        conv_tiles = _tiles_per_program(triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS))
+        conv_chunks = triton.cdiv(triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS), conv_tiles)
+        conv_weight_partial = _new_buffer((conv_chunks, channels, 9), dtype=torch.float32, device=device)
+        conv_bias_partial = _new_buffer((conv_chunks, channels), dtype=torch.float32, device=device)
+        _gate_conv_backward_kernel[(conv_chunks, triton.cdiv(channels, _CONV_BLOCK_CHANNELS))](
+            hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, conv_weight_partial, conv_bias_partial,
+            *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
+            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
+        )
+
+        block_t = _row_block_tokens(channels_pad)
+        norm_tiles = _tiles_per_program(triton.cdiv(num_tokens, block_t))
+        norm_chunks = triton.cdiv(triton.cdiv(num_tokens, block_t), norm_tiles)
+        norm_weight_partial = _new_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
+        norm_bias_partial = _new_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
+        _gate_norm_backward_kernel[(norm_chunks,)](
+            hidden, norm_weight, conv_weight, dconv, dhidden, norm_weight_partial, norm_bias_partial,
+            *hidden.stride(), num_tokens, tokens_per_image, height, width, norm_tiles, eps,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, num_warps=_NORM_BACKWARD_NUM_WARPS,
+        )
+    # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
+    return (dhidden,
+            norm_weight_partial.sum(0).to(norm_weight.dtype), norm_bias_partial.sum(0).to(norm_bias.dtype),
+            conv_weight_partial.sum(0).view(conv_weight.shape).to(conv_weight.dtype),
+            conv_bias_partial.sum(0).to(conv_bias.dtype))
+
+
+@torch.library.custom_op("rgt_fast::spatial_gate_forward", mutates_args=())
+def _spatial_gate_forward_op(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
+                             norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                             eps: float) -> torch.Tensor:
+    return _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+
+
+@_spatial_gate_forward_op.register_fake
+def _spatial_gate_forward_fake(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps):
+    batch, tokens_per_image, two_channels = hidden.shape
+    return hidden.new_empty((batch, tokens_per_image, two_channels // 2))
+
+
+@torch.library.custom_op("rgt_fast::spatial_gate_backward", mutates_args=())
+def _spatial_gate_backward_op(dout: torch.Tensor, hidden: torch.Tensor, height: int, width: int,
+                              norm_weight: torch.Tensor, norm_bias: torch.Tensor, conv_weight: torch.Tensor,
+                              conv_bias: torch.Tensor, eps: float
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_backward(dout, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+
+
+@_spatial_gate_backward_op.register_fake
+def _spatial_gate_backward_fake(dout, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps):
+    return (hidden.new_empty(hidden.shape), norm_weight.new_empty(norm_weight.shape),
+            norm_bias.new_empty(norm_bias.shape), conv_weight.new_empty(conv_weight.shape),
+            conv_bias.new_empty(conv_bias.shape))
+
+
+def _setup_backward(ctx, inputs, output):
+    hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps = inputs
+    ctx.save_for_backward(hidden, norm_weight, norm_bias, conv_weight, conv_bias)
+    ctx.height, ctx.width, ctx.eps = height, width, eps
+
+
+def _spatial_gate_backward(ctx, dout):
+    hidden, norm_weight, norm_bias, conv_weight, conv_bias = ctx.saved_tensors
+    grads = _spatial_gate_backward_op(dout, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight,
+                                      conv_bias, ctx.eps)
+    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias = grads
+    return dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None
+
+
+_spatial_gate_forward_op.register_autograd(_spatial_gate_backward, setup_context=_setup_backward)
+
+
+class _SpatialGate(torch.autograd.Function):
+    """The eager-mode entry, straight to the launchers (the custom ops' dispatch costs CPU time per call)."""
+
+    @staticmethod
+    def forward(ctx, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias, eps: float):
+        out = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+        ctx.save_for_backward(hidden, norm_weight, norm_bias, conv_weight, conv_bias)
+        ctx.height, ctx.width, ctx.eps = height, width, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        hidden, norm_weight, norm_bias, conv_weight, conv_bias = ctx.saved_tensors
+        grads = _triton_backward(dout, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight,
+                                 conv_bias, ctx.eps)
+        dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias = grads
+        return dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None
+
+
+def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
+                       norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    """Plain-PyTorch spatial gate with the layouts of :func:`spatial_gate` (any dtype, any device)."""
+    batch, tokens_per_image, two_channels = hidden.shape
+    channels = two_channels // 2
+    first, second = torch.nn.functional.gelu(hidden).chunk(2, dim=-1)
+    normed = torch.nn.functional.layer_norm(second, (channels,), norm_weight, norm_bias, eps)
+    image = normed.transpose(1, 2).reshape(batch, channels, height, width)
+    conv = torch.nn.functional.conv2d(image, conv_weight, conv_bias, padding=1, groups=channels)
+    return first * conv.flatten(2).transpose(1, 2)
+
+
+def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"spatial_gate: hidden must be a torch.Tensor, got {type(hidden).__name__}")
+    if hidden.dim() != 3 or hidden.shape[2] % 2:
+        raise ValueError(f"spatial_gate: hidden must be (B, H*W, 2C) with an even channel count, got shape "
+                         f"{tuple(hidden.shape)}")
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < 1:
+            raise ValueError(f"spatial_gate: {name} must be a positive int, got {value!r}")
+    if hidden.shape[1] != height * width:
+        raise ValueError(f"spatial_gate: hidden has {hidden.shape[1]} tokens per image but the map is "
+                         f"{height}x{width} = {height * width}; pass the H and W the tokens came from")
+    if hidden.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+        raise TypeError(f"spatial_gate: unsupported dtype {hidden.dtype}; use float32, bfloat16 or float16 "
+                        f"(float64 runs on the PyTorch fallback)")
+    channels = hidden.shape[2] // 2
+    expected = {"norm_weight": (channels,), "norm_bias": (channels,), "conv_weight": (channels, 1, 3, 3),
+                "conv_bias": (channels,)}
+    for name, t in zip(expected, (norm_weight, norm_bias, conv_weight, conv_bias)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != expected[name]:
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(f"spatial_gate: {name} must have shape {expected[name]} for {2 * channels} hidden "
+                             f"channels, got {shape}")
+        if t.device != hidden.device:
+            raise ValueError(f"spatial_gate: {name} is on {t.device} but hidden is on {hidden.device}; move "
+                             f"the module with .to(hidden.device)")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"spatial_gate: eps must be a positive finite number, got {eps!r}")
+
+
+def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
+                 norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
+                 eps: float = 1e-5) -> torch.Tensor:
+    """``x1 * dwconv3x3(LayerNorm(x2))`` with ``x1, x2 = GELU(hidden).chunk(2, -1)``: (B, H*W, 2C) -> (B, H*W, C).
+
+    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
+    :func:`spatial_gate_torch` otherwise. Parameters may be in another float dtype than ``hidden`` (fp32
+    parameters under autocast); the kernels compute in fp32 and their gradients come back in the
+    parameters' dtypes.
+    """
+    _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+    if hidden.dtype in SUPPORTED_DTYPES and triton_runs_on(hidden):
+        if hidden.shape[2] // 2 > _MAX_CHANNELS:
+            raise ValueError(f"spatial_gate: the Triton kernels take up to {_MAX_CHANNELS} gate channels, got "
+                             f"{hidden.shape[2] // 2}; use spatial_gate_torch")
+        args = (hidden, int(height), int(width), norm_weight, norm_bias, conv_weight, conv_bias, float(eps))
+        if torch.compiler.is_compiling():
+            return _spatial_gate_forward_op(*args)
+        return _SpatialGate.apply(*args)
+    return spatial_gate_torch(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+
+
+# Gate channel counts of the models: 180 (RGT, RGT-S), 60 (embed 60), 64 (the built-in demo models).
+_AOT_CHANNELS = (180, 60, 64)
+
+
+def aot_variants() -> list[KernelVariant]:
+    """Every kernel x dtype x channel count the launchers can pick, for the AOT report."""
+    variants = []
+    for dtype in SUPPORTED_DTYPES:
+        name = TRITON_DTYPE_NAMES[dtype]
+        for channels in _AOT_CHANNELS:
+            channels_pad = triton.next_power_of_2(channels)
+            row_tokens = _row_block_tokens(channels_pad)
+            launches = (
+                (_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens), _NUM_WARPS),
+                (_gate_conv_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS), _NUM_WARPS),
+                (_gate_conv_backward_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS),
+                 _NUM_WARPS),
+                (_gate_norm_backward_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens),
+                 _NORM_BACKWARD_NUM_WARPS),
+            )
+            for fn, tiles, num_warps in launches:
+                constexprs = dict(CHANNELS=channels, **tiles)
+                signature = {}
+                for arg in fn.arg_names:
+                    if arg in constexprs:
+                        signature[arg] = "constexpr"
+                    elif arg.endswith("partial_ptr"):
+                        signature[arg] = "*fp32"
+                    elif arg.startswith(("norm_", "conv_")) and arg.endswith("_ptr"):
+                        signature[arg] = "*fp32"  # module parameters stay fp32 under autocast
+                    elif arg.endswith("_ptr"):
+                        signature[arg] = "*" + name
+                    elif arg == "stride_hc" or arg == "stride_oc":
+                        signature[arg] = "constexpr"  # channel strides are 1 in the model: Triton specialises 1
+                        constexprs[arg] = 1
+                    elif arg == "eps":
+                        signature[arg] = "fp32"
+                    else:
+                        signature[arg] = "i32"
+                config = " ".join([f"{name} C={channels}", *(f"{k}={v}" for k, v in tiles.items()),
+                                   f"warps={num_warps}"])
+                variants.append(KernelVariant(kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
+                                              num_warps=num_warps, num_stages=1, uses_dot=False, config=config))
+    return variants

@@ -1,0 +1,204 @@
+"""The fused spatial gate (GELU, LayerNorm, depthwise conv, product) against the reference modules in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_device import KERNEL_DEVICE
+from rgt_fast.kernels import spatial_gate as sg
+from rgt_fast.reference.rgt import SpatialGate
+
+EPS = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every output and scratch buffer starts as NaN, so an element a kernel forgets to write shows up."""
+    def nan_filled(shape, *, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(sg, "_new_buffer", nan_filled)
+
+
+def make_inputs(batch, height, width, channels, dtype=torch.float32, strided=False):
+    """Fresh random hidden activations, parameters away from their init values, and an upstream gradient."""
+    shape = (batch, height * width, 2 * channels)
+    if strided:  # channel-major storage: the token and channel strides are both not 1
+        hidden = torch.randn(batch, 2 * channels, height * width, device=KERNEL_DEVICE).transpose(1, 2)
+    else:
+        hidden = torch.randn(shape, device=KERNEL_DEVICE)
+    params = (1 + 0.3 * torch.randn(channels), 0.3 * torch.randn(channels), 0.3 * torch.randn(channels, 1, 3, 3),
+              0.3 * torch.randn(channels))
+    dout = torch.randn(batch, channels, height * width, device=KERNEL_DEVICE).transpose(1, 2)
+    if not strided:
+        dout = dout.contiguous()
+    return hidden.to(dtype), [p.to(KERNEL_DEVICE) for p in params], dout.to(dtype)
+
+
+def reference_gate(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias):
+    """The oracle: the reference MLP's GELU and SpatialGate module with these parameters."""
+    module = SpatialGate(hidden.shape[2] // 2).to(device=hidden.device, dtype=hidden.dtype)
+    with torch.no_grad():
+        for target, value in zip((module.norm.weight, module.norm.bias, module.conv.weight, module.conv.bias),
+                                 (norm_weight, norm_bias, conv_weight, conv_bias)):
+            target.copy_(value)
+    out = module(torch.nn.functional.gelu(hidden), height, width)
+    return out, module
+
+
+def output_and_grads(hidden, params, dout, height, width, dtype, fn):
+    """Output and the gradients of hidden and of the four parameters, computed in ``dtype``."""
+    leaf_hidden = hidden.detach().to(dtype).requires_grad_()
+    leaf_params = [p.detach().to(dtype).requires_grad_() for p in params]
+    out = fn(leaf_hidden, height, width, *leaf_params)
+    out.backward(dout.to(dtype))
+    return [out.detach()] + [t.grad for t in [leaf_hidden, *leaf_params]]
+
+
+def oracle(hidden, params, dout, height, width, dtype=torch.float64):
+    """The reference modules' output and gradients, run in ``dtype`` (float64: the oracle)."""
+    leaf_hidden = hidden.detach().to(dtype).requires_grad_()
+    out, module = reference_gate(leaf_hidden, height, width, *(p.to(dtype) for p in params))
+    out.backward(dout.to(dtype))
+    return [out.detach(), leaf_hidden.grad, module.norm.weight.grad, module.norm.bias.grad, module.conv.weight.grad,
+            module.conv.bias.grad]
+
+
+def fused(hidden, height, width, *params):
+    return sg.spatial_gate(hidden, height, width, *params, EPS)
+
+
+def fused_with_fp32_params(dtype):
+    """The kernel as the model runs it under autocast: 16-bit activations, fp32 parameters."""
+    def run(hidden, params, dout, height, width):
+        leaf_hidden = hidden.detach().to(dtype).requires_grad_()
+        leaf_params = [p.detach().float().requires_grad_() for p in params]
+        out = sg.spatial_gate(leaf_hidden, height, width, *leaf_params, EPS)
+        out.backward(dout.to(dtype))
+        return [out.detach()] + [t.grad for t in [leaf_hidden, *leaf_params]]
+    return run
+
+
+NAMES = ("out", "d_hidden", "d_norm_weight", "d_norm_bias", "d_conv_weight", "d_conv_bias")
+# (batch, height, width, channels): odd maps, a single row and column, channel counts that are not tiles
+# (60 pads to 64, 70 spans two channel blocks of the conv kernels).
+SHAPES = [(2, 5, 7, 12), (1, 9, 13, 60), (3, 4, 17, 23), (1, 1, 9, 8), (2, 11, 1, 70)]
+
+
+@pytest.mark.parametrize("batch,height,width,channels", SHAPES)
+@pytest.mark.parametrize("strided", [False, True])
+def test_fp32_matches_float64_reference_modules(batch, height, width, channels, strided):
+    hidden, params, dout = make_inputs(batch, height, width, channels, strided=strided)
+    got = output_and_grads(hidden, params, dout, height, width, torch.float32, fused)
+    want = oracle(hidden, params, dout, height, width)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        scale = w.abs().max().item()
+        torch.testing.assert_close(g.double(), w, atol=2e-6 * scale, rtol=2e-5, msg=name)
+
+
+def test_many_token_tiles_per_backward_program_match(monkeypatch):
+    """Force chunks of several tiles: the per-program partial sums must still cover every token exactly once."""
+    monkeypatch.setattr(sg, "_BACKWARD_TARGET_PROGRAMS", 3)
+    hidden, params, dout = make_inputs(2, 13, 11, 20)
+    got = output_and_grads(hidden, params, dout, 13, 11, torch.float32, fused)
+    want = oracle(hidden, params, dout, 13, 11)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-6 * w.abs().max().item(), rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,height,width,channels", [(2, 12, 13, 60), (1, 17, 11, 36)])
+def test_low_precision_within_flash_attention_bound(batch, height, width, channels, dtype):
+    """Error against float64 at most twice that of the reference modules run in the same precision, plus a
+    small absolute term (FlashAttention's rule)."""
+    hidden, params, dout = make_inputs(batch, height, width, channels)
+    want = oracle(hidden, params, dout, height, width)
+    got = fused_with_fp32_params(dtype)(hidden, params, dout, height, width)
+    baseline = oracle(hidden, params, dout, height, width, dtype)
+    for name, g, b, w in zip(NAMES, got, baseline, want):
+        scale = w.abs().max().item()
+        kernel_error = (g.double() - w).abs().max().item()
+        reference_error = (b.double() - w).abs().max().item()
+        assert kernel_error <= 2 * reference_error + 1e-3 * scale, (name, kernel_error, reference_error)
+
+
+def test_parameter_gradients_bitwise_identical_between_runs(monkeypatch):
+    monkeypatch.setattr(sg, "_BACKWARD_TARGET_PROGRAMS", 4)
+    hidden, params, dout = make_inputs(2, 9, 10, 24)
+    first = output_and_grads(hidden, params, dout, 9, 10, torch.float32, fused)
+    second = output_and_grads(hidden, params, dout, 9, 10, torch.float32, fused)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_torch_fallback_matches_reference_modules():
+    hidden, params, dout = make_inputs(2, 5, 6, 10)
+    got = output_and_grads(hidden, params, dout, 5, 6, torch.float64,
+                           lambda h, height, width, *p: sg.spatial_gate_torch(h, height, width, *p, EPS))
+    want = oracle(hidden, params, dout, 5, 6)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_float64_dispatches_to_torch_fallback():
+    hidden, params, _ = make_inputs(1, 4, 5, 6, dtype=torch.float64)
+    params = [p.double() for p in params]
+    assert torch.equal(sg.spatial_gate(hidden, 4, 5, *params), sg.spatial_gate_torch(hidden, 4, 5, *params, EPS))
+
+
+def test_empty_batch_gives_empty_output_and_zero_parameter_grads():
+    hidden, params, dout = make_inputs(0, 4, 5, 6)
+    got = output_and_grads(hidden, params, dout, 4, 5, torch.float32, fused)
+    assert got[0].shape == (0, 20, 6) and got[1].shape == (0, 20, 12)
+    for g in got[2:]:
+        assert torch.equal(g, torch.zeros_like(g))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    hidden, params, dout = make_inputs(1, 6, 7, 10)
+
+    def block(h, height, width, *p):
+        return fused(h, height, width, *p) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = output_and_grads(hidden, params, dout, 6, 7, torch.float32, compiled)
+    want = output_and_grads(hidden, params, dout, 6, 7, torch.float32, block)
+    for name, g, w in zip(NAMES, got, want):
+        assert torch.equal(g, w), name
+
+
+def _good_inputs():
+    hidden, params, _ = make_inputs(1, 4, 5, 6)
+    return [hidden, 4, 5, *params]
+
+
+def _replace(position, value):
+    def mutate(args):
+        args = list(args)
+        args[position] = value(args[position]) if callable(value) else value
+        return args
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,error,message", [
+    (_replace(0, lambda h: h[..., :-1]), ValueError, "even channel count"),
+    (_replace(0, lambda h: h[0]), ValueError, r"\(B, H\*W, 2C\)"),
+    (_replace(1, 5), ValueError, "tokens per image"),
+    (_replace(2, 0), ValueError, "width must be a positive int"),
+    (_replace(1, 4.0), ValueError, "height must be a positive int"),
+    (_replace(0, lambda h: h.int()), TypeError, "unsupported dtype"),
+    (_replace(5, lambda w: w[:, :, :2]), ValueError, r"conv_weight must have shape \(6, 1, 3, 3\)"),
+    (_replace(3, lambda w: w[:5]), ValueError, r"norm_weight must have shape \(6,\)"),
+    (_replace(6, lambda b: b.to("meta")), ValueError, "conv_bias is on meta"),
+    (_replace(0, lambda h: h.tolist()), TypeError, "must be a torch.Tensor"),
+])
+def test_bad_inputs_are_rejected_with_guidance(mutate, error, message):
+    with pytest.raises(error, match=message):
+        sg.spatial_gate(*mutate(_good_inputs()))
+
+
+@pytest.mark.parametrize("eps", [0.0, float("nan"), "1e-5"])
+def test_bad_eps_is_rejected(eps):
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        sg.spatial_gate(*_good_inputs(), eps)
