@@ -1,6 +1,6 @@
 """Run every benchmark (and optionally the CUDA test suite) in one go and write one JSON of results.
 
-    python benchmarks/run_all.py [--tests] [--quick] [--out DIR]
+    python benchmarks/run_all.py [--tests] [--quick] [--budget SECONDS] [--out DIR]
 
 Each benchmark script is run in its own process with ``--json``; a script that fails or times out is
 recorded with its exit code and the tail of its output, and the others still run. The result file is
@@ -13,7 +13,6 @@ import datetime as dt
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,8 +20,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.py")
-CUDA_TESTS = ("tests/test_rgsa_attention.py", "tests/test_lsa_attention.py")
+BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_spatial_gate.py", "bench_model.py")
+# A benchmark given less than this would only record its own timeout.
+_MIN_SCRIPT_SECONDS = 30
+CUDA_TESTS = ("tests/test_rgsa_attention.py", "tests/test_lsa_attention.py", "tests/test_spatial_gate.py",
+              "tests/test_model.py")
 
 
 def environment() -> dict:
@@ -62,42 +64,59 @@ def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tests", action="store_true", help="run the kernel test files on CUDA first")
+    parser.add_argument("--tests", action="store_true", help="run the kernel and model test files on CUDA first")
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per benchmark script")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="seconds for the whole run: what would start after it is recorded as skipped")
     parser.add_argument("--out", type=Path, help="also copy the result JSON here")
     args = parser.parse_args()
+    start = time.perf_counter()
 
     report = {"environment": environment(), "tests": None, "benchmarks": {}}
+    device = re.sub(r"[^A-Za-z0-9]+", "-", report["environment"]["device"]).strip("-").lower()
+    name = f"{device}-{report['environment']['date'][:10]}.json"
+    results_dir = ROOT / "benchmarks" / "results"
+    results_dir.mkdir(parents=True, exist_ok=True)
+    destinations = [results_dir / name] + ([args.out / name] if args.out else [])
+
+    def save() -> None:
+        # After every step, so that a run cut short (a device lease ending) still leaves what it measured.
+        for path in destinations:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(report, indent=2) + "\n")
+
+    def time_left() -> float:
+        budget_left = float("inf") if args.budget is None else args.budget - (time.perf_counter() - start)
+        return min(args.timeout, budget_left)
+
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
     if args.tests:
-        code, output, seconds = run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                                     *CUDA_TESTS], timeout=args.timeout, env=env)
+        code, output, seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                                     *CUDA_TESTS], timeout=time_left(), env=env)
         summary = re.findall(r"^=*\s*(\d+ (?:passed|failed).*?)\s*=*$", output, flags=re.M)
+        failures = re.findall(r"^FAILED .*$", output, flags=re.M)
         report["tests"] = {"exit_code": code, "seconds": round(seconds, 1),
-                           "summary": summary[-1] if summary else output[-2000:]}
+                           "summary": summary[-1] if summary else output[-2000:], "failures": failures[:50]}
+        save()
     for script in BENCHMARKS:
+        if time_left() < _MIN_SCRIPT_SECONDS:
+            report["benchmarks"][script] = {"skipped": "the --budget ran out before it could start"}
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "result.json"
             cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--json", str(path)]
-            code, output, seconds = run(cmd + (["--quick"] if args.quick else []), timeout=args.timeout, env=env)
+            code, output, seconds = run(cmd + (["--quick"] if args.quick else []), timeout=time_left(), env=env)
             entry = {"exit_code": code, "seconds": round(seconds, 1)}
             if path.exists():
                 entry["results"] = json.loads(path.read_text())
             else:
                 entry["output_tail"] = output[-3000:]
             report["benchmarks"][script] = entry
-
-    device = re.sub(r"[^A-Za-z0-9]+", "-", report["environment"]["device"]).strip("-").lower()
-    name = f"{device}-{report['environment']['date'][:10]}.json"
-    results_dir = ROOT / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    (results_dir / name).write_text(json.dumps(report, indent=2) + "\n")
-    if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        shutil.copy(results_dir / name, args.out / name)
-    print(f"wrote {results_dir / name}")
-    failed = [s for s, e in report["benchmarks"].items() if e["exit_code"] != 0]
+        save()
+    save()
+    print(f"wrote {destinations[0]}")
+    failed = [s for s, e in report["benchmarks"].items() if e.get("exit_code", 0) != 0]
     if report["tests"] and report["tests"]["exit_code"] != 0:
         failed.append("tests")
     return 1 if failed else 0
