@@ -20,7 +20,7 @@ output and the product: five tensors of the size of the output or larger, each w
   fixed chunk of tokens into an fp32 partial, and the partials are summed in a fixed order afterwards.
   There are no atomics, and the chunking depends only on the shapes, so they are bitwise identical from
   run to run and between GPUs.
-* Token indices are 64-bit in address arithmetic: 4K x 4K maps with 2 x 180 channels pass 2**31 elements.
+* Addresses are 64-bit: 4K x 4K maps with 2 x 180 channels pass 2**31 elements.
 """
 from __future__ import annotations
 
@@ -39,8 +39,10 @@ _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 # A whole token row of the gate (C channels, padded to a power of two) is one register tile in the norm
 # kernels; RGT has C = 180 (RGT, RGT-S) or the embed dim for other mlp ratios.
 _MAX_CHANNELS = 512
-# Elements per register tile of the whole-row kernels, and the (tokens x channels) tile of the conv kernels.
+# Elements per register tile of the whole-row kernels (the backward holds more tensors per element), and the
+# (tokens x channels) tile of the conv kernels.
 _ROW_TILE_ELEMENTS = 4096
+_NORM_BACKWARD_TILE_ELEMENTS = 2048
 _CONV_BLOCK_TOKENS = 32
 _CONV_BLOCK_CHANNELS = 64
 _NUM_WARPS = 4
@@ -61,6 +63,13 @@ def _gelu_grad(x):
 
 
 @triton.jit
+def _wide(index):
+    # Token indices stay 32-bit, where division is cheap (B * H * W < 2**31); addresses are 64-bit, since
+    # tokens x channels passes 2**31 on 4K x 4K maps.
+    return index.to(tl.int64)
+
+
+@triton.jit
 def _token_coordinates(tokens, tokens_per_image, width):
     """(image, row, column) of flat token indices over the batch."""
     image = tokens // tokens_per_image
@@ -77,7 +86,7 @@ def _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, t
     within = tokens - image * tokens_per_image
     channel_valid = channels < CHANNELS
     valid = token_valid[:, None] & channel_valid[None, :]
-    x = tl.load(hidden_ptr + image[:, None] * stride_hb + within[:, None] * stride_hn
+    x = tl.load(hidden_ptr + _wide(image)[:, None] * stride_hb + _wide(within)[:, None] * stride_hn
                 + (CHANNELS + channels[None, :]) * stride_hc, mask=valid, other=0.0).to(tl.float32)
     gelu = _gelu(x)
     mean = tl.sum(gelu, axis=1) / CHANNELS
@@ -93,7 +102,7 @@ def _gate_norm_kernel(
     num_tokens, tokens_per_image, eps,
     CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_valid = tokens < num_tokens
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
@@ -102,7 +111,7 @@ def _gate_norm_kernel(
     weight = tl.load(norm_weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     bias = tl.load(norm_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     normed = x_hat * weight[None, :] + bias[None, :]
-    tl.store(normed_ptr + tokens[:, None] * CHANNELS + channels[None, :], normed.to(normed_ptr.dtype.element_ty),
+    tl.store(normed_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :], normed.to(normed_ptr.dtype.element_ty),
              mask=token_valid[:, None] & channel_valid[None, :])
 
 
@@ -120,7 +129,7 @@ def _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_va
         inside = (token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
                   & (column + dx < width))
         neighbour = tokens + dy * width + dx
-        taps = tl.load(normed_ptr + neighbour[:, None] * CHANNELS + channels[None, :],
+        taps = tl.load(normed_ptr + _wide(neighbour)[:, None] * CHANNELS + channels[None, :],
                        mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
         weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
         acc += taps * weight[None, :]
@@ -134,7 +143,7 @@ def _gate_conv_kernel(
     num_tokens, tokens_per_image, height, width,
     CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_valid = tokens < num_tokens
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_valid = channels < CHANNELS
@@ -143,9 +152,9 @@ def _gate_conv_kernel(
     image, _, _ = _token_coordinates(tokens, tokens_per_image, width)
     within = tokens - image * tokens_per_image
     valid = token_valid[:, None] & channel_valid[None, :]
-    first_half = tl.load(hidden_ptr + image[:, None] * stride_hb + within[:, None] * stride_hn
+    first_half = tl.load(hidden_ptr + _wide(image)[:, None] * stride_hb + _wide(within)[:, None] * stride_hn
                          + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
-    tl.store(out_ptr + tokens[:, None] * CHANNELS + channels[None, :],
+    tl.store(out_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :],
              (_gelu(first_half) * conv).to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -166,23 +175,23 @@ def _gate_conv_backward_kernel(
     weight_partial = tl.zeros([16, BLOCK_C], tl.float32)
     bias_partial = tl.zeros([BLOCK_C], tl.float32)
     for tile in range(tiles_per_program):
-        tokens = (chunk * tiles_per_program + tile).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tokens = (chunk * tiles_per_program + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         token_valid = tokens < num_tokens
         valid = token_valid[:, None] & channel_valid[None, :]
         conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                                channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
         image, row, column = _token_coordinates(tokens, tokens_per_image, width)
         within = tokens - image * tokens_per_image
-        first_half = tl.load(hidden_ptr + image[:, None] * stride_hb + within[:, None] * stride_hn
+        first_half = tl.load(hidden_ptr + _wide(image)[:, None] * stride_hb + _wide(within)[:, None] * stride_hn
                              + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + image[:, None] * stride_ob + within[:, None] * stride_on
+        dout = tl.load(dout_ptr + _wide(image)[:, None] * stride_ob + _wide(within)[:, None] * stride_on
                        + channels[None, :] * stride_oc, mask=valid, other=0.0).to(tl.float32)
         dfirst = dout * conv * _gelu_grad(first_half)
-        tl.store(dhidden_ptr + tokens[:, None] * (2 * CHANNELS) + channels[None, :],
+        tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + channels[None, :],
                  dfirst.to(dhidden_ptr.dtype.element_ty), mask=valid)
         # Rounded to the storage dtype before use, as the reference's autocast backward rounds it.
         dconv = (dout * _gelu(first_half)).to(dconv_ptr.dtype.element_ty)
-        tl.store(dconv_ptr + tokens[:, None] * CHANNELS + channels[None, :], dconv, mask=valid)
+        tl.store(dconv_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :], dconv, mask=valid)
         dconv = dconv.to(tl.float32)
         bias_partial += tl.sum(dconv, axis=0)
         for tap in tl.static_range(9):
@@ -191,7 +200,7 @@ def _gate_conv_backward_kernel(
             inside = (token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
                       & (column + dx < width))
             neighbour = tokens + dy * width + dx
-            taps = tl.load(normed_ptr + neighbour[:, None] * CHANNELS + channels[None, :],
+            taps = tl.load(normed_ptr + _wide(neighbour)[:, None] * CHANNELS + channels[None, :],
                            mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
             weight_partial += tl.where(taps_of_rows[:, None] == tap, tl.sum(taps * dconv, axis=0)[None, :], 0.0)
     partial_row = chunk.to(tl.int64) * 9 * CHANNELS
@@ -216,7 +225,7 @@ def _gate_norm_backward_kernel(
     weight_partial = tl.zeros([CHANNELS_PAD], tl.float32)
     bias_partial = tl.zeros([CHANNELS_PAD], tl.float32)
     for tile in range(tiles_per_program):
-        tokens = (chunk * tiles_per_program + tile).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tokens = (chunk * tiles_per_program + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         token_valid = tokens < num_tokens
         valid = token_valid[:, None] & channel_valid[None, :]
         _, row, column = _token_coordinates(tokens, tokens_per_image, width)
@@ -228,7 +237,7 @@ def _gate_norm_backward_kernel(
             inside = (token_valid & (row - dy >= 0) & (row - dy < height) & (column - dx >= 0)
                       & (column - dx < width))
             source = tokens - dy * width - dx
-            dconv = tl.load(dconv_ptr + source[:, None] * CHANNELS + channels[None, :],
+            dconv = tl.load(dconv_ptr + _wide(source)[:, None] * CHANNELS + channels[None, :],
                             mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
             weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
             dnormed += dconv * weight[None, :]
@@ -239,14 +248,14 @@ def _gate_norm_backward_kernel(
         dx_hat = dnormed * norm_weight[None, :]
         dgelu = rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
                                  - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
-        tl.store(dhidden_ptr + tokens[:, None] * (2 * CHANNELS) + CHANNELS + channels[None, :],
+        tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + CHANNELS + channels[None, :],
                  (dgelu * _gelu_grad(x)).to(dhidden_ptr.dtype.element_ty), mask=valid)
     tl.store(norm_weight_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, weight_partial, mask=channel_valid)
     tl.store(norm_bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
 
 
-def _row_block_tokens(channels_pad: int) -> int:
-    return max(1, _ROW_TILE_ELEMENTS // channels_pad)
+def _row_block_tokens(channels_pad: int, tile_elements: int = _ROW_TILE_ELEMENTS) -> int:
+    return max(1, tile_elements // channels_pad)
 
 
 def _on_device_of(t: torch.Tensor):
@@ -320,7 +329,7 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
             CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
         )
 
-        block_t = _row_block_tokens(channels_pad)
+        block_t = _row_block_tokens(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
         norm_tiles = _tiles_per_program(triton.cdiv(num_tokens, block_t))
         norm_chunks = triton.cdiv(triton.cdiv(num_tokens, block_t), norm_tiles)
         norm_weight_partial = _new_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
@@ -483,7 +492,8 @@ def aot_variants() -> list[KernelVariant]:
                 (_gate_conv_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS), _NUM_WARPS),
                 (_gate_conv_backward_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS),
                  _NUM_WARPS),
-                (_gate_norm_backward_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens),
+                (_gate_norm_backward_kernel,
+                 dict(CHANNELS_PAD=channels_pad, BLOCK_T=_row_block_tokens(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)),
                  _NORM_BACKWARD_NUM_WARPS),
             )
             for fn, tiles, num_warps in launches:

@@ -1,5 +1,5 @@
-"""The ahead-of-time kernel report: real compilation of the RG-SA and spatial-gate kernels for sm_80 and
-sm_90a, and the checks that decide its exit status."""
+"""The ahead-of-time kernel report: real compilation of the RG-SA, spatial-gate and add + LayerNorm kernels
+for sm_80 and sm_90a, and the checks that decide its exit status."""
 import json
 import os
 import subprocess
@@ -9,8 +9,8 @@ import pytest
 
 from rgt_fast.kernels import report, rgsa_attention
 
-SPATIAL_GATE_KERNELS = {"_gate_norm_kernel", "_gate_conv_kernel", "_gate_conv_backward_kernel",
-                        "_gate_norm_backward_kernel"}
+ELEMENTWISE_KERNELS = {"_gate_norm_kernel", "_gate_conv_kernel", "_gate_conv_backward_kernel",
+                       "_gate_norm_backward_kernel", "_add_norm_forward_kernel", "_add_norm_backward_kernel"}
 RGSA_KERNELS = {"_rgsa_forward_kernel", "_rgsa_backward_dq_kernel", "_rgsa_backward_dkdv_kernel",
                 "_rgsa_sum_key_partials_kernel"}
 
@@ -51,17 +51,19 @@ def test_rgsa_kernels_compile_for_both_archs_without_spills(tmp_path):
     assert all("ieee" in r.config for r in rows if not r.uses_dot and r.kernel != "_rgsa_sum_key_partials_kernel")
 
 
-def test_spatial_gate_kernels_compile_for_both_archs_without_spills(tmp_path):
-    """The RGT/RGT-S gate width (180 channels) in bf16 and fp32; the full report also covers fp16 and 60/64."""
+def test_elementwise_kernels_compile_for_both_archs_without_spills(tmp_path):
+    """The spatial gate and the residual add + LayerNorm at RGT's width (180 channels), every dtype; the full
+    report also covers the 60- and 64-channel models."""
     json_path = tmp_path / "report.json"
     result = subprocess.run(
         [sys.executable, "-m", "rgt_fast.kernels.report", "--arch", "sm_80", "--arch", "sm_90a",
-         "--module", "spatial_gate", "--config", "bf16 C=180", "--config", "fp32 C=180", "--json", str(json_path)],
+         "--module", "spatial_gate", "--module", "add_layer_norm", "--config", "C=180", "--json", str(json_path)],
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = [report.ReportRow(**fields) for fields in json.loads(json_path.read_text())]
-    assert {r.kernel for r in rows} == SPATIAL_GATE_KERNELS
-    assert len(rows) == 2 * 2 * len(SPATIAL_GATE_KERNELS)
+    assert {r.kernel for r in rows} == ELEMENTWISE_KERNELS
+    # spatial gate: 4 kernels x 3 dtypes; add + LayerNorm: 2 kernels x 5 (dtype, residual-stream dtype) pairs
+    assert len(rows) == 2 * (4 * 3 + 2 * 5)
     for r in rows:
         assert r.error is None and r.spill_bytes == 0 and 0 < r.registers <= 255 and not r.uses_dot, r
 
@@ -96,7 +98,7 @@ def test_a_crashing_compile_fails_only_its_own_row(tmp_path, monkeypatch):
 def test_every_module_with_aot_variants_is_discovered():
     modules = report.kernel_modules()
     assert {"rgt_fast.kernels.rgsa_attention", "rgt_fast.kernels.lsa_attention",
-            "rgt_fast.kernels.spatial_gate"} <= set(modules)
+            "rgt_fast.kernels.spatial_gate", "rgt_fast.kernels.add_layer_norm"} <= set(modules)
     assert "rgt_fast.kernels.report" not in modules and "rgt_fast.kernels._common" not in modules
 
 

@@ -6,7 +6,7 @@ import torch
 
 import rgt_fast
 from rgt_fast.kernels._common import INTERPRET
-from rgt_fast.model import RGT, FusedLSA, FusedMLP, FusedRGSA, accelerate
+from rgt_fast.model import RGT, FusedBlock, FusedLSA, FusedMLP, FusedRGSA, accelerate
 from rgt_fast.reference import RGT as ReferenceRGT
 
 from official_oracle import load_official_rgt_class
@@ -61,6 +61,7 @@ def test_same_module_tree_and_state_dict():
     assert sum(isinstance(m, FusedLSA) for m in fused.modules()) == 3
     assert sum(isinstance(m, FusedRGSA) for m in fused.modules()) == 2
     assert sum(isinstance(m, FusedMLP) for m in fused.modules()) == 5
+    assert sum(isinstance(m, FusedBlock) for m in fused.modules()) == 5
 
 
 @pytest.mark.parametrize("size", [(20, 36), (33, 17)])
@@ -81,6 +82,26 @@ def test_triton_backend_matches_reference(training, monkeypatch):
     fused = accelerate(reference, backend="triton")
     x = torch.rand(2, 3, 18, 35, device=TRITON_DEVICE)
     compare(reference, fused, x, training, atol=2e-4, rtol=1e-3)
+
+
+@needs_triton_device
+def test_triton_backend_draws_drop_path_like_the_reference():
+    """Stochastic depth in training: same seed, same dropped samples, same output and gradients."""
+    reference = perturbed_reference(drop_path_rate=0.5).to(TRITON_DEVICE).train()
+    fused = accelerate(reference, backend="triton")
+    x = torch.rand(2, 3, 16, 16, device=TRITON_DEVICE)
+    grad = torch.randn(2, 3, 32, 32, device=TRITON_DEVICE)
+    outputs = []
+    for model in (reference, fused):
+        torch.manual_seed(7)
+        out = model(x)
+        out.backward(grad)
+        outputs.append(out.detach())
+    torch.testing.assert_close(outputs[1], outputs[0], atol=2e-4, rtol=1e-3)
+    fused_params = dict(fused.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in reference.parameters())
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(fused_params[name].grad, p.grad, atol=2e-4 * scale, rtol=1e-3, msg=name)
 
 
 def test_triton_backend_refuses_what_it_cannot_run():

@@ -1,0 +1,345 @@
+"""Residual add and LayerNorm in one pass: ``summed = x + delta`` and ``normed = LayerNorm(summed)``.
+
+In an RGT block the attention output is added to the residual stream and the sum is normalised for the MLP
+(``norm2``). The reference writes the sum, reads it back for the LayerNorm and writes the normalised tensor;
+under autocast, ``fc1`` then reads that fp32 tensor once more to cast it to bf16. Here one kernel reads ``x``
+and ``delta`` and writes the sum (in their promoted dtype) and the normalised rows, directly in the dtype the
+next matmul consumes: the autocast dtype when autocast is on (the value autocast would have cast to), else
+the sum's dtype. Per-row mean and 1/std are kept for the backward.
+
+The backward kernel adds the LayerNorm backward of ``d normed`` to ``d summed`` and writes the gradient of
+``x`` (and of ``delta``, when its dtype differs). The weight and bias gradients are sums over every row: each
+program sums a fixed chunk of rows into an fp32 partial, and the partials are summed in a fixed order, so
+they are bitwise identical from run to run (no atomics; the chunking depends only on the shape).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, KernelVariant, triton_runs_on
+
+# A whole row is one register tile; RGT's embed dims are 180 (RGT, RGT-S) and 60.
+_MAX_CHANNELS = 1024
+_ROW_TILE_ELEMENTS = 4096
+_NUM_WARPS = 4
+# Programs of the backward: enough to fill a 132-SM GPU several times over, few enough that summing their
+# (programs x 2 x C) fp32 partials is negligible.
+_BACKWARD_TARGET_PROGRAMS = 1024
+
+
+@triton.jit
+def _row_offsets(rows, rows_per_image, stride_b, stride_n):
+    # Row indices stay 32-bit, where division is cheap (B * N < 2**31); offsets are 64-bit.
+    image = rows // rows_per_image
+    return image.to(tl.int64) * stride_b + (rows - image * rows_per_image).to(tl.int64) * stride_n
+
+
+@triton.jit
+def _add_norm_forward_kernel(
+    x_ptr, delta_ptr, weight_ptr, bias_ptr, summed_ptr, normed_ptr, mean_ptr, rstd_ptr,
+    stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
+    num_rows, rows_per_image, eps,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_valid = rows < num_rows
+    channels = tl.arange(0, CHANNELS_PAD)
+    channel_valid = channels < CHANNELS
+    valid = row_valid[:, None] & channel_valid[None, :]
+    x = tl.load(x_ptr + _row_offsets(rows, rows_per_image, stride_xb, stride_xn)[:, None]
+                + channels[None, :] * stride_xc, mask=valid, other=0.0)
+    delta = tl.load(delta_ptr + _row_offsets(rows, rows_per_image, stride_db, stride_dn)[:, None]
+                    + channels[None, :] * stride_dc, mask=valid, other=0.0)
+    # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
+    summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
+    tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :], summed, mask=valid)
+    summed = summed.to(tl.float32)
+    mean = tl.sum(summed, axis=1) / CHANNELS
+    centred = tl.where(valid, summed - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CHANNELS + eps)
+    weight = tl.load(weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    bias = tl.load(bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    normed = centred * rstd[:, None] * weight[None, :] + bias[None, :]
+    tl.store(normed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :],
+             normed.to(normed_ptr.dtype.element_ty), mask=valid)
+    tl.store(mean_ptr + rows, mean, mask=row_valid)
+    tl.store(rstd_ptr + rows, rstd, mask=row_valid)
+
+
+@triton.jit
+def _add_norm_backward_kernel(
+    summed_ptr, mean_ptr, rstd_ptr, weight_ptr, dnormed_ptr, dsummed_ptr, dx_ptr, ddelta_ptr,
+    weight_partial_ptr, bias_partial_ptr,
+    stride_gb, stride_gn, stride_gc, stride_sb, stride_sn, stride_sc,
+    num_rows, rows_per_image, tiles_per_program,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_DDELTA: tl.constexpr,
+):
+    chunk = tl.program_id(0)
+    channels = tl.arange(0, CHANNELS_PAD)
+    channel_valid = channels < CHANNELS
+    weight = tl.load(weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+    weight_partial = tl.zeros([CHANNELS_PAD], tl.float32)
+    bias_partial = tl.zeros([CHANNELS_PAD], tl.float32)
+    for tile in range(tiles_per_program):
+        rows = (chunk * tiles_per_program + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_valid = rows < num_rows
+        valid = row_valid[:, None] & channel_valid[None, :]
+        contiguous = rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :]
+        summed = tl.load(summed_ptr + contiguous, mask=valid, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + rows, mask=row_valid, other=0.0)
+        rstd = tl.load(rstd_ptr + rows, mask=row_valid, other=0.0)
+        x_hat = tl.where(valid, (summed - mean[:, None]) * rstd[:, None], 0.0)
+        dnormed = tl.load(dnormed_ptr + _row_offsets(rows, rows_per_image, stride_gb, stride_gn)[:, None]
+                          + channels[None, :] * stride_gc, mask=valid, other=0.0).to(tl.float32)
+        dsummed = tl.load(dsummed_ptr + _row_offsets(rows, rows_per_image, stride_sb, stride_sn)[:, None]
+                          + channels[None, :] * stride_sc, mask=valid, other=0.0).to(tl.float32)
+        weight_partial += tl.sum(dnormed * x_hat, axis=0)
+        bias_partial += tl.sum(dnormed, axis=0)
+        dx_hat = dnormed * weight[None, :]
+        dtotal = dsummed + rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
+                                            - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+        tl.store(dx_ptr + contiguous, dtotal.to(dx_ptr.dtype.element_ty), mask=valid)
+        if WRITE_DDELTA:
+            tl.store(ddelta_ptr + contiguous, dtotal.to(ddelta_ptr.dtype.element_ty), mask=valid)
+    tl.store(weight_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, weight_partial, mask=channel_valid)
+    tl.store(bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
+
+
+def _block_rows(channels_pad: int) -> int:
+    return max(1, _ROW_TILE_ELEMENTS // channels_pad)
+
+
+def _on_device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device, which need not be the tensors' one.
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+# Outputs and scratch buffers are allocated here, so that tests can poison them before the kernels write.
+_new_buffer = torch.empty
+
+
+def _normed_dtype(summed_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the next matmul reads: autocast's when it is on for this device, else the sum's."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return summed_dtype
+
+
+def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
+    batch, rows_per_image, channels = x.shape
+    num_rows = batch * rows_per_image
+    summed_dtype = torch.promote_types(x.dtype, delta.dtype)
+    summed = _new_buffer(x.shape, dtype=summed_dtype, device=x.device)
+    normed = _new_buffer(x.shape, dtype=normed_dtype, device=x.device)
+    mean = _new_buffer((num_rows,), dtype=torch.float32, device=x.device)
+    rstd = _new_buffer((num_rows,), dtype=torch.float32, device=x.device)
+    if num_rows == 0:
+        return summed, normed, mean, rstd
+    channels_pad = triton.next_power_of_2(channels)
+    block_rows = _block_rows(channels_pad)
+    with _on_device_of(x):
+        _add_norm_forward_kernel[(triton.cdiv(num_rows, block_rows),)](
+            x, delta, weight, bias, summed, normed, mean, rstd, *x.stride(), *delta.stride(),
+            num_rows, rows_per_image, eps,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, num_warps=_NUM_WARPS,
+        )
+    return summed, normed, mean, rstd
+
+
+def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: torch.dtype):
+    batch, rows_per_image, channels = summed.shape
+    num_rows = batch * rows_per_image
+    dx = _new_buffer(summed.shape, dtype=summed.dtype, device=summed.device)
+    write_ddelta = delta_dtype != summed.dtype
+    ddelta = _new_buffer(summed.shape, dtype=delta_dtype, device=summed.device) if write_ddelta else dx
+    if num_rows == 0:
+        return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
+    channels_pad = triton.next_power_of_2(channels)
+    block_rows = _block_rows(channels_pad)
+    num_tiles = triton.cdiv(num_rows, block_rows)
+    tiles_per_program = max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
+    num_chunks = triton.cdiv(num_tiles, tiles_per_program)
+    weight_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
+    bias_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
+    with _on_device_of(summed):
+        _add_norm_backward_kernel[(num_chunks,)](
+            summed, mean, rstd, weight, dnormed, dsummed, dx, ddelta, weight_partial, bias_partial,
+            *dnormed.stride(), *dsummed.stride(), num_rows, rows_per_image, tiles_per_program,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, WRITE_DDELTA=write_ddelta,
+            num_warps=_NUM_WARPS,
+        )
+    # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
+    return dx, ddelta, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
+
+
+@torch.library.custom_op("rgt_fast::add_layer_norm_forward", mutates_args=())
+def _add_layer_norm_forward_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                               eps: float, normed_dtype: torch.dtype
+                               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _triton_forward(x, delta, weight, bias, eps, normed_dtype)
+
+
+@_add_layer_norm_forward_op.register_fake
+def _add_layer_norm_forward_fake(x, delta, weight, bias, eps, normed_dtype):
+    num_rows = x.shape[0] * x.shape[1]
+    return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype)),
+            x.new_empty(x.shape, dtype=normed_dtype), x.new_empty((num_rows,), dtype=torch.float32),
+            x.new_empty((num_rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("rgt_fast::add_layer_norm_backward", mutates_args=())
+def _add_layer_norm_backward_op(dsummed: torch.Tensor, dnormed: torch.Tensor, summed: torch.Tensor,
+                                mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                                delta_dtype: torch.dtype
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, ddelta, dweight, dbias = _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype)
+    # A custom op may not return one tensor twice: when the dtypes agree the two gradients share values.
+    return dx, (ddelta.clone() if ddelta is dx else ddelta), dweight, dbias
+
+
+@_add_layer_norm_backward_op.register_fake
+def _add_layer_norm_backward_fake(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype):
+    return (summed.new_empty(summed.shape), summed.new_empty(summed.shape, dtype=delta_dtype),
+            weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+
+
+def _setup_backward(ctx, inputs, output):
+    x, delta, weight, bias, eps, normed_dtype = inputs
+    summed, _, mean, rstd = output
+    ctx.save_for_backward(summed, mean, rstd, weight)
+    ctx.delta_dtype = delta.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _add_layer_norm_backward(ctx, dsummed, dnormed, _dmean, _drstd):
+    summed, mean, rstd, weight = ctx.saved_tensors
+    dsummed = torch.zeros_like(summed) if dsummed is None else dsummed
+    dnormed = torch.zeros_like(summed) if dnormed is None else dnormed
+    dx, ddelta, dweight, dbias = _add_layer_norm_backward_op(dsummed, dnormed, summed, mean, rstd, weight,
+                                                             ctx.delta_dtype)
+    return dx, ddelta, dweight, dbias, None, None
+
+
+_add_layer_norm_forward_op.register_autograd(_add_layer_norm_backward, setup_context=_setup_backward)
+
+
+class _AddLayerNorm(torch.autograd.Function):
+    """The eager-mode entry, straight to the launchers (the custom ops' dispatch costs CPU time per call)."""
+
+    @staticmethod
+    def forward(ctx, x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
+        summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
+        ctx.save_for_backward(summed, mean, rstd, weight)
+        ctx.delta_dtype = delta.dtype
+        return summed, normed
+
+    @staticmethod
+    def backward(ctx, dsummed, dnormed):
+        summed, mean, rstd, weight = ctx.saved_tensors
+        dx, ddelta, dweight, dbias = _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, ctx.delta_dtype)
+        return dx, ddelta, dweight, dbias, None, None
+
+
+def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain-PyTorch ``(x + delta, LayerNorm(x + delta))`` (any dtype, any device)."""
+    summed = x + delta
+    return summed, torch.nn.functional.layer_norm(summed, (summed.shape[-1],), weight, bias, eps)
+
+
+def _check_inputs(x, delta, weight, bias, eps) -> None:
+    for name, t in (("x", x), ("delta", delta), ("weight", weight), ("bias", bias)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"add_layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 3 or delta.shape != x.shape:
+        raise ValueError(f"add_layer_norm: x and delta must both be (B, N, C), got {tuple(x.shape)} and "
+                         f"{tuple(delta.shape)}")
+    for name, t in (("x", x), ("delta", delta)):
+        if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
+            raise TypeError(f"add_layer_norm: {name} has unsupported dtype {t.dtype}; use float32, bfloat16 or "
+                            f"float16 (float64 runs on the PyTorch fallback)")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if tuple(t.shape) != (x.shape[2],):
+            raise ValueError(f"add_layer_norm: {name} must have shape ({x.shape[2]},), got {tuple(t.shape)}")
+    for name, t in (("delta", delta), ("weight", weight), ("bias", bias)):
+        if t.device != x.device:
+            raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}; move them to one "
+                             f"device")
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0 or not math.isfinite(eps):
+        raise ValueError(f"add_layer_norm: eps must be a positive finite number, got {eps!r}")
+
+
+def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + delta, LayerNorm(x + delta))`` over the last dim of (B, N, C) tensors.
+
+    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
+    :func:`add_layer_norm_torch` otherwise. The sum has the promoted dtype of ``x`` and ``delta``; the
+    normalised tensor has the autocast dtype when autocast is on (what the next matmul would cast it to),
+    else the sum's.
+    """
+    _check_inputs(x, delta, weight, bias, eps)
+    summed_dtype = torch.promote_types(x.dtype, delta.dtype)
+    if summed_dtype in SUPPORTED_DTYPES and triton_runs_on(x):
+        if x.shape[2] > _MAX_CHANNELS:
+            raise ValueError(f"add_layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
+                             f"{x.shape[2]}; use add_layer_norm_torch")
+        normed_dtype = _normed_dtype(summed_dtype, x.device)
+        if torch.compiler.is_compiling():
+            summed, normed, _, _ = _add_layer_norm_forward_op(x, delta, weight, bias, float(eps), normed_dtype)
+            return summed, normed
+        return _AddLayerNorm.apply(x, delta, weight, bias, float(eps), normed_dtype)
+    return add_layer_norm_torch(x, delta, weight, bias, eps)
+
+
+# Embed dims of the models: 180 (RGT, RGT-S), 60, 64 (the built-in demo models).
+_AOT_CHANNELS = (180, 60, 64)
+
+
+def aot_variants() -> list[KernelVariant]:
+    """Every kernel x dtype x channel count the launchers can pick, for the AOT report."""
+    variants = []
+    for dtype in SUPPORTED_DTYPES:
+        name = TRITON_DTYPE_NAMES[dtype]
+        # The residual stream (x, the sum, its gradient) is fp32 under autocast; the 16-bit dtype is what the
+        # attention output, the normalised rows and their gradient carry. A pure 16-bit model has it everywhere.
+        for stream in sorted({"fp32", name}):
+            for channels in _AOT_CHANNELS:
+                channels_pad = triton.next_power_of_2(channels)
+                tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=_block_rows(channels_pad))
+                pointer_types = {
+                    "x_ptr": stream, "delta_ptr": name, "summed_ptr": stream, "normed_ptr": name,
+                    "dnormed_ptr": name, "dsummed_ptr": stream, "dx_ptr": stream, "ddelta_ptr": name,
+                    "weight_ptr": "fp32", "bias_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
+                    "weight_partial_ptr": "fp32", "bias_partial_ptr": "fp32",
+                }
+                launches = ((_add_norm_forward_kernel, {}),
+                            (_add_norm_backward_kernel, {"WRITE_DDELTA": stream != name}))
+                for fn, flags in launches:
+                    constexprs = {**tiles, **flags}
+                    signature = {}
+                    for arg in fn.arg_names:
+                        if arg in constexprs:
+                            signature[arg] = "constexpr"
+                        elif arg in pointer_types:
+                            signature[arg] = "*" + pointer_types[arg]
+                        elif arg.startswith("stride_") and arg.endswith("c"):
+                            signature[arg] = "constexpr"  # channel strides are 1 in the model: Triton specialises 1
+                            constexprs[arg] = 1
+                        elif arg == "eps":
+                            signature[arg] = "fp32"
+                        else:
+                            signature[arg] = "i32"
+                    config = " ".join([f"{name} stream={stream} C={channels}",
+                                       *(f"{k}={v}" for k, v in {**tiles, **flags}.items() if k != "CHANNELS"),
+                                       f"warps={_NUM_WARPS}"])
+                    variants.append(KernelVariant(kernel=fn.__name__, fn=fn, signature=signature,
+                                                  constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=1,
+                                                  uses_dot=False, config=config))
+    return variants

@@ -1,0 +1,202 @@
+"""The fused residual add + LayerNorm against ``x + delta`` and nn.LayerNorm in float64."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernel_device import KERNEL_DEVICE
+from rgt_fast.kernels import add_layer_norm as aln
+
+EPS = 1e-5
+NAMES = ("summed", "normed", "d_x", "d_delta", "d_weight", "d_bias")
+
+
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every output and scratch buffer starts as NaN, so an element a kernel forgets to write shows up."""
+    def nan_filled(shape, *, dtype, device):
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    monkeypatch.setattr(aln, "_new_buffer", nan_filled)
+
+
+def make_inputs(batch, tokens, channels, strided=False):
+    """Fresh random inputs, parameters away from their init values, and gradients for both outputs."""
+    if strided:  # channel-major storage, and delta a slice of a wider tensor
+        x = torch.randn(batch, channels, tokens, device=KERNEL_DEVICE).transpose(1, 2)
+        delta = torch.randn(batch, tokens, channels + 7, device=KERNEL_DEVICE)[..., 3:3 + channels]
+    else:
+        x = torch.randn(batch, tokens, channels, device=KERNEL_DEVICE)
+        delta = torch.randn(batch, tokens, channels, device=KERNEL_DEVICE)
+    weight = (1 + 0.3 * torch.randn(channels)).to(KERNEL_DEVICE)
+    bias = (0.3 * torch.randn(channels)).to(KERNEL_DEVICE)
+    grads = [torch.randn(batch, tokens, channels, device=KERNEL_DEVICE) for _ in range(2)]
+    return [x, delta, weight, bias], grads
+
+
+def reference(x, delta, weight, bias):
+    """The oracle: the reference block's add and its nn.LayerNorm module with these parameters."""
+    norm = torch.nn.LayerNorm(x.shape[2], eps=EPS).to(device=x.device, dtype=weight.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+        norm.bias.copy_(bias)
+    summed = x + delta
+    return summed, norm(summed), norm
+
+
+def run_reference(inputs, grads, dtypes):
+    """Outputs and gradients of the reference with x, delta, weight, bias in ``dtypes``."""
+    x, delta = (t.detach().to(d).requires_grad_() for t, d in zip(inputs[:2], dtypes[:2]))
+    summed, normed, norm = reference(x, delta, inputs[2].to(dtypes[2]), inputs[3].to(dtypes[3]))
+    torch.autograd.backward([summed, normed], [grads[0].to(summed.dtype), grads[1].to(normed.dtype)])
+    return [summed.detach(), normed.detach(), x.grad, delta.grad, norm.weight.grad, norm.bias.grad]
+
+
+def run_fused(inputs, grads, dtypes):
+    leaves = [t.detach().to(d).requires_grad_() for t, d in zip(inputs, dtypes)]
+    summed, normed = aln.add_layer_norm(*leaves, EPS)
+    torch.autograd.backward([summed, normed], [grads[0].to(summed.dtype), grads[1].to(normed.dtype)])
+    return [summed.detach(), normed.detach()] + [t.grad for t in leaves]
+
+
+FP32 = (torch.float32,) * 4
+FP64 = (torch.float64,) * 4
+
+
+@pytest.mark.parametrize("batch,tokens,channels", [(2, 37, 180), (3, 11, 60), (1, 9, 23), (2, 130, 64)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_fp32_matches_float64_reference(batch, tokens, channels, strided):
+    inputs, grads = make_inputs(batch, tokens, channels, strided)
+    got = run_fused(inputs, grads, FP32)
+    want = run_reference(inputs, grads, FP64)
+    for name, g, w in zip(NAMES, got, want):
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        torch.testing.assert_close(g.double(), w, atol=2e-6 * w.abs().max().item(), rtol=2e-5, msg=name)
+
+
+def test_many_row_tiles_per_backward_program_match(monkeypatch):
+    """Force chunks of several tiles: the per-program partial sums must cover every row exactly once."""
+    monkeypatch.setattr(aln, "_BACKWARD_TARGET_PROGRAMS", 3)
+    inputs, grads = make_inputs(2, 150, 60)
+    got = run_fused(inputs, grads, FP32)
+    want = run_reference(inputs, grads, FP64)
+    for name, g, w in zip(NAMES, got, want):
+        torch.testing.assert_close(g.double(), w, atol=2e-6 * w.abs().max().item(), rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtypes", [
+    (torch.float32, torch.bfloat16, torch.float32, torch.float32),  # autocast: fp32 stream, bf16 attention output
+    (torch.bfloat16, torch.bfloat16, torch.float32, torch.float32),
+    (torch.float16, torch.float16, torch.float16, torch.float16),
+], ids=["fp32+bf16", "bf16", "fp16"])
+def test_low_precision_within_flash_attention_bound(dtypes):
+    """Error against float64 at most twice that of the reference in the same dtypes, plus a small absolute
+    term (FlashAttention's rule); the gradient of each input comes back in that input's dtype."""
+    inputs, grads = make_inputs(2, 45, 180)
+    inputs = [t.to(d) for t, d in zip(inputs, dtypes)]  # both runs see the same rounded inputs
+    got = run_fused(inputs, grads, dtypes)
+    baseline = run_reference(inputs, grads, dtypes)
+    want = run_reference(inputs, grads, FP64)
+    for name, g, b, w in zip(NAMES, got, baseline, want):
+        assert g.dtype == b.dtype, (name, g.dtype, b.dtype)
+        kernel_error = (g.double() - w).abs().max().item()
+        reference_error = (b.double() - w).abs().max().item()
+        assert kernel_error <= 2 * reference_error + 1e-3 * w.abs().max().item(), (name, kernel_error,
+                                                                                    reference_error)
+
+
+def test_normed_output_takes_the_autocast_dtype():
+    """Under autocast the normalised rows come out in the dtype the next Linear would cast them to."""
+    inputs, _ = make_inputs(1, 20, 60)
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+        summed, normed = aln.add_layer_norm(*inputs, EPS)
+    assert summed.dtype == torch.float32 and normed.dtype == torch.bfloat16
+    _, want, _ = reference(*(t.double() for t in inputs))
+    # One rounding to bf16 of the exact value: within half a bf16 ulp (2**-8 relative), plus fp32 noise.
+    torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("used", ["summed", "normed"])
+def test_one_output_unused(used):
+    inputs, grads = make_inputs(2, 19, 30)
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    summed, normed = aln.add_layer_norm(*leaves, EPS)
+    (summed if used == "summed" else normed).backward(grads[0])
+    ref_leaves = [t.detach().double().requires_grad_() for t in inputs]
+    ref_summed, ref_normed = aln.add_layer_norm_torch(*ref_leaves, EPS)
+    (ref_summed if used == "summed" else ref_normed).backward(grads[0].double())
+    for g, w in zip(leaves, ref_leaves):
+        if w.grad is None:
+            assert g.grad is None or torch.equal(g.grad, torch.zeros_like(g.grad))
+        else:
+            torch.testing.assert_close(g.grad.double(), w.grad, atol=2e-6 * w.grad.abs().max().item(), rtol=2e-5)
+
+
+def test_parameter_gradients_bitwise_identical_between_runs(monkeypatch):
+    monkeypatch.setattr(aln, "_BACKWARD_TARGET_PROGRAMS", 4)
+    inputs, grads = make_inputs(2, 100, 60)
+    first, second = run_fused(inputs, grads, FP32), run_fused(inputs, grads, FP32)
+    for name, a, b in zip(NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_float64_dispatches_to_torch_fallback():
+    inputs, _ = make_inputs(1, 7, 12)
+    inputs = [t.double() for t in inputs]
+    for got, want in zip(aln.add_layer_norm(*inputs, EPS), aln.add_layer_norm_torch(*inputs, EPS)):
+        assert torch.equal(got, want)
+
+
+def test_empty_batch_gives_empty_outputs_and_zero_parameter_grads():
+    inputs, grads = make_inputs(0, 5, 12)
+    got = run_fused(inputs, grads, FP32)
+    assert got[0].shape == (0, 5, 12) and got[2].shape == (0, 5, 12)
+    assert torch.equal(got[4], torch.zeros(12, device=KERNEL_DEVICE))
+    assert torch.equal(got[5], torch.zeros(12, device=KERNEL_DEVICE))
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    inputs, grads = make_inputs(1, 21, 30)
+
+    def block(x, delta, weight, bias):
+        summed, normed = aln.add_layer_norm(x, delta, weight, bias, EPS)
+        return summed * 2.0, normed + 1.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    results = []
+    for fn in (compiled, block):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        outs = fn(*leaves)
+        torch.autograd.backward(list(outs), grads)
+        results.append([o.detach() for o in outs] + [t.grad for t in leaves])
+    for name, g, w in zip(NAMES, *results):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def _replace(position, value):
+    def mutate(args):
+        args = list(args)
+        args[position] = value(args[position])
+        return args
+    return mutate
+
+
+@pytest.mark.parametrize("mutate,error,message", [
+    (_replace(0, lambda x: x[0]), ValueError, r"must both be \(B, N, C\)"),
+    (_replace(1, lambda d: d[:, :-1]), ValueError, r"must both be \(B, N, C\)"),
+    (_replace(1, lambda d: d.int()), TypeError, "delta has unsupported dtype"),
+    (_replace(2, lambda w: w[:-1]), ValueError, r"weight must have shape \(12,\)"),
+    (_replace(3, lambda b: b.to("meta")), ValueError, "bias is on meta"),
+    (_replace(0, lambda x: x.tolist()), TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_inputs_are_rejected_with_guidance(mutate, error, message):
+    inputs, _ = make_inputs(1, 6, 12)
+    with pytest.raises(error, match=message):
+        aln.add_layer_norm(*mutate(inputs))
+
+
+@pytest.mark.parametrize("eps", [0.0, float("inf"), "1e-5"])
+def test_bad_eps_is_rejected(eps):
+    inputs, _ = make_inputs(1, 6, 12)
+    with pytest.raises(ValueError, match="eps must be a positive finite number"):
+        aln.add_layer_norm(*inputs, eps)
