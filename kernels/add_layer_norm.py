@@ -27,6 +27,8 @@ from ._common import SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, KernelVariant, triton
 # A whole row is one register tile; RGT's embed dims are 180 (RGT, RGT-S) and 60.
 _MAX_CHANNELS = 1024
 _ROW_TILE_ELEMENTS = 4096
+# The backward holds more row-sized tensors at once: half the tile keeps it well under 255 registers.
+_BACKWARD_TILE_ELEMENTS = 2048
 _NUM_WARPS = 4
 # Programs of the backward: enough to fill a 132-SM GPU several times over, few enough that summing their
 # (programs x 2 x C) fp32 partials is negligible.
@@ -111,8 +113,8 @@ def _add_norm_backward_kernel(
     tl.store(bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
 
 
-def _block_rows(channels_pad: int) -> int:
-    return max(1, _ROW_TILE_ELEMENTS // channels_pad)
+def _block_rows(channels_pad: int, tile_elements: int = _ROW_TILE_ELEMENTS) -> int:
+    return max(1, tile_elements // channels_pad)
 
 
 def _on_device_of(t: torch.Tensor):
@@ -161,7 +163,7 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     if num_rows == 0:
         return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
     channels_pad = triton.next_power_of_2(channels)
-    block_rows = _block_rows(channels_pad)
+    block_rows = _block_rows(channels_pad, _BACKWARD_TILE_ELEMENTS)
     num_tiles = triton.cdiv(num_rows, block_rows)
     tiles_per_program = max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
     num_chunks = triton.cdiv(num_tiles, tiles_per_program)
@@ -312,16 +314,17 @@ def aot_variants() -> list[KernelVariant]:
         for stream in sorted({"fp32", name}):
             for channels in _AOT_CHANNELS:
                 channels_pad = triton.next_power_of_2(channels)
-                tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=_block_rows(channels_pad))
+                forward_tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=_block_rows(channels_pad))
+                backward_tiles = dict(forward_tiles, BLOCK_T=_block_rows(channels_pad, _BACKWARD_TILE_ELEMENTS))
                 pointer_types = {
                     "x_ptr": stream, "delta_ptr": name, "summed_ptr": stream, "normed_ptr": name,
                     "dnormed_ptr": name, "dsummed_ptr": stream, "dx_ptr": stream, "ddelta_ptr": name,
                     "weight_ptr": "fp32", "bias_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
                     "weight_partial_ptr": "fp32", "bias_partial_ptr": "fp32",
                 }
-                launches = ((_add_norm_forward_kernel, {}),
-                            (_add_norm_backward_kernel, {"WRITE_DDELTA": stream != name}))
-                for fn, flags in launches:
+                launches = ((_add_norm_forward_kernel, forward_tiles, {}),
+                            (_add_norm_backward_kernel, backward_tiles, {"WRITE_DDELTA": stream != name}))
+                for fn, tiles, flags in launches:
                     constexprs = {**tiles, **flags}
                     signature = {}
                     for arg in fn.arg_names:
