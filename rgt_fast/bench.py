@@ -188,6 +188,8 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
     row["reference_ms"] = time_ms(stepper(reference), warmup, iters, device)
     row["fused_ms"] = time_ms(stepper(fused), warmup, iters, device)
     row["speedup"] = row["reference_ms"] / row["fused_ms"]
+    row["reference_it_per_s"] = 1000.0 / row["reference_ms"]
+    row["fused_it_per_s"] = 1000.0 / row["fused_ms"]
     row["reference_peak_mb"] = peak_mb(stepper(reference), device)
     row["fused_peak_mb"] = peak_mb(stepper(fused), device)
     return row

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import rgt_fast
-from rgt_fast.bench import peak_mb
+from rgt_fast.bench import peak_mb, training_row
 from rgt_fast.cli import main
 
 
@@ -46,6 +46,18 @@ def test_bench_quick_writes_valid_json(tmp_path, capsys):
         assert isinstance(row["reference_peak_mb"], float) and row["reference_peak_mb"] > 0
         assert isinstance(row["fused_peak_mb"], float) and row["fused_peak_mb"] > 0
     assert "speedup" in capsys.readouterr().out
+
+
+def test_bench_training_row_times_the_same_adam_step_on_both_models():
+    torch.manual_seed(0)
+    reference = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6], embed_dim=36)
+    fused = rgt_fast.accelerate(reference, backend="torch")
+    x = torch.rand(2, 3, 16, 20)
+    row = training_row("tiny train", reference, fused, x, None, warmup=1, iters=2)
+    assert row["mode"] == "train" and row["max_abs_err"] < 1e-5  # the first steps' losses agree
+    assert row["reference_ms"] > 0 and row["fused_ms"] > 0
+    assert row["fused_it_per_s"] == pytest.approx(1000.0 / row["fused_ms"])
+    assert row["reference_it_per_s"] == pytest.approx(1000.0 / row["reference_ms"])
 
 
 @pytest.mark.skipif(not PEAK_RSS_RESETTABLE,
