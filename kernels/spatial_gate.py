@@ -19,7 +19,7 @@ output and the product: five tensors of the size of the output or larger, each w
   weight and bias gradients. Those parameter gradients are sums over every token: each program sums a
   fixed chunk of tokens into an fp32 partial, and the partials are summed in a fixed order afterwards.
   There are no atomics, and the chunking depends only on the shapes, so they are bitwise identical from
-  run to run and between GPUs.
+  run to run.
 * Addresses are 64-bit: 4K x 4K maps with 2 x 180 channels pass 2**31 elements.
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ from ._common import SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, KernelVariant, triton
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
 # A whole token row of the gate (C channels, padded to a power of two) is one register tile in the norm
-# kernels; RGT has C = 180 (RGT, RGT-S) or the embed dim for other mlp ratios.
+# kernels; the gate has embed_dim * mlp_ratio / 2 channels, 180 in RGT and RGT-S.
 _MAX_CHANNELS = 512
 # Elements per register tile of the whole-row kernels (the backward holds more tensors per element), and the
 # (tokens x channels) tile of the conv kernels.
