@@ -11,6 +11,9 @@ The backward kernel adds the LayerNorm backward of ``d normed`` to ``d summed`` 
 ``x`` (and of ``delta``, when its dtype differs). The weight and bias gradients are sums over every row: each
 program sums a fixed chunk of rows into an fp32 partial, and the partials are summed in a fixed order, so
 they are bitwise identical from run to run (no atomics; the chunking depends only on the shape).
+
+``layer_norm(x, weight, bias)`` is the same kernels without the add, for the blocks' ``norm1``: under
+autocast its output, too, comes out in the dtype the attention's projections read.
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ def _add_norm_forward_kernel(
     x_ptr, delta_ptr, weight_ptr, bias_ptr, summed_ptr, normed_ptr, mean_ptr, rstd_ptr,
     stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
     num_rows, rows_per_image, eps,
-    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DELTA: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_valid = rows < num_rows
@@ -56,12 +59,15 @@ def _add_norm_forward_kernel(
     valid = row_valid[:, None] & channel_valid[None, :]
     x = tl.load(x_ptr + _row_offsets(rows, rows_per_image, stride_xb, stride_xn)[:, None]
                 + channels[None, :] * stride_xc, mask=valid, other=0.0)
-    delta = tl.load(delta_ptr + _row_offsets(rows, rows_per_image, stride_db, stride_dn)[:, None]
-                    + channels[None, :] * stride_dc, mask=valid, other=0.0)
-    # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
-    summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
-    tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :], summed, mask=valid)
-    summed = summed.to(tl.float32)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + _row_offsets(rows, rows_per_image, stride_db, stride_dn)[:, None]
+                        + channels[None, :] * stride_dc, mask=valid, other=0.0)
+        # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
+        summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
+        tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :], summed, mask=valid)
+        summed = summed.to(tl.float32)
+    else:
+        summed = x.to(tl.float32)
     mean = tl.sum(summed, axis=1) / CHANNELS
     centred = tl.where(valid, summed - mean[:, None], 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CHANNELS + eps)
@@ -80,7 +86,8 @@ def _add_norm_backward_kernel(
     weight_partial_ptr, bias_partial_ptr,
     stride_gb, stride_gn, stride_gc, stride_sb, stride_sn, stride_sc,
     num_rows, rows_per_image, tiles_per_program,
-    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, WRITE_DDELTA: tl.constexpr,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DSUMMED: tl.constexpr,
+    WRITE_DDELTA: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     channels = tl.arange(0, CHANNELS_PAD)
@@ -99,13 +106,14 @@ def _add_norm_backward_kernel(
         x_hat = tl.where(valid, (summed - mean[:, None]) * rstd[:, None], 0.0)
         dnormed = tl.load(dnormed_ptr + _row_offsets(rows, rows_per_image, stride_gb, stride_gn)[:, None]
                           + channels[None, :] * stride_gc, mask=valid, other=0.0).to(tl.float32)
-        dsummed = tl.load(dsummed_ptr + _row_offsets(rows, rows_per_image, stride_sb, stride_sn)[:, None]
-                          + channels[None, :] * stride_sc, mask=valid, other=0.0).to(tl.float32)
         weight_partial += tl.sum(dnormed * x_hat, axis=0)
         bias_partial += tl.sum(dnormed, axis=0)
         dx_hat = dnormed * weight[None, :]
-        dtotal = dsummed + rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
-                                            - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+        dtotal = rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
+                                  - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+        if HAS_DSUMMED:
+            dtotal += tl.load(dsummed_ptr + _row_offsets(rows, rows_per_image, stride_sb, stride_sn)[:, None]
+                              + channels[None, :] * stride_sc, mask=valid, other=0.0).to(tl.float32)
         tl.store(dx_ptr + contiguous, dtotal.to(dx_ptr.dtype.element_ty), mask=valid)
         if WRITE_DDELTA:
             tl.store(ddelta_ptr + contiguous, dtotal.to(ddelta_ptr.dtype.element_ty), mask=valid)
@@ -134,10 +142,13 @@ def _normed_dtype(summed_dtype: torch.dtype, device: torch.device) -> torch.dtyp
 
 
 def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
+    """(summed, normed, mean, rstd); without ``delta`` the rows of ``x`` are normalised and summed is x."""
     batch, rows_per_image, channels = x.shape
     num_rows = batch * rows_per_image
-    summed_dtype = torch.promote_types(x.dtype, delta.dtype)
-    summed = _new_buffer(x.shape, dtype=summed_dtype, device=x.device)
+    if delta is None:
+        summed = x
+    else:
+        summed = _new_buffer(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
     normed = _new_buffer(x.shape, dtype=normed_dtype, device=x.device)
     mean = _new_buffer((num_rows,), dtype=torch.float32, device=x.device)
     rstd = _new_buffer((num_rows,), dtype=torch.float32, device=x.device)
@@ -147,14 +158,17 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
     block_rows = _block_rows(channels_pad)
     with _on_device_of(x):
         _add_norm_forward_kernel[(triton.cdiv(num_rows, block_rows),)](
-            x, delta, weight, bias, summed, normed, mean, rstd, *x.stride(), *delta.stride(),
-            num_rows, rows_per_image, eps,
-            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, num_warps=_NUM_WARPS,
+            x, x if delta is None else delta, weight, bias, summed, normed, mean, rstd, *x.stride(),
+            *(x if delta is None else delta).stride(), num_rows, rows_per_image, eps,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DELTA=delta is not None,
+            num_warps=_NUM_WARPS,
         )
     return summed, normed, mean, rstd
 
 
 def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: torch.dtype):
+    """(dx, ddelta, dweight, dbias). ``summed`` is contiguous; ``dsummed`` None means the sum was not used (or,
+    for a plain LayerNorm, does not exist)."""
     batch, rows_per_image, channels = summed.shape
     num_rows = batch * rows_per_image
     dx = _new_buffer(summed.shape, dtype=summed.dtype, device=summed.device)
@@ -171,10 +185,11 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     bias_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
     with _on_device_of(summed):
         _add_norm_backward_kernel[(num_chunks,)](
-            summed, mean, rstd, weight, dnormed, dsummed, dx, ddelta, weight_partial, bias_partial,
-            *dnormed.stride(), *dsummed.stride(), num_rows, rows_per_image, tiles_per_program,
-            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, WRITE_DDELTA=write_ddelta,
-            num_warps=_NUM_WARPS,
+            summed, mean, rstd, weight, dnormed, dnormed if dsummed is None else dsummed, dx, ddelta,
+            weight_partial, bias_partial, *dnormed.stride(), *(dnormed if dsummed is None else dsummed).stride(),
+            num_rows, rows_per_image, tiles_per_program,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DSUMMED=dsummed is not None,
+            WRITE_DDELTA=write_ddelta, num_warps=_NUM_WARPS,
         )
     # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
     return dx, ddelta, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
@@ -300,6 +315,84 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
     return add_layer_norm_torch(x, delta, weight, bias, eps)
 
 
+@torch.library.custom_op("rgt_fast::layer_norm_forward", mutates_args=())
+def _layer_norm_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                           normed_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, normed, mean, rstd = _triton_forward(x, None, weight, bias, eps, normed_dtype)
+    return normed, mean, rstd
+
+
+@_layer_norm_forward_op.register_fake
+def _layer_norm_forward_fake(x, weight, bias, eps, normed_dtype):
+    num_rows = x.shape[0] * x.shape[1]
+    return (x.new_empty(x.shape, dtype=normed_dtype), x.new_empty((num_rows,), dtype=torch.float32),
+            x.new_empty((num_rows,), dtype=torch.float32))
+
+
+@torch.library.custom_op("rgt_fast::layer_norm_backward", mutates_args=())
+def _layer_norm_backward_op(dnormed: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, _, dweight, dbias = _triton_backward(None, dnormed, x, mean, rstd, weight, x.dtype)
+    return dx, dweight, dbias
+
+
+@_layer_norm_backward_op.register_fake
+def _layer_norm_backward_fake(dnormed, x, mean, rstd, weight):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _setup_layer_norm_backward(ctx, inputs, output):
+    x, weight, bias, eps, normed_dtype = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, mean, rstd, weight)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, dnormed, _dmean, _drstd):
+    x, mean, rstd, weight = ctx.saved_tensors
+    dx, dweight, dbias = _layer_norm_backward_op(dnormed, x, mean, rstd, weight)
+    return dx, dweight, dbias, None, None
+
+
+_layer_norm_forward_op.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm_backward)
+
+
+class _LayerNorm(torch.autograd.Function):
+    """The eager-mode entry of :func:`layer_norm`, straight to the launchers."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, normed_dtype: torch.dtype):
+        _, normed, mean, rstd = _triton_forward(x, None, weight, bias, eps, normed_dtype)
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return normed
+
+    @staticmethod
+    def backward(ctx, dnormed):
+        x, mean, rstd, weight = ctx.saved_tensors
+        dx, _, dweight, dbias = _triton_backward(None, dnormed, x, mean, rstd, weight, x.dtype)
+        return dx, dweight, dbias, None, None
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """LayerNorm over the last dim of a (B, N, C) tensor, output in the dtype the next matmul reads.
+
+    Under autocast that is the autocast dtype (the value autocast would have cast the fp32 LayerNorm output
+    to), which saves the cast's extra pass; otherwise ``x``'s dtype. Triton kernels where they can run, else
+    ``torch.nn.functional.layer_norm``.
+    """
+    _check_inputs(x, x, weight, bias, eps)
+    if x.dtype in SUPPORTED_DTYPES and triton_runs_on(x):
+        if x.shape[2] > _MAX_CHANNELS:
+            raise ValueError(f"layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
+                             f"{x.shape[2]}; use torch.nn.functional.layer_norm")
+        x = x.contiguous()  # the backward reads the saved rows contiguously
+        normed_dtype = _normed_dtype(x.dtype, x.device)
+        if torch.compiler.is_compiling():
+            return _layer_norm_forward_op(x, weight, bias, float(eps), normed_dtype)[0]
+        return _LayerNorm.apply(x, weight, bias, float(eps), normed_dtype)
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
 # Embed dims of the models: 180 (RGT, RGT-S), 60, 64 (the built-in demo models).
 _AOT_CHANNELS = (180, 60, 64)
 
@@ -322,8 +415,12 @@ def aot_variants() -> list[KernelVariant]:
                     "weight_ptr": "fp32", "bias_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
                     "weight_partial_ptr": "fp32", "bias_partial_ptr": "fp32",
                 }
-                launches = ((_add_norm_forward_kernel, forward_tiles, {}),
-                            (_add_norm_backward_kernel, backward_tiles, {"WRITE_DDELTA": stream != name}))
+                launches = (
+                    (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": True}),
+                    (_add_norm_backward_kernel, backward_tiles, {"HAS_DSUMMED": True, "WRITE_DDELTA": stream != name}),
+                    (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": False}),
+                    (_add_norm_backward_kernel, backward_tiles, {"HAS_DSUMMED": False, "WRITE_DDELTA": False}),
+                )
                 for fn, tiles, flags in launches:
                     constexprs = {**tiles, **flags}
                     signature = {}

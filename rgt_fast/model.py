@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .kernels._common import SUPPORTED_DTYPES, triton_runs_on
-from .kernels.add_layer_norm import add_layer_norm
+from .kernels.add_layer_norm import add_layer_norm, layer_norm
 from .kernels.lsa_attention import lsa_attention, lsa_attention_torch
 from .kernels.rgsa_attention import rgsa_attention, rgsa_attention_torch
 from .kernels.spatial_gate import spatial_gate
@@ -89,14 +89,16 @@ class FusedMLP(reference.MLP):
 
 
 class FusedBlock(reference.Block):
-    """Block whose residual add and ``norm2`` are one op, and whose HAI residual is one multiply-add."""
+    """Block whose norms write what the next matmul reads (the autocast dtype under autocast), whose residual add
+    and ``norm2`` are one op, and whose HAI residual is one multiply-add."""
 
     backend = "auto"
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if not uses_triton(self.backend, x):
             return super().forward(x, H, W)
-        attended = self.drop_path(self.attn(self.norm1(x), H, W))
+        normed = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        attended = self.drop_path(self.attn(normed, H, W))
         summed, normed = add_layer_norm(x, attended, self.norm2.weight, self.norm2.bias, self.norm2.eps)
         return torch.addcmul(summed + self.drop_path(self.mlp(normed, H, W)), x, self.gamma)
 

@@ -200,3 +200,89 @@ def test_bad_eps_is_rejected(eps):
     inputs, _ = make_inputs(1, 6, 12)
     with pytest.raises(ValueError, match="eps must be a positive finite number"):
         aln.add_layer_norm(*inputs, eps)
+
+
+# The plain LayerNorm (the blocks' norm1) on the same kernels: no add, no gradient of a sum.
+
+def run_layer_norm(fn, x, weight, bias, grad, dtypes):
+    leaves = [t.detach().to(d).requires_grad_() for t, d in zip((x, weight, bias), dtypes)]
+    out = fn(*leaves)
+    out.backward(grad.to(out.dtype))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def torch_layer_norm(x, weight, bias):
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
+
+
+def fused_layer_norm(x, weight, bias):
+    return aln.layer_norm(x, weight, bias, EPS)
+
+
+LAYER_NORM_NAMES = ("normed", "d_x", "d_weight", "d_bias")
+
+
+@pytest.mark.parametrize("batch,tokens,channels", [(2, 37, 180), (1, 9, 23)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_layer_norm_fp32_matches_float64(batch, tokens, channels, strided, monkeypatch):
+    monkeypatch.setattr(aln, "_BACKWARD_TARGET_PROGRAMS", 2)  # several row tiles per program as well
+    (x, _, weight, bias), (grad, _) = make_inputs(batch, tokens, channels, strided)
+    got = run_layer_norm(fused_layer_norm, x, weight, bias, grad, (torch.float32,) * 3)
+    want = run_layer_norm(torch_layer_norm, x, weight, bias, grad, (torch.float64,) * 3)
+    for name, g, w in zip(LAYER_NORM_NAMES, got, want):
+        assert g.dtype == torch.float32, name
+        torch.testing.assert_close(g.double(), w, atol=2e-6 * w.abs().max().item(), rtol=2e-5, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_layer_norm_low_precision_within_flash_attention_bound(dtype):
+    (x, _, weight, bias), (grad, _) = make_inputs(2, 45, 180)
+    x = x.to(dtype)
+    dtypes = (dtype, torch.float32, torch.float32)
+    got = run_layer_norm(fused_layer_norm, x, weight, bias, grad, dtypes)
+    baseline = run_layer_norm(torch_layer_norm, x, weight, bias, grad, dtypes)
+    want = run_layer_norm(torch_layer_norm, x, weight, bias, grad, (torch.float64,) * 3)
+    for name, g, b, w in zip(LAYER_NORM_NAMES, got, baseline, want):
+        assert g.dtype == b.dtype, (name, g.dtype, b.dtype)
+        kernel_error = (g.double() - w).abs().max().item()
+        reference_error = (b.double() - w).abs().max().item()
+        assert kernel_error <= 2 * reference_error + 1e-3 * w.abs().max().item(), (name, kernel_error,
+                                                                                    reference_error)
+
+
+def test_layer_norm_output_takes_the_autocast_dtype():
+    (x, _, weight, bias), _ = make_inputs(1, 20, 60)
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+        normed = aln.layer_norm(x, weight, bias, EPS)
+    assert normed.dtype == torch.bfloat16
+    want = torch_layer_norm(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
+
+
+def test_layer_norm_gradients_bitwise_identical_between_runs(monkeypatch):
+    monkeypatch.setattr(aln, "_BACKWARD_TARGET_PROGRAMS", 4)
+    (x, _, weight, bias), (grad, _) = make_inputs(2, 100, 60)
+    first = run_layer_norm(fused_layer_norm, x, weight, bias, grad, (torch.float32,) * 3)
+    second = run_layer_norm(fused_layer_norm, x, weight, bias, grad, (torch.float32,) * 3)
+    for name, a, b in zip(LAYER_NORM_NAMES, first, second):
+        assert torch.equal(a, b), name
+
+
+def test_layer_norm_torch_compile_fullgraph_matches_eager():
+    (x, _, weight, bias), (grad, _) = make_inputs(1, 21, 30)
+
+    def block(x, weight, bias):
+        return fused_layer_norm(x, weight, bias) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = run_layer_norm(compiled, x, weight, bias, grad, (torch.float32,) * 3)
+    want = run_layer_norm(block, x, weight, bias, grad, (torch.float32,) * 3)
+    for name, g, w in zip(LAYER_NORM_NAMES, got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, msg=name)
+
+
+def test_layer_norm_float64_dispatches_to_torch():
+    (x, _, weight, bias), _ = make_inputs(1, 7, 12)
+    x, weight, bias = x.double(), weight.double(), bias.double()
+    assert torch.equal(aln.layer_norm(x, weight, bias, EPS), torch_layer_norm(x, weight, bias))
