@@ -104,6 +104,23 @@ def test_triton_backend_draws_drop_path_like_the_reference():
         torch.testing.assert_close(fused_params[name].grad, p.grad, atol=2e-4 * scale, rtol=1e-3, msg=name)
 
 
+@needs_triton_device
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_triton_backend_under_autocast_within_flash_attention_bound(dtype):
+    """Whole model, eval, under autocast: the fused model's error against the float64 reference is at most twice
+    the reference's own error under the same autocast, plus a small absolute term."""
+    reference = perturbed_reference().to(TRITON_DEVICE).eval()
+    fused = accelerate(reference, backend="triton")
+    x = torch.rand(2, 3, 17, 22, device=TRITON_DEVICE)
+    with torch.no_grad():
+        exact = accelerate(reference, backend="torch").double()(x.double())
+        with torch.autocast(TRITON_DEVICE, dtype=dtype):
+            got, baseline = fused(x).double(), reference(x).double()
+    kernel_error = (got - exact).abs().max().item()
+    reference_error = (baseline - exact).abs().max().item()
+    assert kernel_error <= 2 * reference_error + 1e-3 * exact.abs().max().item(), (kernel_error, reference_error)
+
+
 def test_triton_backend_refuses_what_it_cannot_run():
     fused = RGT(**tiny_kwargs(), backend="triton").double().eval()
     with pytest.raises(RuntimeError, match="backend='triton' needs"):
