@@ -1,6 +1,6 @@
 """Run every benchmark (and optionally the CUDA test suite) in one go and write one JSON of results.
 
-    python benchmarks/run_all.py [--tests] [--quick] [--budget SECONDS] [--out DIR]
+    python benchmarks/run_all.py [--tests] [--quick] [--budget SECONDS] [--out DIR] [--results-dir DIR]
 
 Each benchmark script is run in its own process with ``--json``; a script that fails or times out is
 recorded with its exit code and the tail of its output, and the others still run. The result file is
@@ -64,7 +64,7 @@ def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, s
     return code, output, time.perf_counter() - start
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", action="store_true", help="run the kernel and model test files on CUDA first")
     parser.add_argument("--quick", action="store_true", help="pass --quick to every benchmark")
@@ -72,15 +72,15 @@ def main() -> int:
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run: what would start after it is recorded as skipped")
     parser.add_argument("--out", type=Path, help="also copy the result JSON here")
-    args = parser.parse_args()
+    parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results",
+                        help="where <device>-<date>.json is written (default: benchmarks/results)")
+    args = parser.parse_args(argv)
     start = time.perf_counter()
 
     report = {"environment": environment(), "tests": None, "benchmarks": {}}
     device = re.sub(r"[^A-Za-z0-9]+", "-", report["environment"]["device"]).strip("-").lower()
     name = f"{device}-{report['environment']['date'][:10]}.json"
-    results_dir = ROOT / "benchmarks" / "results"
-    results_dir.mkdir(parents=True, exist_ok=True)
-    destinations = [results_dir / name] + ([args.out / name] if args.out else [])
+    destinations = [args.results_dir / name] + ([args.out / name] if args.out else [])
 
     def save() -> None:
         # After every step, so that a run cut short (a device lease ending) still leaves what it measured.

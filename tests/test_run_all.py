@@ -1,0 +1,84 @@
+"""benchmarks/run_all.py: per-script results, timeouts and the --budget, with the JSON saved after every step."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+RUN_ALL_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "run_all.py"
+
+FAST_SCRIPT = """
+import argparse, json
+parser = argparse.ArgumentParser()
+parser.add_argument("--json")
+parser.add_argument("--quick", action="store_true")
+args = parser.parse_args()
+with open(args.json, "w") as f:
+    json.dump({"rows": [{"name": "fake", "quick": args.quick}]}, f)
+"""
+SLOW_SCRIPT = "import time\nprint('started', flush=True)\ntime.sleep(60)\n"
+FAILING_SCRIPT = "import sys\nprint('no GPU kernel for this', flush=True)\nsys.exit(3)\n"
+
+
+@pytest.fixture
+def run_all():
+    spec = importlib.util.spec_from_file_location("run_all_under_test", RUN_ALL_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_scripts(tmp_path, **scripts):
+    paths = []
+    for name, text in scripts.items():
+        path = tmp_path / f"{name}.py"
+        path.write_text(text)
+        paths.append(str(path))  # absolute: ROOT / "benchmarks" / path is the path itself
+    return tuple(paths)
+
+
+def read_report(results_dir):
+    (path,) = results_dir.glob("*.json")
+    return json.loads(path.read_text())
+
+
+def test_each_script_is_recorded_and_a_failure_does_not_stop_the_others(run_all, monkeypatch, tmp_path):
+    scripts = write_scripts(tmp_path, failing=FAILING_SCRIPT, fast=FAST_SCRIPT)
+    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    out = tmp_path / "out"
+    assert run_all.main(["--quick", "--results-dir", str(tmp_path / "results"), "--out", str(out)]) == 1
+    report = read_report(tmp_path / "results")
+    assert report == read_report(out)
+    failing, fast = (report["benchmarks"][s] for s in scripts)
+    assert failing["exit_code"] == 3 and "no GPU kernel" in failing["output_tail"]
+    assert fast["exit_code"] == 0 and fast["results"] == {"rows": [{"name": "fake", "quick": True}]}
+    assert {"date", "torch", "triton", "device", "commit"} <= report["environment"].keys()
+
+
+def test_budget_times_out_the_running_script_and_skips_the_rest(run_all, monkeypatch, tmp_path):
+    scripts = write_scripts(tmp_path, fast=FAST_SCRIPT, slow=SLOW_SCRIPT, never=FAST_SCRIPT)
+    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
+    assert run_all.main(["--budget", "6", "--results-dir", str(tmp_path / "results")]) == 1
+    benchmarks = read_report(tmp_path / "results")["benchmarks"]
+    assert benchmarks[scripts[0]]["exit_code"] == 0
+    assert benchmarks[scripts[1]]["exit_code"] == 124 and benchmarks[scripts[1]]["seconds"] < 30
+    assert "skipped" in benchmarks[scripts[2]]
+
+
+def test_report_is_saved_before_a_later_step_finishes(run_all, monkeypatch, tmp_path):
+    """A run cut short (a device lease ending) keeps what the finished steps measured."""
+    scripts = write_scripts(tmp_path, fast=FAST_SCRIPT, slow=SLOW_SCRIPT)
+    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    real_run = run_all.run
+
+    def run_checking_saved(cmd, timeout, env=None):
+        if cmd[1] == scripts[1]:
+            saved = read_report(tmp_path / "results")["benchmarks"]
+            assert saved[scripts[0]]["exit_code"] == 0 and scripts[1] not in saved
+            return 137, "killed", 0.0
+        return real_run(cmd, timeout, env)
+
+    monkeypatch.setattr(run_all, "run", run_checking_saved)
+    assert run_all.main(["--results-dir", str(tmp_path / "results")]) == 1
+    assert read_report(tmp_path / "results")["benchmarks"][scripts[1]]["exit_code"] == 137
