@@ -1,10 +1,14 @@
 """Shared plumbing for the Triton kernels: interpreter detection, dtype names, AOT variants."""
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass, field
+from typing import Mapping
 
 import torch
+import triton
+import triton.language as tl
 
 # Triton's interpreter computes tl.dot on bf16 operands wrongly (errors around 1e10, Triton 3.6). Kernels
 # take this flag as a constexpr and upcast their dot operands to fp32 only when it is set, so the compiled
@@ -75,6 +79,44 @@ def triton_runs_on(t: torch.Tensor) -> bool:
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
 
 
+def on_device_of(t: torch.Tensor):
+    """Context for launching on ``t``'s GPU: Triton launches on the current CUDA device, which need not be it."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def rows_per_tile(row_width: int, tile_elements: int) -> int:
+    """How many rows of ``row_width`` (padded) elements make a register tile of about ``tile_elements``."""
+    return max(1, tile_elements // row_width)
+
+
+@triton.jit
+def token_offsets(tokens, tokens_per_image, stride_b, stride_n):
+    """Element offsets of flat (32-bit) token indices over a batch of (B, N, ...) tensors with these strides.
+
+    The indices stay 32-bit, where division is cheap (B * N < 2**31); the offsets are 64-bit, since tokens x
+    channels passes 2**31 on large images.
+    """
+    image = tokens // tokens_per_image
+    return image.to(tl.int64) * stride_b + (tokens - image * tokens_per_image).to(tl.int64) * stride_n
+
+
+@triton.jit
+def normalise_rows(values, valid, eps, CHANNELS: tl.constexpr):
+    """LayerNorm of each row of the fp32 tile ``values`` over its ``valid`` lanes (zeros elsewhere, which the
+    sums then ignore): (mean, normalised rows, 1 / std)."""
+    mean = tl.sum(values, axis=1) / CHANNELS
+    centred = tl.where(valid, values - mean[:, None], 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CHANNELS + eps)
+    return mean, centred * rstd[:, None], rstd
+
+
+@triton.jit
+def layer_norm_input_grad(dx_hat, x_hat, rstd, CHANNELS: tl.constexpr):
+    """Gradient of LayerNorm's input from that of its normalised rows (``dx_hat``: after the weight)."""
+    return rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
+                            - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+
+
 def next_power_of_2_at_least_16(n: int) -> int:
     """Padded head-dim tile: a power of two and >= 16, the smallest K that tl.dot accepts."""
     p = 16
@@ -101,3 +143,28 @@ class KernelVariant:
     config: str
     uses_dot: bool = True
     extra_options: dict = field(default_factory=dict)
+
+
+def aot_signature(fn, constexprs: dict, pointer_types: Mapping[str, str], float_args=(),
+                  unit_stride_suffix: str | None = None) -> tuple[dict, dict]:
+    """Signature and constexprs of ``fn`` as Triton's launcher builds them for the model's tensors.
+
+    ``pointer_types`` maps pointer arguments to element types ("bf16", "fp32", ...), ``float_args`` names the
+    fp32 scalars; other arguments are i32. Strides named ``stride_*<unit_stride_suffix>`` are 1 for every tensor
+    the model passes, and Triton specialises an integer argument equal to 1 into a constexpr, so they are
+    compiled that way here too.
+    """
+    signature, constexprs = {}, dict(constexprs)
+    for name in fn.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in pointer_types:
+            signature[name] = "*" + pointer_types[name]
+        elif unit_stride_suffix and name.startswith("stride_") and name.endswith(unit_stride_suffix):
+            signature[name] = "constexpr"
+            constexprs[name] = 1
+        elif name in float_args:
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, constexprs

@@ -17,7 +17,6 @@ autocast its output, too, comes out in the dtype the attention's projections rea
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
@@ -25,7 +24,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, KernelVariant, triton_runs_on
+from ._common import (
+    SUPPORTED_DTYPES,
+    TRITON_DTYPE_NAMES,
+    KernelVariant,
+    aot_signature,
+    layer_norm_input_grad,
+    normalise_rows,
+    on_device_of,
+    rows_per_tile,
+    token_offsets,
+    triton_runs_on,
+)
 
 # A whole row is one register tile; RGT's embed dims are 180 (RGT, RGT-S) and 60.
 _MAX_CHANNELS = 1024
@@ -36,13 +46,6 @@ _NUM_WARPS = 4
 # Programs of the backward: enough to fill a 132-SM GPU several times over, few enough that summing their
 # (programs x 2 x C) fp32 partials is negligible.
 _BACKWARD_TARGET_PROGRAMS = 1024
-
-
-@triton.jit
-def _row_offsets(rows, rows_per_image, stride_b, stride_n):
-    # Row indices stay 32-bit, where division is cheap (B * N < 2**31); offsets are 64-bit.
-    image = rows // rows_per_image
-    return image.to(tl.int64) * stride_b + (rows - image * rows_per_image).to(tl.int64) * stride_n
 
 
 @triton.jit
@@ -57,10 +60,10 @@ def _add_norm_forward_kernel(
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
     valid = row_valid[:, None] & channel_valid[None, :]
-    x = tl.load(x_ptr + _row_offsets(rows, rows_per_image, stride_xb, stride_xn)[:, None]
+    x = tl.load(x_ptr + token_offsets(rows, rows_per_image, stride_xb, stride_xn)[:, None]
                 + channels[None, :] * stride_xc, mask=valid, other=0.0)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + _row_offsets(rows, rows_per_image, stride_db, stride_dn)[:, None]
+        delta = tl.load(delta_ptr + token_offsets(rows, rows_per_image, stride_db, stride_dn)[:, None]
                         + channels[None, :] * stride_dc, mask=valid, other=0.0)
         # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
         summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
@@ -68,12 +71,10 @@ def _add_norm_forward_kernel(
         summed = summed.to(tl.float32)
     else:
         summed = x.to(tl.float32)
-    mean = tl.sum(summed, axis=1) / CHANNELS
-    centred = tl.where(valid, summed - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CHANNELS + eps)
+    mean, x_hat, rstd = normalise_rows(summed, valid, eps, CHANNELS)
     weight = tl.load(weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
-    normed = centred * rstd[:, None] * weight[None, :] + bias[None, :]
+    normed = x_hat * weight[None, :] + bias[None, :]
     tl.store(normed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :],
              normed.to(normed_ptr.dtype.element_ty), mask=valid)
     tl.store(mean_ptr + rows, mean, mask=row_valid)
@@ -104,30 +105,20 @@ def _add_norm_backward_kernel(
         mean = tl.load(mean_ptr + rows, mask=row_valid, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_valid, other=0.0)
         x_hat = tl.where(valid, (summed - mean[:, None]) * rstd[:, None], 0.0)
-        dnormed = tl.load(dnormed_ptr + _row_offsets(rows, rows_per_image, stride_gb, stride_gn)[:, None]
+        dnormed = tl.load(dnormed_ptr + token_offsets(rows, rows_per_image, stride_gb, stride_gn)[:, None]
                           + channels[None, :] * stride_gc, mask=valid, other=0.0).to(tl.float32)
         weight_partial += tl.sum(dnormed * x_hat, axis=0)
         bias_partial += tl.sum(dnormed, axis=0)
         dx_hat = dnormed * weight[None, :]
-        dtotal = rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
-                                  - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+        dtotal = layer_norm_input_grad(dx_hat, x_hat, rstd, CHANNELS)
         if HAS_DSUMMED:
-            dtotal += tl.load(dsummed_ptr + _row_offsets(rows, rows_per_image, stride_sb, stride_sn)[:, None]
+            dtotal += tl.load(dsummed_ptr + token_offsets(rows, rows_per_image, stride_sb, stride_sn)[:, None]
                               + channels[None, :] * stride_sc, mask=valid, other=0.0).to(tl.float32)
         tl.store(dx_ptr + contiguous, dtotal.to(dx_ptr.dtype.element_ty), mask=valid)
         if WRITE_DDELTA:
             tl.store(ddelta_ptr + contiguous, dtotal.to(ddelta_ptr.dtype.element_ty), mask=valid)
     tl.store(weight_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, weight_partial, mask=channel_valid)
     tl.store(bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
-
-
-def _block_rows(channels_pad: int, tile_elements: int = _ROW_TILE_ELEMENTS) -> int:
-    return max(1, tile_elements // channels_pad)
-
-
-def _on_device_of(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # Outputs and scratch buffers are allocated here, so that tests can poison them before the kernels write.
@@ -155,8 +146,8 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
     if num_rows == 0:
         return summed, normed, mean, rstd
     channels_pad = triton.next_power_of_2(channels)
-    block_rows = _block_rows(channels_pad)
-    with _on_device_of(x):
+    block_rows = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
+    with on_device_of(x):
         _add_norm_forward_kernel[(triton.cdiv(num_rows, block_rows),)](
             x, x if delta is None else delta, weight, bias, summed, normed, mean, rstd, *x.stride(),
             *(x if delta is None else delta).stride(), num_rows, rows_per_image, eps,
@@ -177,13 +168,13 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     if num_rows == 0:
         return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
     channels_pad = triton.next_power_of_2(channels)
-    block_rows = _block_rows(channels_pad, _BACKWARD_TILE_ELEMENTS)
+    block_rows = rows_per_tile(channels_pad, _BACKWARD_TILE_ELEMENTS)
     num_tiles = triton.cdiv(num_rows, block_rows)
     tiles_per_program = max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
     num_chunks = triton.cdiv(num_tiles, tiles_per_program)
     weight_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
     bias_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
-    with _on_device_of(summed):
+    with on_device_of(summed):
         _add_norm_backward_kernel[(num_chunks,)](
             summed, mean, rstd, weight, dnormed, dnormed if dsummed is None else dsummed, dx, ddelta,
             weight_partial, bias_partial, *dnormed.stride(), *(dnormed if dsummed is None else dsummed).stride(),
@@ -407,8 +398,8 @@ def aot_variants() -> list[KernelVariant]:
         for stream in sorted({"fp32", name}):
             for channels in _AOT_CHANNELS:
                 channels_pad = triton.next_power_of_2(channels)
-                forward_tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=_block_rows(channels_pad))
-                backward_tiles = dict(forward_tiles, BLOCK_T=_block_rows(channels_pad, _BACKWARD_TILE_ELEMENTS))
+                forward_tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS))
+                backward_tiles = dict(forward_tiles, BLOCK_T=rows_per_tile(channels_pad, _BACKWARD_TILE_ELEMENTS))
                 pointer_types = {
                     "x_ptr": stream, "delta_ptr": name, "summed_ptr": stream, "normed_ptr": name,
                     "dnormed_ptr": name, "dsummed_ptr": stream, "dx_ptr": stream, "ddelta_ptr": name,
@@ -417,25 +408,15 @@ def aot_variants() -> list[KernelVariant]:
                 }
                 launches = (
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": True}),
-                    (_add_norm_backward_kernel, backward_tiles, {"HAS_DSUMMED": True, "WRITE_DDELTA": stream != name}),
+                    (_add_norm_backward_kernel, backward_tiles,
+                     {"HAS_DSUMMED": True, "WRITE_DDELTA": stream != name}),
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": False}),
                     (_add_norm_backward_kernel, backward_tiles, {"HAS_DSUMMED": False, "WRITE_DDELTA": False}),
                 )
                 for fn, tiles, flags in launches:
-                    constexprs = {**tiles, **flags}
-                    signature = {}
-                    for arg in fn.arg_names:
-                        if arg in constexprs:
-                            signature[arg] = "constexpr"
-                        elif arg in pointer_types:
-                            signature[arg] = "*" + pointer_types[arg]
-                        elif arg.startswith("stride_") and arg.endswith("c"):
-                            signature[arg] = "constexpr"  # channel strides are 1 in the model: Triton specialises 1
-                            constexprs[arg] = 1
-                        elif arg == "eps":
-                            signature[arg] = "fp32"
-                        else:
-                            signature[arg] = "i32"
+                    # Channel strides ("stride_*c") are 1 in the model.
+                    signature, constexprs = aot_signature(fn, {**tiles, **flags}, pointer_types, ("eps",),
+                                                          unit_stride_suffix="c")
                     config = " ".join([f"{name} stream={stream} C={channels}",
                                        *(f"{k}={v}" for k, v in {**tiles, **flags}.items() if k != "CHANNELS"),
                                        f"warps={_NUM_WARPS}"])

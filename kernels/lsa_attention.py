@@ -42,6 +42,7 @@ from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
     KernelVariant,
+    aot_signature,
     next_power_of_2_at_least_16,
     triton_runs_on,
 )
@@ -827,14 +828,9 @@ def aot_variants(split_size=(8, 32), embed_dim: int = 180, num_heads: int = 6) -
                         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
                         "UPCAST_DOT_OPERANDS": False, "INPUT_PRECISION": precision,
                     }
-                    signature = {}
-                    for arg in fn.arg_names:
-                        if arg in constexprs:
-                            signature[arg] = "constexpr"
-                        elif arg.endswith("_ptr"):
-                            signature[arg] = "*fp32" if arg in _FP32_POINTERS else f"*{dtype_name}"
-                        else:
-                            signature[arg] = "fp32" if arg in _FLOAT_SCALARS else "i32"
+                    pointer_types = {arg: "fp32" if arg in _FP32_POINTERS else dtype_name
+                                     for arg in fn.arg_names if arg.endswith("_ptr")}
+                    signature, constexprs = aot_signature(fn, constexprs, pointer_types, _FLOAT_SCALARS)
                     label = (f"{dtype_name}{'/' + precision if dtype == torch.float32 else ''} branch={branch} "
                              f"shifted={shifted} BLOCK_M={block_m} BLOCK_N={block_n} D={block_d} "
                              f"warps={num_warps} stages={num_stages}")

@@ -36,7 +36,6 @@ Design:
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 from typing import NamedTuple
@@ -50,7 +49,9 @@ from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
     KernelVariant,
+    aot_signature,
     next_power_of_2_at_least_16,
+    on_device_of,
     triton_runs_on,
 )
 
@@ -403,11 +404,6 @@ def _query_chunking(num_queries: int, work_per_chunk: int, block_m: int, request
     return chunk_len, triton.cdiv(num_queries, chunk_len)
 
 
-def _on_device_of(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
-
-
 def _head_dim_constexprs(dqk: int, dv: int) -> dict:
     return dict(DQK=dqk, DV=dv, DQK_PAD=next_power_of_2_at_least_16(dqk), DV_PAD=next_power_of_2_at_least_16(dv))
 
@@ -422,7 +418,7 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
     precision = _operand_precision(q.dtype)
     tiles = _tiles("forward", num_keys, precision)
     num_query_blocks = triton.cdiv(num_queries, tiles.block_m)
-    with _on_device_of(q):
+    with on_device_of(q):
         _rgsa_forward_kernel[(num_query_blocks * batch * num_heads,)](
             q, k, v, out, lse,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
@@ -454,7 +450,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
     common = dict(**head_dims, DOT_PRECISION=_DOT_INPUT_PRECISION[precision], UPCAST_DOTS=INTERPRET)
     strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), *dout.stride(), *dq.stride())
 
-    with _on_device_of(q):
+    with on_device_of(q):
         if fused_dq:
             delta = lse  # unread: the fused kernel derives delta from dO and O itself
         else:
@@ -643,31 +639,10 @@ _AOT_PRECISIONS = ((torch.bfloat16, "16bit"), (torch.float16, "16bit"), (torch.f
                    (torch.float32, "ieee"))
 
 
-def _aot_signature(fn, pointer_types: dict, float_args: tuple, constexprs: dict) -> tuple[dict, dict]:
-    """Signature and constexprs as Triton's launcher builds them for the model's tensors.
-
-    Head-dim strides are 1 for every tensor the model passes, and Triton specialises an integer argument
-    equal to 1 into a constexpr, so they are compiled that way here too.
-    """
-    signature, constexprs = {}, dict(constexprs)
-    for name in fn.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name in pointer_types:
-            signature[name] = "*" + pointer_types[name]
-        elif name.startswith("stride_") and name.endswith("d"):
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        elif name in float_args:
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature, constexprs
-
-
 def _aot_variant(fn, io_types: dict, constexprs: dict, num_warps: int, num_stages: int, uses_dot: bool,
                 config: str) -> KernelVariant:
-    signature, constexprs = _aot_signature(fn, io_types, ("scale", "scale_log2"), constexprs)
+    # Head-dim strides ("stride_*d") are 1 in every tensor the model passes.
+    signature, constexprs = aot_signature(fn, constexprs, io_types, ("scale", "scale_log2"), unit_stride_suffix="d")
     return KernelVariant(kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
                          num_warps=num_warps, num_stages=num_stages, uses_dot=uses_dot, config=config)
 

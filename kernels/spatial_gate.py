@@ -24,7 +24,6 @@ output and the product: five tensors of the size of the output or larger, each w
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import numbers
 
@@ -32,7 +31,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import SUPPORTED_DTYPES, TRITON_DTYPE_NAMES, KernelVariant, triton_runs_on
+from ._common import (
+    SUPPORTED_DTYPES,
+    TRITON_DTYPE_NAMES,
+    KernelVariant,
+    aot_signature,
+    layer_norm_input_grad,
+    normalise_rows,
+    on_device_of,
+    rows_per_tile,
+    token_offsets,
+    triton_runs_on,
+)
 
 _INV_SQRT_2 = tl.constexpr(1.0 / math.sqrt(2.0))
 _INV_SQRT_2PI = tl.constexpr(1.0 / math.sqrt(2.0 * math.pi))
@@ -70,29 +80,34 @@ def _wide(index):
 
 
 @triton.jit
-def _token_coordinates(tokens, tokens_per_image, width):
-    """(image, row, column) of flat token indices over the batch."""
-    image = tokens // tokens_per_image
-    within = tokens - image * tokens_per_image
+def _pixel_of(tokens, tokens_per_image, width):
+    """(row, column) in its image of each flat token index over the batch."""
+    within = tokens % tokens_per_image
     row = within // width
-    return image, row, within - row * width
+    return row, within - row * width
+
+
+@triton.jit
+def _shifted_rows(ptr, tokens, token_valid, row, column, channels, channel_valid, dy, dx, height, width,
+                  CHANNELS: tl.constexpr):
+    """fp32 rows of the contiguous (tokens, CHANNELS) map at ``ptr`` taken dy rows and dx columns away from each
+    token's pixel; zeros where that falls outside the image (the conv's zero padding)."""
+    inside = token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0) & (column + dx < width)
+    neighbour = tokens + dy * width + dx
+    return tl.load(ptr + _wide(neighbour)[:, None] * CHANNELS + channels[None, :],
+                   mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
 
 
 @triton.jit
 def _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid, channels,
                           tokens_per_image, eps, CHANNELS: tl.constexpr):
     """GELU of the second half of ``hidden`` for a tile of tokens, normalised per token: (x_hat, rstd, x)."""
-    image = tokens // tokens_per_image
-    within = tokens - image * tokens_per_image
     channel_valid = channels < CHANNELS
     valid = token_valid[:, None] & channel_valid[None, :]
-    x = tl.load(hidden_ptr + _wide(image)[:, None] * stride_hb + _wide(within)[:, None] * stride_hn
+    x = tl.load(hidden_ptr + token_offsets(tokens, tokens_per_image, stride_hb, stride_hn)[:, None]
                 + (CHANNELS + channels[None, :]) * stride_hc, mask=valid, other=0.0).to(tl.float32)
-    gelu = _gelu(x)
-    mean = tl.sum(gelu, axis=1) / CHANNELS
-    centred = tl.where(valid, gelu - mean[:, None], 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=1) / CHANNELS + eps)
-    return centred * rstd[:, None], rstd, x
+    _, x_hat, rstd = normalise_rows(_gelu(x), valid, eps, CHANNELS)
+    return x_hat, rstd, x
 
 
 @triton.jit
@@ -120,17 +135,12 @@ def _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_va
                     tokens_per_image, height, width, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_C: tl.constexpr):
     """The depthwise 3x3 conv (zero padding) of the normalised map plus its bias, at a tile of tokens."""
-    _, row, column = _token_coordinates(tokens, tokens_per_image, width)
+    row, column = _pixel_of(tokens, tokens_per_image, width)
     acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     acc += tl.load(conv_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)[None, :]
     for tap in tl.static_range(9):
-        dy = tap // 3 - 1
-        dx = tap % 3 - 1
-        inside = (token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
-                  & (column + dx < width))
-        neighbour = tokens + dy * width + dx
-        taps = tl.load(normed_ptr + _wide(neighbour)[:, None] * CHANNELS + channels[None, :],
-                       mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
+        taps = _shifted_rows(normed_ptr, tokens, token_valid, row, column, channels, channel_valid,
+                             tap // 3 - 1, tap % 3 - 1, height, width, CHANNELS)
         weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
         acc += taps * weight[None, :]
     return acc
@@ -149,10 +159,8 @@ def _gate_conv_kernel(
     channel_valid = channels < CHANNELS
     conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                            channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
-    image, _, _ = _token_coordinates(tokens, tokens_per_image, width)
-    within = tokens - image * tokens_per_image
     valid = token_valid[:, None] & channel_valid[None, :]
-    first_half = tl.load(hidden_ptr + _wide(image)[:, None] * stride_hb + _wide(within)[:, None] * stride_hn
+    first_half = tl.load(hidden_ptr + token_offsets(tokens, tokens_per_image, stride_hb, stride_hn)[:, None]
                          + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
     tl.store(out_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :],
              (_gelu(first_half) * conv).to(out_ptr.dtype.element_ty), mask=valid)
@@ -180,11 +188,10 @@ def _gate_conv_backward_kernel(
         valid = token_valid[:, None] & channel_valid[None, :]
         conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                                channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
-        image, row, column = _token_coordinates(tokens, tokens_per_image, width)
-        within = tokens - image * tokens_per_image
-        first_half = tl.load(hidden_ptr + _wide(image)[:, None] * stride_hb + _wide(within)[:, None] * stride_hn
+        row, column = _pixel_of(tokens, tokens_per_image, width)
+        first_half = tl.load(hidden_ptr + token_offsets(tokens, tokens_per_image, stride_hb, stride_hn)[:, None]
                              + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + _wide(image)[:, None] * stride_ob + _wide(within)[:, None] * stride_on
+        dout = tl.load(dout_ptr + token_offsets(tokens, tokens_per_image, stride_ob, stride_on)[:, None]
                        + channels[None, :] * stride_oc, mask=valid, other=0.0).to(tl.float32)
         dfirst = dout * conv * _gelu_grad(first_half)
         tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + channels[None, :],
@@ -195,13 +202,8 @@ def _gate_conv_backward_kernel(
         dconv = dconv.to(tl.float32)
         bias_partial += tl.sum(dconv, axis=0)
         for tap in tl.static_range(9):
-            dy = tap // 3 - 1
-            dx = tap % 3 - 1
-            inside = (token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0)
-                      & (column + dx < width))
-            neighbour = tokens + dy * width + dx
-            taps = tl.load(normed_ptr + _wide(neighbour)[:, None] * CHANNELS + channels[None, :],
-                           mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
+            taps = _shifted_rows(normed_ptr, tokens, token_valid, row, column, channels, channel_valid,
+                                 tap // 3 - 1, tap % 3 - 1, height, width, CHANNELS)
             weight_partial += tl.where(taps_of_rows[:, None] == tap, tl.sum(taps * dconv, axis=0)[None, :], 0.0)
     partial_row = chunk.to(tl.int64) * 9 * CHANNELS
     tl.store(conv_weight_partial_ptr + partial_row + channels[None, :] * 9 + taps_of_rows[:, None],
@@ -228,17 +230,12 @@ def _gate_norm_backward_kernel(
         tokens = (chunk * tiles_per_program + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         token_valid = tokens < num_tokens
         valid = token_valid[:, None] & channel_valid[None, :]
-        _, row, column = _token_coordinates(tokens, tokens_per_image, width)
+        row, column = _pixel_of(tokens, tokens_per_image, width)
         # The normalised value at token t fed the conv outputs at t - offset for each tap offset.
         dnormed = tl.zeros([BLOCK_T, CHANNELS_PAD], tl.float32)
         for tap in tl.static_range(9):
-            dy = tap // 3 - 1
-            dx = tap % 3 - 1
-            inside = (token_valid & (row - dy >= 0) & (row - dy < height) & (column - dx >= 0)
-                      & (column - dx < width))
-            source = tokens - dy * width - dx
-            dconv = tl.load(dconv_ptr + _wide(source)[:, None] * CHANNELS + channels[None, :],
-                            mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
+            dconv = _shifted_rows(dconv_ptr, tokens, token_valid, row, column, channels, channel_valid,
+                                  1 - tap // 3, 1 - tap % 3, height, width, CHANNELS)
             weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
             dnormed += dconv * weight[None, :]
         x_hat, rstd, x = _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid,
@@ -246,21 +243,11 @@ def _gate_norm_backward_kernel(
         weight_partial += tl.sum(dnormed * x_hat, axis=0)
         bias_partial += tl.sum(dnormed, axis=0)
         dx_hat = dnormed * norm_weight[None, :]
-        dgelu = rstd[:, None] * (dx_hat - (tl.sum(dx_hat, axis=1) / CHANNELS)[:, None]
-                                 - x_hat * (tl.sum(dx_hat * x_hat, axis=1) / CHANNELS)[:, None])
+        dgelu = layer_norm_input_grad(dx_hat, x_hat, rstd, CHANNELS)
         tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + CHANNELS + channels[None, :],
                  (dgelu * _gelu_grad(x)).to(dhidden_ptr.dtype.element_ty), mask=valid)
     tl.store(norm_weight_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, weight_partial, mask=channel_valid)
     tl.store(norm_bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
-
-
-def _row_block_tokens(channels_pad: int, tile_elements: int = _ROW_TILE_ELEMENTS) -> int:
-    return max(1, tile_elements // channels_pad)
-
-
-def _on_device_of(t: torch.Tensor):
-    # Triton launches on the current CUDA device, which need not be the tensors' one.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 # Outputs and scratch buffers are allocated here, so that tests can poison them before the kernels write.
@@ -271,7 +258,7 @@ def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.T
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
     channels_pad = triton.next_power_of_2(channels)
-    block_t = _row_block_tokens(channels_pad)
+    block_t = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
     num_tokens = batch * tokens_per_image
     normed = _new_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
     _gate_norm_kernel[(triton.cdiv(num_tokens, block_t),)](
@@ -289,7 +276,7 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
     num_tokens = batch * tokens_per_image
     if num_tokens == 0:
         return out
-    with _on_device_of(hidden):
+    with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
         grid = (triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS), triton.cdiv(channels, _CONV_BLOCK_CHANNELS))
         _gate_conv_kernel[grid](
@@ -315,7 +302,7 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
         return (dhidden, torch.zeros_like(norm_weight), torch.zeros_like(norm_bias), torch.zeros_like(conv_weight),
                 torch.zeros_like(conv_bias))
     channels_pad = triton.next_power_of_2(channels)
-    with _on_device_of(hidden):
+    with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
         dconv = _new_buffer((num_tokens, channels), dtype=dtype, device=device)
 
@@ -329,7 +316,7 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
             CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
         )
 
-        block_t = _row_block_tokens(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
+        block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
         norm_tiles = _tiles_per_program(triton.cdiv(num_tokens, block_t))
         norm_chunks = triton.cdiv(triton.cdiv(num_tokens, block_t), norm_tiles)
         norm_weight_partial = _new_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
@@ -486,35 +473,23 @@ def aot_variants() -> list[KernelVariant]:
         name = TRITON_DTYPE_NAMES[dtype]
         for channels in _AOT_CHANNELS:
             channels_pad = triton.next_power_of_2(channels)
-            row_tokens = _row_block_tokens(channels_pad)
+            row_tokens = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
             launches = (
                 (_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens), _NUM_WARPS),
                 (_gate_conv_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS), _NUM_WARPS),
                 (_gate_conv_backward_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS),
                  _NUM_WARPS),
                 (_gate_norm_backward_kernel,
-                 dict(CHANNELS_PAD=channels_pad, BLOCK_T=_row_block_tokens(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)),
+                 dict(CHANNELS_PAD=channels_pad, BLOCK_T=rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)),
                  _NORM_BACKWARD_NUM_WARPS),
             )
             for fn, tiles, num_warps in launches:
-                constexprs = dict(CHANNELS=channels, **tiles)
-                signature = {}
-                for arg in fn.arg_names:
-                    if arg in constexprs:
-                        signature[arg] = "constexpr"
-                    elif arg.endswith("partial_ptr"):
-                        signature[arg] = "*fp32"
-                    elif arg.startswith(("norm_", "conv_")) and arg.endswith("_ptr"):
-                        signature[arg] = "*fp32"  # module parameters stay fp32 under autocast
-                    elif arg.endswith("_ptr"):
-                        signature[arg] = "*" + name
-                    elif arg == "stride_hc" or arg == "stride_oc":
-                        signature[arg] = "constexpr"  # channel strides are 1 in the model: Triton specialises 1
-                        constexprs[arg] = 1
-                    elif arg == "eps":
-                        signature[arg] = "fp32"
-                    else:
-                        signature[arg] = "i32"
+                # Partial sums are fp32, and so are the module parameters under autocast.
+                pointer_types = {arg: "fp32" if arg.endswith("partial_ptr") or arg.startswith(("norm_", "conv_"))
+                                 else name for arg in fn.arg_names if arg.endswith("_ptr")}
+                # Channel strides ("stride_*c") are 1 in the model.
+                signature, constexprs = aot_signature(fn, dict(CHANNELS=channels, **tiles), pointer_types, ("eps",),
+                                                      unit_stride_suffix="c")
                 config = " ".join([f"{name} C={channels}", *(f"{k}={v}" for k, v in tiles.items()),
                                    f"warps={num_warps}"])
                 variants.append(KernelVariant(kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
