@@ -44,6 +44,7 @@ from ._common import (
     KernelVariant,
     aot_signature,
     next_power_of_2_at_least_16,
+    on_device_of,
     triton_runs_on,
 )
 
@@ -602,7 +603,8 @@ def _lsa_attention_op(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_s
                       bias_table_0: torch.Tensor, bias_table_1: torch.Tensor,
                       scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns the attention output and the base-2 logsumexp per (batch, head, query token)."""
-    return _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
+    with on_device_of(qkv):
+        return _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
 
 
 @_lsa_attention_op.register_fake
@@ -618,8 +620,9 @@ def _lsa_attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: t
                                bias_table_0: torch.Tensor, bias_table_1: torch.Tensor,
                                scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns the gradients of qkv (a new contiguous tensor) and of both bias tables."""
-    return _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted,
-                            bias_table_0, bias_table_1, scale)
+    with on_device_of(qkv):
+        return _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted,
+                                bias_table_0, bias_table_1, scale)
 
 
 @_lsa_attention_backward_op.register_fake
