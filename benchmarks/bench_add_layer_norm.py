@@ -11,23 +11,16 @@ For each shape and dtype, forward and forward+backward of
                          cast that the attention's projections perform under autocast.
 bf16 rows run under autocast as training does: an fp32 residual stream, a bf16 attention output, fp32
 parameters. Each row records wall and GPU-kernel milliseconds per call and the peak memory allocated beyond
-the inputs (see bench_rgsa_attention.measure).
+the inputs (see kernel_timing.measure).
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
-# Timing the interpreter would be meaningless, and it must be off before triton is first imported.
-os.environ.pop("TRITON_INTERPRET", None)
+from kernel_timing import benchmark_main, format_row, time_fused_and_reference  # first: interpreter off
+import torch
 
-import torch  # noqa: E402
-
-from bench_rgsa_attention import measure  # noqa: E402
-from bench_spatial_gate import autocast_for, format_row  # noqa: E402
-from rgt_fast.kernels.add_layer_norm import add_layer_norm, layer_norm  # noqa: E402
+from rgt_fast.kernels.add_layer_norm import add_layer_norm, layer_norm
 
 CHANNELS = 180
 # (name, batch, tokens, dtypes, passes)
@@ -51,11 +44,13 @@ def run_row(name, batch, tokens, dtype, with_backward, rep_ms, with_add=True):
     # Each implementation returns the tensors the block goes on with; the normalised one last, in the dtype the
     # next matmul reads (under autocast the reference's cast is part of what it costs).
     if with_add:
+        def reference_add_norm():
+            summed = x + attended
+            return summed, norm(summed).to(dtype)
+
         leaves = [x, attended, norm.weight, norm.bias]
-        implementations = {
-            "fused": lambda: add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps),
-            "reference": lambda: (lambda summed: (summed, norm(summed).to(dtype)))(x + attended),
-        }
+        implementations = {"fused": lambda: add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps),
+                           "reference": reference_add_norm}
         grad_dtypes = (torch.float32, dtype)
     else:
         leaves = [x, norm.weight, norm.bias]
@@ -64,60 +59,22 @@ def run_row(name, batch, tokens, dtype, with_backward, rep_ms, with_add=True):
         grad_dtypes = (dtype,)
     grads = [torch.randn(batch, tokens, CHANNELS, device="cuda", dtype=d) for d in grad_dtypes]
     if not with_backward:
-        leaves = [x]
-    normed_outputs = {}
-    for impl_name, impl in implementations.items():
-        if with_backward:
-            def step():
-                with autocast_for(dtype):
-                    outputs = impl()
-                torch.autograd.backward(list(outputs), grads)
-        else:
-            @torch.no_grad()
-            def step():
-                with autocast_for(dtype):
-                    return impl()
-        try:
-            row[f"{impl_name}_ms"], row[f"{impl_name}_gpu_ms"], row[f"{impl_name}_peak_mb"] = measure(
-                step, leaves, rep_ms)
-            if not with_backward:
-                normed_outputs[impl_name] = step()[-1].float()
-        except torch.cuda.OutOfMemoryError:
-            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, "out of memory"
-        torch.cuda.empty_cache()
-    if len(normed_outputs) == 2:
-        row["max_abs_diff"] = (normed_outputs["fused"] - normed_outputs["reference"]).abs().max().item()
-    if row.get("fused_ms") and row.get("reference_ms"):
-        row["speedup"] = row["reference_ms"] / row["fused_ms"]
-        row["gpu_speedup"] = row["reference_gpu_ms"] / row["fused_gpu_ms"]
-    return row
+        leaves, grads = [x], None
+    return time_fused_and_reference(row, implementations, leaves, grads, dtype, rep_ms)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"only the shapes {', '.join(QUICK_SHAPES)}, with shorter timing runs")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as JSON to PATH")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_add_layer_norm: no CUDA device, nothing measured (this benchmark needs a GPU).")
-        return 0
-
-    torch.manual_seed(0)
-    rep_ms = 50 if args.quick else 200
-    rows = []
+def rows(quick, rep_ms):
     for name, batch, tokens, dtypes, passes in SHAPES:
-        if args.quick and name not in QUICK_SHAPES:
+        if quick and name not in QUICK_SHAPES:
             continue
         for dtype in dtypes:
             for with_backward in passes:
                 for with_add in (True, False):
-                    rows.append(run_row(name, batch, tokens, dtype, with_backward, rep_ms, with_add))
-                    print(format_row(rows[-1]), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
-                      indent=1)
+                    yield run_row(name, batch, tokens, dtype, with_backward, rep_ms, with_add)
+
+
+def main(argv=None) -> int:
+    benchmark_main(argv, __doc__, "bench_add_layer_norm", QUICK_SHAPES, rows, format_row)
     return 0
 
 

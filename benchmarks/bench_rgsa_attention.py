@@ -13,18 +13,13 @@ A failure (out of memory, no SDPA kernel) is recorded in its row instead of stop
 """
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 
-# Timing the interpreter would be meaningless, and it must be off before triton is first imported.
-os.environ.pop("TRITON_INTERPRET", None)
+from kernel_timing import benchmark_main, measure  # first: it turns Triton's interpreter off
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from rgt_fast.kernels.rgsa_attention import rgsa_attention  # noqa: E402
+from rgt_fast.kernels.rgsa_attention import rgsa_attention
 
 HEADS, DQK, DV = 6, 15, 30
 # (name, batch, image tokens N, representative tokens N', dtypes)
@@ -67,38 +62,6 @@ def make_inputs(batch, tokens, keys, dtype, requires_grad):
     views = (q_flat.view(batch, tokens, HEADS, DQK), k_flat.view(batch, keys, HEADS, DQK),
              v_flat.view(batch, keys, HEADS, DV))
     return (q_flat, k_flat, v_flat), views
-
-
-def measure(step, leaves, rep_ms):
-    """Median wall milliseconds per call of ``step``, GPU kernel milliseconds per call, and the peak memory (MB)
-    it allocates beyond what exists before it.
-
-    The wall time includes the CPU cost of launching: at the training shape the kernels are short enough that
-    autograd and launch overheads can exceed them, so the kernel time is reported too.
-    """
-    import triton.testing
-    from torch.profiler import ProfilerActivity, profile
-
-    step()
-    torch.cuda.synchronize()
-    for leaf in leaves:
-        leaf.grad = None
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    step()
-    torch.cuda.synchronize()
-    peak_mb = (torch.cuda.max_memory_allocated() - before) / 2**20
-    wall_ms = triton.testing.do_bench(step, warmup=max(5, rep_ms // 10), rep=rep_ms, grad_to_none=list(leaves),
-                                      return_mode="median")
-    calls = 5
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            step()
-        torch.cuda.synchronize()
-    gpu_us = sum(event.self_device_time_total for event in prof.key_averages()
-                 if event.device_type == torch.autograd.DeviceType.CUDA)
-    return wall_ms, gpu_us / calls / 1000, peak_mb
 
 
 def run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms):
@@ -162,34 +125,23 @@ def format_rows(rows):
                      for line in [headers, *lines])
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help=f"only the shapes {', '.join(QUICK_SHAPES)}, with shorter timing runs")
-    parser.add_argument("--json", metavar="PATH", help="write the rows as a JSON list to PATH")
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("bench_rgsa_attention: no CUDA device, nothing measured (this benchmark needs a GPU).")
-        return 0
-
-    torch.manual_seed(0)
-    rep_ms = 50 if args.quick else 200
-    rows = []
+def rows(quick, rep_ms):
     for name, batch, tokens, keys, dtypes in SHAPES:
-        if args.quick and name not in QUICK_SHAPES:
+        if quick and name not in QUICK_SHAPES:
             continue
         for dtype in dtypes:
             for with_backward in (False, True):
-                rows.append(run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms))
-                print(format_rows(rows[-1:]).splitlines()[-1], flush=True)
-    print()
-    print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
-          f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
-    print(format_rows(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
-                      indent=1)
+                yield run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms)
+
+
+def main(argv=None) -> int:
+    rows_measured = benchmark_main(argv, __doc__, "bench_rgsa_attention", QUICK_SHAPES, rows,
+                                   lambda row: format_rows([row]).splitlines()[-1])
+    if rows_measured:
+        print()
+        print(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  "
+              f"allow_tf32={torch.backends.cuda.matmul.allow_tf32}")
+        print(format_rows(rows_measured))
     return 0
 
 
