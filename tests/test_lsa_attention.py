@@ -16,6 +16,7 @@ import copy  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
+from numerics import assert_within_flash_attention_bound, max_error  # noqa: E402
 
 from rgt_fast.kernels import lsa_attention as lsa  # noqa: E402
 from rgt_fast.reference.rgt import LSA  # noqa: E402
@@ -105,10 +106,6 @@ def run_fused(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Te
     return dict(out=out.detach(), qkv=grad_qkv, tables=grads[:2], parameters=grads[2:])
 
 
-def max_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected.double()).abs().max().item()
-
-
 def assert_close_to(actual: torch.Tensor, expected: torch.Tensor, tolerance: float, what: str, scale=None):
     assert not torch.isnan(actual).any(), f"{what}: NaN (an element the kernels did not write?)"
     scale = max(expected.abs().max().item() if scale is None else scale, 1e-12)
@@ -143,8 +140,7 @@ def assert_within_twice_the_plain_error(result: dict, plain: dict, reference: di
         actual, plain_value, expected = (r[key] if index is None else r[key][index] for r in (result, plain, reference))
         assert not torch.isnan(actual).any(), name
         scale = parameter_gradient_scale(reference) if key == "parameters" else expected.abs().max().item()
-        bound = 2 * max_error(plain_value, expected) + 1e-3 * scale
-        assert max_error(actual, expected) <= bound, f"{name}: {max_error(actual, expected):.3e} > {bound:.3e}"
+        assert_within_flash_attention_bound(actual, plain_value, expected, 1e-3 * scale, name)
 
 
 def assert_fp32_matches_reference(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Tensor):
