@@ -45,6 +45,7 @@ import triton
 import triton.language as tl
 
 from ._common import (
+    EAGER_SCORE_ELEMENTS,
     INTERPRET,
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
@@ -552,19 +553,21 @@ class _RGSAAttention(torch.autograd.Function):
 def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain-PyTorch RG-SA attention with the layouts of :func:`rgsa_attention` (any dtype, any device).
 
-    Queries are processed in slices so that the score matrix of one slice stays near 2**24 elements, since
-    N x N' does not fit at inference. Matmul-softmax-matmul rather than scaled_dot_product_attention: on CPU
-    its math path took 1.15x (N' = 16) to 1.7x (N' = 256) as long.
+    Queries go in slices whose scores hold about ``EAGER_SCORE_ELEMENTS``, which keeps them in a core's L2 cache
+    on CPU; under torch.compile, slices of about 2**24 elements, since Dynamo unrolls the slice loop and N x N'
+    does not fit at inference. Matmul-softmax-matmul rather than scaled_dot_product_attention: on
+    CPU its math path took 1.15x (N' = 16) to 1.7x (N' = 256) as long. The output is formed transposed,
+    v^T p^T, which CPU BLAS ran faster than p v at these head dims.
     """
     batch, num_queries, num_heads, _ = q.shape
     num_keys = k.shape[1]
-    rows_per_slice = max(1, (1 << 24) // max(1, batch * num_heads * num_keys))
-    k_t, v_heads = k.permute(0, 2, 3, 1), v.transpose(1, 2)
-    outs = [
-        torch.matmul(torch.softmax(torch.matmul(q_slice.transpose(1, 2) * scale, k_t), dim=-1), v_heads)
-        for q_slice in q.split(rows_per_slice, dim=1)
-    ]
-    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()
+    score_elements = 1 << 24 if torch.compiler.is_compiling() else EAGER_SCORE_ELEMENTS
+    rows_per_slice = max(1, score_elements // max(1, batch * num_heads * num_keys))
+    scaled_k_t = k.permute(0, 2, 3, 1) * scale
+    v_t = v.permute(0, 2, 3, 1)
+    outs_t = [torch.matmul(v_t, torch.softmax(torch.matmul(q_slice.transpose(1, 2), scaled_k_t), dim=-1).mT)
+              for q_slice in q.split(rows_per_slice, dim=1)]
+    return torch.cat(outs_t, dim=3).permute(0, 3, 1, 2).contiguous()
 
 
 def _check_inputs(q, k, v, scale) -> None:

@@ -36,10 +36,12 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    image_as_tokens,
     layer_norm_input_grad,
     normalise_rows,
     on_device_of,
     rows_per_tile,
+    tokens_as_image,
     token_offsets,
     triton_runs_on,
 )
@@ -401,13 +403,12 @@ def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weigh
                        norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                        eps: float) -> torch.Tensor:
     """Plain-PyTorch spatial gate with the layouts of :func:`spatial_gate` (any dtype, any device)."""
-    batch, tokens_per_image, two_channels = hidden.shape
-    channels = two_channels // 2
+    channels = hidden.shape[2] // 2
     first, second = torch.nn.functional.gelu(hidden).chunk(2, dim=-1)
     normed = torch.nn.functional.layer_norm(second, (channels,), norm_weight, norm_bias, eps)
-    image = normed.transpose(1, 2).reshape(batch, channels, height, width)
-    conv = torch.nn.functional.conv2d(image, conv_weight, conv_bias, padding=1, groups=channels)
-    return first * conv.flatten(2).transpose(1, 2)
+    conv = torch.nn.functional.conv2d(tokens_as_image(normed, height, width), conv_weight, conv_bias, padding=1,
+                                      groups=channels)
+    return first * image_as_tokens(conv)
 
 
 def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:

@@ -2,8 +2,9 @@
 
 Backends: "triton" runs the Triton kernels (CUDA tensors, or CPU tensors under TRITON_INTERPRET=1);
 "torch" runs the fastest plain-PyTorch path (what CPU users get); "auto" picks triton for CUDA tensors and
-torch otherwise. The fused modules subclass the reference ones and add no parameters or buffers, so official
-checkpoints load strictly and ``accelerate`` can convert any RGT-structured module in place of a copy.
+torch otherwise. On both, the convolutions read channels-last views of the tokens instead of NCHW copies. The
+fused modules subclass the reference ones and add no parameters or buffers, so official checkpoints load strictly
+and ``accelerate`` can convert any RGT-structured module in place of a copy.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .kernels._common import SUPPORTED_DTYPES, triton_runs_on
+from .kernels._common import SUPPORTED_DTYPES, image_as_tokens, tokens_as_image, triton_runs_on
 from .kernels.add_layer_norm import add_layer_norm, layer_norm
 from .kernels.lsa_attention import lsa_attention, lsa_attention_torch
 from .kernels.rgsa_attention import rgsa_attention, rgsa_attention_torch
@@ -41,7 +42,22 @@ def uses_triton(backend: str, t: torch.Tensor) -> bool:
     return True
 
 
-class FusedLSA(reference.LSA):
+class ChannelsLastLayout(reference.TokenImageLayout):
+    """Token sequences become channels-last images for the convolutions: views instead of NCHW copies."""
+
+    tokens_to_image = staticmethod(tokens_as_image)
+    image_to_tokens = staticmethod(image_as_tokens)
+
+
+class FusedSpatialGate(ChannelsLastLayout, reference.SpatialGate):
+    """The MLP's gate on the torch backend (the triton backend replaces it with one op in ``FusedMLP``)."""
+
+
+class FusedResidualGroup(ChannelsLastLayout, reference.ResidualGroup):
+    """Residual group whose closing convolution runs on a channels-last view of the tokens."""
+
+
+class FusedLSA(ChannelsLastLayout, reference.LSA):
     """L-SA whose two window branches (pad, roll, windows, bias, mask, softmax, merge) are one fused op."""
 
     backend = "auto"
@@ -54,7 +70,7 @@ class FusedLSA(reference.LSA):
                   self.attns[1].position_bias_table(), self.attns[0].scale)
 
 
-class FusedRGSA(reference.RGSA):
+class FusedRGSA(ChannelsLastLayout, reference.RGSA):
     """RG-SA whose cross-attention of all tokens to the reduced map is one fused op (no N x N' scores)."""
 
     backend = "auto"
@@ -74,8 +90,8 @@ class FusedRGSA(reference.RGSA):
 class FusedMLP(reference.MLP):
     """MLP whose GELU, spatial gate (LayerNorm, depthwise conv) and product are one fused op between fc1 and fc2.
 
-    The torch backend keeps the reference's modules: the same ops, in the same order, are what PyTorch runs
-    fastest on CPU.
+    The torch backend runs the reference's ops in the reference's order, with the gate's conv on a channels-last
+    view (``FusedSpatialGate``): that is what PyTorch ran fastest on CPU.
     """
 
     backend = "auto"
@@ -104,10 +120,11 @@ class FusedBlock(reference.Block):
 
 
 FUSED_CLASSES = {reference.LSA: FusedLSA, reference.RGSA: FusedRGSA, reference.MLP: FusedMLP,
-                 reference.Block: FusedBlock}
+                 reference.SpatialGate: FusedSpatialGate, reference.Block: FusedBlock,
+                 reference.ResidualGroup: FusedResidualGroup}
 
 
-class RGT(reference.RGT):
+class RGT(ChannelsLastLayout, reference.RGT):
     """The fused RGT: same constructor (plus ``backend``), module tree and state_dict as the reference."""
 
     def __init__(self, *args: Any, backend: str = "auto", **kwargs: Any):

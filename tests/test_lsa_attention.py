@@ -298,6 +298,56 @@ def test_pytorch_path_in_float32_matches_reference():
     assert_close_to(out, ref_out, 1e-5, "output")
 
 
+@pytorch_path_on_cpu
+@pytest.mark.parametrize("score_elements", [1, 1 << 30], ids=["one-window-per-step", "whole-runs"])
+@pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
+def test_pytorch_path_window_steps_match_reference(monkeypatch, score_elements, shifted):
+    """Steps of one window and steps as long as a run of windows with one bias give the reference's outputs and
+    gradients (36x70 pads to 64x96: several rows and columns of windows, batch 2)."""
+    monkeypatch.setattr(lsa, "EAGER_SCORE_ELEMENTS", score_elements)
+    H, W = 36, 70
+    module = make_module(64, 2, shifted, 64)
+    qkv = torch.randn(2, H * W, 3 * 64, dtype=torch.float64)
+    grad_out = torch.randn(2, H * W, 64, dtype=torch.float64)
+    assert_matches_reference(run_fused(module, qkv, H, W, grad_out), run_reference(module, qkv, H, W, grad_out),
+                             1e-11)
+
+
+@pytest.mark.parametrize("kinds,per_step", [
+    ([0] * 7, 3), ([0, 1, 0, 1, 2, 3], 4), ([0, 0, 1, 0, 0, 1, 2, 2, 3], 2), ([3], 5), ([0, 0, 0, 0], 1)])
+def test_window_steps_are_runs_of_one_bias(kinds, per_step):
+    steps = lsa._window_steps(kinds, per_step)
+    assert [index for start, stop, _ in steps for index in range(start, stop)] == list(range(len(kinds)))
+    for start, stop, kind in steps:
+        assert 1 <= stop - start <= per_step and set(kinds[start:stop]) == {kind}
+    # As long as they can be: a step is shorter than per_step only where the next window has another bias.
+    for (start, stop, kind), (_, _, next_kind) in zip(steps, steps[1:]):
+        assert stop - start == per_step or kind != next_kind
+
+
+@pytorch_path_on_cpu
+def test_pytorch_path_under_torch_compile_matches_eager():
+    """Under torch.compile the PyTorch path attends all windows in one call with a bias per window; values and
+    gradients match eager mode, shifted and padded."""
+    H, W, dim = 36, 70, 64
+    module = make_module(dim, 2, True, 64)
+    qkv = torch.randn(2, H * W, 3 * dim, dtype=torch.float64, requires_grad=True)
+    tables = [attn.position_bias_table().detach().requires_grad_() for attn in module.attns]
+
+    def attend(qkv, table_0, table_1):
+        return lsa.lsa_attention_torch(qkv, H, W, 2, SPLIT, True, table_0, table_1, module.attns[0].scale)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attend, backend="eager", fullgraph=True)
+    grad_out = torch.randn(2, H * W, dim, dtype=torch.float64)
+    results = []
+    for fn in (compiled, attend):
+        out = fn(qkv, *tables)
+        results.append([out, *torch.autograd.grad(out, [qkv, *tables], grad_out)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 def _valid_arguments():
     return dict(qkv=torch.randn(1, 20 * 24, 3 * 64), H=20, W=24, num_heads=2, split_size=[8, 32], shifted=True,
                 bias_table_0=torch.randn(TABLE_ROWS, 1), bias_table_1=torch.randn(TABLE_ROWS, 1), scale=0.125)

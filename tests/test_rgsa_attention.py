@@ -142,6 +142,32 @@ def test_empty_image_gives_empty_output_and_zero_key_grads():
     assert torch.equal(dk, torch.zeros_like(dk)) and torch.equal(dv, torch.zeros_like(dv))
 
 
+@pytest.mark.parametrize("score_elements", [1, 2 * 2 * 9 * 7, 1 << 30], ids=["row-slices", "7-row-slices", "one-slice"])
+def test_torch_fallback_query_slices_match_float64(monkeypatch, score_elements):
+    """The fallback attends in query slices sized by EAGER_SCORE_ELEMENTS: every slicing gives the same answer,
+    including a last slice shorter than the others (50 rows in slices of 7)."""
+    monkeypatch.setattr(rgsa, "EAGER_SCORE_ELEMENTS", score_elements)
+    q, k, v, dout = make_inputs(2, 50, 9, 2, 5, 10, torch.float64)
+    q, k, v, dout = (t.cpu() for t in (q, k, v, dout))
+    got = output_and_grads(lambda *t: rgsa.rgsa_attention_torch(*t, 0.5), q, k, v, dout)
+    want = output_and_grads(lambda *t: plain_attention(*t, 0.5), q, k, v, dout)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
+def test_torch_fallback_under_torch_compile_matches_eager():
+    """Under torch.compile the fallback takes its one-slice branch; values and gradients match eager mode."""
+    q, k, v, dout = (t.cpu() for t in make_inputs(2, 70, 9, 2, 5, 10, torch.float64))
+
+    def attention(q, k, v):
+        return rgsa.rgsa_attention_torch(q, k, v, 0.5)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(attention, backend="eager", fullgraph=True)
+    for g, w in zip(output_and_grads(compiled, q, k, v, dout), output_and_grads(attention, q, k, v, dout)):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     q, k, v, dout = make_inputs(1, 80, 16, 2, 15, 30, torch.float32)
 

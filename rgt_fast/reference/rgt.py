@@ -27,6 +27,21 @@ def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(2).transpose(1, 2)
 
 
+class TokenImageLayout:
+    """How the modules turn token sequences (B, H*W, C) into images (B, C, H, W) for their convolutions and back.
+
+    The reference makes the official code's NCHW copies; the fused model overrides both methods.
+    """
+
+    @staticmethod
+    def tokens_to_image(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        return tokens_to_image(x, H, W)
+
+    @staticmethod
+    def image_to_tokens(x: torch.Tensor) -> torch.Tensor:
+        return image_to_tokens(x)
+
+
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch per sample while training."""
 
@@ -52,7 +67,7 @@ class ImageToTokens(nn.Module):
         return image_to_tokens(x)
 
 
-class SpatialGate(nn.Module):
+class SpatialGate(TokenImageLayout, nn.Module):
     """Gate of the MLP: second half of the features through LayerNorm and a depthwise 3x3 conv."""
 
     def __init__(self, dim: int):
@@ -62,7 +77,7 @@ class SpatialGate(nn.Module):
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
-        x2 = image_to_tokens(self.conv(tokens_to_image(self.norm(x2), H, W)))
+        x2 = self.image_to_tokens(self.conv(self.tokens_to_image(self.norm(x2), H, W)))
         return x1 * x2
 
 
@@ -192,7 +207,7 @@ def shift_mask(H: int, W: int, window_h: int, window_w: int, shift_h: int, shift
     return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
 
 
-class LSA(nn.Module):
+class LSA(TokenImageLayout, nn.Module):
     """Rectangle-window self-attention (L-SA) with the locality complementary module ``get_v``."""
 
     def __init__(self, dim: int, num_heads: int, split_size: Sequence[int] = (8, 32),
@@ -270,7 +285,7 @@ class LSA(nn.Module):
         B, L, C = x.shape
         qkv = self.qkv(x)
         attended = self.attend(qkv, H, W)
-        lcm = image_to_tokens(self.get_v(tokens_to_image(qkv[..., 2 * C:], H, W)))
+        lcm = self.image_to_tokens(self.get_v(self.tokens_to_image(qkv[..., 2 * C:], H, W)))
         return self.proj_drop(self.proj(attended + lcm))
 
 
@@ -287,7 +302,7 @@ def recursion_count(H: int, W: int, training: bool) -> int:
     return max(int(math.log(H // 16, 4)), int(math.log(W // 16, 4)), 2)
 
 
-class RGSA(nn.Module):
+class RGSA(TokenImageLayout, nn.Module):
     """Recursive-generalization cross-attention: all tokens attend to a recursively reduced map."""
 
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
@@ -317,10 +332,10 @@ class RGSA(nn.Module):
             raise ValueError(
                 f"RG-SA cannot reduce a {H}x{W} map {steps} times by 4 (aspect ratio too extreme for RGT's "
                 f"recursion rule); use a less elongated input or tile it")
-        reduced = tokens_to_image(x, H, W)
+        reduced = self.tokens_to_image(x, H, W)
         for _ in range(steps):
             reduced = self.reduction1(reduced)
-        reduced = image_to_tokens(self.conv(self.dwconv(reduced)))
+        reduced = self.image_to_tokens(self.conv(self.dwconv(reduced)))
         return self.norm_act(reduced), rh, rw
 
     def project_kv(self, reduced: torch.Tensor, rh: int, rw: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +343,7 @@ class RGSA(nn.Module):
         B, n_rep, _ = reduced.shape
         k = self.k(reduced).view(B, n_rep, self.num_heads, -1)
         v = self.v(reduced)
-        v = v + image_to_tokens(self.cpe(tokens_to_image(v, rh, rw)))
+        v = v + self.image_to_tokens(self.cpe(self.tokens_to_image(v, rh, rw)))
         return k, v.view(B, n_rep, self.num_heads, -1)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -382,7 +397,7 @@ def residual_conv(dim: int, resi_connection: str) -> nn.Module:
     raise ValueError(f"resi_connection must be '1conv' or '3conv', got {resi_connection!r}")
 
 
-class ResidualGroup(nn.Module):
+class ResidualGroup(TokenImageLayout, nn.Module):
     def __init__(self, dim: int, reso: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
                  qk_scale: float | None, drop: float, attn_drop: float, drop_paths: Sequence[float], depth: int,
                  use_chk: bool, resi_connection: str, rs_id: int, split_size: Sequence[int], c_ratio: float):
@@ -405,7 +420,7 @@ class ResidualGroup(nn.Module):
                 x = checkpoint.checkpoint(block, x, H, W, use_reentrant=False)
             else:
                 x = block(x, H, W)
-        return res + image_to_tokens(self.conv(tokens_to_image(x, H, W)))
+        return res + self.image_to_tokens(self.conv(self.tokens_to_image(x, H, W)))
 
 
 class Upsample(nn.Sequential):
@@ -423,7 +438,7 @@ class Upsample(nn.Sequential):
         super().__init__(*layers)
 
 
-class RGT(nn.Module):
+class RGT(TokenImageLayout, nn.Module):
     """Recursive Generalization Transformer; takes (B, in_chans, H, W) images in [0, 1]."""
 
     num_feat = 64
@@ -495,7 +510,7 @@ class RGT(nn.Module):
         x = self.before_RG(x)
         for layer in self.layers:
             x = layer(x, H, W)
-        return tokens_to_image(self.norm(x), H, W)
+        return self.tokens_to_image(self.norm(x), H, W)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
