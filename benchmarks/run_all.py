@@ -9,7 +9,6 @@ recorded with its exit code and the tail of its output, and the others still run
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import re
@@ -29,27 +28,12 @@ CUDA_TESTS = ("tests/test_kernel_casts.py", "tests/test_rgsa_attention.py", "tes
               "tests/test_spatial_gate.py", "tests/test_add_layer_norm.py", "tests/test_model.py")
 
 
-def environment() -> dict:
+def _environment() -> dict:
     import torch
-    import triton
 
-    info = {
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch": torch.__version__, "triton": triton.__version__, "python": sys.version.split()[0],
-        "cuda": torch.version.cuda, "device": "cpu",
-    }
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        info.update(device=props.name, sm_count=props.multi_processor_count,
-                    memory_gb=round(props.total_memory / 2**30, 1), capability=list(torch.cuda.get_device_capability()))
-    try:
-        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                                        check=True).stdout.strip()
-        info["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                                            capture_output=True, text=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        info["commit"] = os.environ.get("RGT_FAST_COMMIT", "unknown")
-    return info
+    from rgt_fast.bench import environment
+
+    return environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:
@@ -77,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     start = time.perf_counter()
 
-    report = {"environment": environment(), "tests": None, "benchmarks": {}}
+    report = {"environment": _environment(), "tests": None, "benchmarks": {}}
     device = re.sub(r"[^A-Za-z0-9]+", "-", report["environment"]["device"]).strip("-").lower()
     name = f"{device}-{report['environment']['date'][:10]}.json"
     destinations = [args.results_dir / name] + ([args.out / name] if args.out else [])

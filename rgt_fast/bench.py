@@ -4,10 +4,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
+import datetime as dt
 import gc
 import json
+import os
+import platform
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -54,18 +59,25 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], warmup: int, iters: int, device: torch.device) -> float:
-    """Median wall time of ``fn`` in ms, synchronising the device around each call."""
+def interleaved_median_ms(fns: list[Callable[[], object]], warmup: int, iters: int,
+                          device: torch.device) -> list[float]:
+    """Median wall time in ms of each of ``fns``, synchronising the device around each call.
+
+    The functions are timed in turns, so that a machine whose speed drifts during the run (a CPU shared with
+    other work, a GPU changing clocks) slows all of them alike instead of whichever ran last.
+    """
     for _ in range(warmup):
-        fn()
-    samples = []
+        for fn in fns:
+            fn()
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
-        _synchronize(device)
-        start = time.perf_counter()
-        fn()
-        _synchronize(device)
-        samples.append((time.perf_counter() - start) * 1000)
-    return sorted(samples)[len(samples) // 2]
+        for fn, fn_samples in zip(fns, samples):
+            _synchronize(device)
+            start = time.perf_counter()
+            fn()
+            _synchronize(device)
+            fn_samples.append((time.perf_counter() - start) * 1000)
+    return [sorted(fn_samples)[len(fn_samples) // 2] for fn_samples in samples]
 
 
 def _proc_status_mib(field: str) -> float:
@@ -149,8 +161,8 @@ def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: i
            "dtype": _dtype_label(dtype),
            "max_abs_err": (out_ref.float() - out_fused.float()).abs().max().item()}
     del out_ref, out_fused
-    row["reference_ms"] = time_ms(runner(reference), warmup, iters, device)
-    row["fused_ms"] = time_ms(runner(fused), warmup, iters, device)
+    row["reference_ms"], row["fused_ms"] = interleaved_median_ms([runner(reference), runner(fused)], warmup, iters,
+                                                                 device)
     row["speedup"] = row["reference_ms"] / row["fused_ms"]
     row["reference_peak_mb"] = peak_mb(runner(reference), device)
     row["fused_peak_mb"] = peak_mb(runner(fused), device)
@@ -185,8 +197,8 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
     row = {"name": name, "mode": "train", "shape": list(x.shape),
            "dtype": _dtype_label(dtype),
            "max_abs_err": abs(loss_ref.item() - loss_fused.item())}
-    row["reference_ms"] = time_ms(stepper(reference), warmup, iters, device)
-    row["fused_ms"] = time_ms(stepper(fused), warmup, iters, device)
+    row["reference_ms"], row["fused_ms"] = interleaved_median_ms([stepper(reference), stepper(fused)], warmup,
+                                                                 iters, device)
     row["speedup"] = row["reference_ms"] / row["fused_ms"]
     row["reference_it_per_s"] = 1000.0 / row["reference_ms"]
     row["fused_it_per_s"] = 1000.0 / row["fused_ms"]
@@ -218,6 +230,52 @@ def device_name(device: torch.device) -> str:
         return torch.cuda.get_device_name(device)
     threads = torch.get_num_threads()
     return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
+
+
+def _source_commit() -> tuple[str, bool | None]:
+    """The git commit of the project checkout this package runs from (and whether tracked files differ from it);
+    RGT_FAST_COMMIT, or "unknown", for an installed copy or a machine without git."""
+    checkout = Path(__file__).resolve().parent.parent
+    try:
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=checkout, capture_output=True, text=True,
+                             check=True).stdout.strip()
+        if Path(top).resolve() != checkout:
+            raise FileNotFoundError(top)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
+                                check=True).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=checkout,
+                                    capture_output=True, text=True).stdout.strip())
+        return commit, dirty
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("RGT_FAST_COMMIT", "unknown"), None
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: torch.device) -> dict:
+    """Where and with what a benchmark ran: date, versions, device, and the project's commit."""
+    import triton
+
+    commit, dirty = _source_commit()
+    info = {"date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__,
+            "triton": triton.__version__, "python": platform.python_version(), "cuda": torch.version.cuda,
+            "device": device_name(device), "commit": commit, "dirty": dirty}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        info.update(sm_count=props.multi_processor_count, memory_gb=round(props.total_memory / 2**30, 1),
+                    capability=list(torch.cuda.get_device_capability(device)))
+    else:
+        info.update(cpu=_cpu_name(), cpu_count=os.cpu_count())
+    return info
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -258,7 +316,7 @@ def run_bench(args: argparse.Namespace) -> int:
             if args.train:
                 guarded(rows, training_row, label + " train", reference, fused, x, DTYPES[dtype_name], warmup,
                         iters)
-    report = {"device": device_name(device), "torch": torch.__version__, "backend": args.backend, "results": rows}
+    report = {**environment(device), "backend": args.backend, "results": rows}
     print(format_table(rows))
     if args.json:
         with open(args.json, "w") as f:
