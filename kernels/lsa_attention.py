@@ -687,8 +687,12 @@ def _shifted_window_biases(bias: torch.Tensor, win_rows: int, win_cols: int) -> 
                         for last_row in (False, True) for last_col in (False, True)])
 
 
-def _window_bias_kinds(batch: int, rows_of_windows: int, cols_of_windows: int) -> list[int]:
-    """Index into :func:`_shifted_window_biases` of every window, batch-major then row-major."""
+def _window_bias_kinds(batch: int, rows_of_windows: int, cols_of_windows: int, columns_outer: bool) -> list[int]:
+    """Index into :func:`_shifted_window_biases` of every window, batch-major, then by row and column of windows
+    (by column and row with ``columns_outer``)."""
+    if columns_outer:
+        return [2 * (row == rows_of_windows - 1) + (col == cols_of_windows - 1)
+                for _ in range(batch) for col in range(cols_of_windows) for row in range(rows_of_windows)]
     return [2 * (row == rows_of_windows - 1) + (col == cols_of_windows - 1)
             for _ in range(batch) for row in range(rows_of_windows) for col in range(cols_of_windows)]
 
@@ -740,20 +744,28 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
         if shifted:
             x = torch.roll(x, shifts=(-(win_rows // 2), -(win_cols // 2)), dims=(1, 2))
         x = x.view(batch, rows_of_windows, win_rows, cols_of_windows, win_cols, 3, heads_per_branch, head_dim)
-        q, k = x[:, :, :, :, :, :2].permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(
+        # Windows are ordered with the longer axis of windows innermost: shifted blocks change bias only at the
+        # last row and column of windows, so this gives the longest runs of windows that share one bias.
+        columns_outer = rows_of_windows > cols_of_windows
+        outer, inner = (3, 1) if columns_outer else (1, 3)
+        q, k = x[:, :, :, :, :, :2].permute(5, 0, outer, inner, 6, 2, 4, 7).reshape(
             2, -1, heads_per_branch, window_tokens, head_dim).unbind(0)
-        v_t = x[:, :, :, :, :, 2].permute(0, 1, 3, 5, 6, 2, 4).reshape(-1, heads_per_branch, head_dim, window_tokens)
+        v_t = x[:, :, :, :, :, 2].permute(0, outer, inner, 5, 6, 2, 4).reshape(
+            -1, heads_per_branch, head_dim, window_tokens)
         bias = table.t()[:, _relative_position_index(win_rows, win_cols, qkv.device)].to(qkv.dtype)
         biases = _shifted_window_biases(bias, win_rows, win_cols) if shifted else bias[None]
-        kinds = _window_bias_kinds(batch, rows_of_windows, cols_of_windows) if shifted else [0] * q.shape[0]
+        kinds = (_window_bias_kinds(batch, rows_of_windows, cols_of_windows, columns_outer) if shifted
+                 else [0] * q.shape[0])
         if torch.compiler.is_compiling():
             out_t = _window_attention(q, k, v_t, biases[torch.tensor(kinds, device=qkv.device)], scale)
         else:
             windows_per_step = max(1, EAGER_SCORE_ELEMENTS // (heads_per_branch * window_tokens ** 2))
             out_t = torch.cat([_window_attention(q[start:stop], k[start:stop], v_t[start:stop], biases[kind], scale)
                                for start, stop, kind in _window_steps(kinds, windows_per_step)])
-        out = out_t.view(batch, rows_of_windows, cols_of_windows, heads_per_branch, head_dim, win_rows, win_cols)
-        out = out.permute(0, 1, 5, 2, 6, 3, 4).reshape(batch, padded_H, padded_W, heads_per_branch * head_dim)
+        window_grid = (cols_of_windows, rows_of_windows) if columns_outer else (rows_of_windows, cols_of_windows)
+        out = out_t.view(batch, *window_grid, heads_per_branch, head_dim, win_rows, win_cols)
+        out = out.permute((0, 2, 5, 1, 6, 3, 4) if columns_outer else (0, 1, 5, 2, 6, 3, 4))
+        out = out.reshape(batch, padded_H, padded_W, heads_per_branch * head_dim)
         if shifted:
             out = torch.roll(out, shifts=(win_rows // 2, win_cols // 2), dims=(1, 2))
         branch_outputs.append(out[:, :H, :W])

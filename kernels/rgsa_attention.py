@@ -567,7 +567,8 @@ def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     v_t = v.permute(0, 2, 3, 1)
     outs_t = [torch.matmul(v_t, torch.softmax(torch.matmul(q_slice.transpose(1, 2), scaled_k_t), dim=-1).mT)
               for q_slice in q.split(rows_per_slice, dim=1)]
-    return torch.cat(outs_t, dim=3).permute(0, 3, 1, 2).contiguous()
+    out_t = outs_t[0] if len(outs_t) == 1 else torch.cat(outs_t, dim=3)  # cat would copy even one slice
+    return out_t.permute(0, 3, 1, 2).contiguous()
 
 
 def _check_inputs(q, k, v, scale) -> None:
