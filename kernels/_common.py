@@ -84,10 +84,17 @@ def on_device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-# Elements of attention scores that the plain-PyTorch attentions compute per step in eager mode: 2 MiB in fp32,
-# about one core's L2 cache, where the whole score matrix made softmax and the second matmul memory-bound. On this
-# project's 2-core CPU, 2**18 to 2**20 ran within 10% of each other and 2**24 up to 3.5x slower.
-EAGER_SCORE_ELEMENTS = 1 << 19
+def score_elements_per_step(device: torch.device) -> int:
+    """How many attention scores the plain-PyTorch attentions compute per step.
+
+    On CPU in eager mode, 2**19 (2 MiB in fp32, about one core's L2 cache): with the whole score matrix at once,
+    softmax and the second matmul were memory-bound. On this project's 2-core CPU, 2**18 to 2**20 ran within 10%
+    of each other and 2**24 up to 3.5x slower. Elsewhere (GPUs, where each step is a kernel launch, and under
+    torch.compile, which unrolls the steps), 2**24, which only bounds memory.
+    """
+    if device.type == "cpu" and not torch.compiler.is_compiling():
+        return 1 << 19
+    return 1 << 24
 
 
 def tokens_as_image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

@@ -38,7 +38,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    EAGER_SCORE_ELEMENTS,
     INTERPRET,
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
@@ -46,6 +45,7 @@ from ._common import (
     aot_signature,
     next_power_of_2_at_least_16,
     on_device_of,
+    score_elements_per_step,
     triton_runs_on,
 )
 
@@ -722,9 +722,9 @@ def _window_attention(q, k, v_t, bias, scale):
 def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
     """The reference semantics with PyTorch operations: padded and rolled window copies, no per-window mask.
 
-    Eager mode attends a few windows at a time, whose scores hold about ``EAGER_SCORE_ELEMENTS``: they then stay
+    Eager mode attends runs of windows whose scores hold about ``score_elements_per_step``: on CPU they then stay
     in a core's L2 cache, which made the attention 1.5x (idle memory) to 3x (memory shared with a busy core)
-    faster on CPU than one batched call. Under torch.compile all windows go in one call, with a bias per window,
+    faster than one batched call. Under torch.compile all windows go in one call, with a bias per window,
     since Dynamo would unroll the window loop into a graph as large as the image.
     """
     batch = qkv.shape[0]
@@ -759,7 +759,7 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
         if torch.compiler.is_compiling():
             out_t = _window_attention(q, k, v_t, biases[torch.tensor(kinds, device=qkv.device)], scale)
         else:
-            windows_per_step = max(1, EAGER_SCORE_ELEMENTS // (heads_per_branch * window_tokens ** 2))
+            windows_per_step = max(1, score_elements_per_step(qkv.device) // (heads_per_branch * window_tokens ** 2))
             out_t = torch.cat([_window_attention(q[start:stop], k[start:stop], v_t[start:stop], biases[kind], scale)
                                for start, stop, kind in _window_steps(kinds, windows_per_step)])
         window_grid = (cols_of_windows, rows_of_windows) if columns_outer else (rows_of_windows, cols_of_windows)

@@ -45,7 +45,6 @@ import triton
 import triton.language as tl
 
 from ._common import (
-    EAGER_SCORE_ELEMENTS,
     INTERPRET,
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
@@ -53,6 +52,7 @@ from ._common import (
     aot_signature,
     next_power_of_2_at_least_16,
     on_device_of,
+    score_elements_per_step,
     triton_runs_on,
 )
 
@@ -553,16 +553,14 @@ class _RGSAAttention(torch.autograd.Function):
 def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain-PyTorch RG-SA attention with the layouts of :func:`rgsa_attention` (any dtype, any device).
 
-    Queries go in slices whose scores hold about ``EAGER_SCORE_ELEMENTS``, which keeps them in a core's L2 cache
-    on CPU; under torch.compile, slices of about 2**24 elements, since Dynamo unrolls the slice loop and N x N'
-    does not fit at inference. Matmul-softmax-matmul rather than scaled_dot_product_attention: on
-    CPU its math path took 1.15x (N' = 16) to 1.7x (N' = 256) as long. The output is formed transposed,
-    v^T p^T, which CPU BLAS ran faster than p v at these head dims.
+    Queries go in slices of about ``score_elements_per_step`` scores: on CPU they then stay in a core's L2 cache,
+    and at inference N x N' scores would not fit in memory at once. Matmul-softmax-matmul rather than
+    scaled_dot_product_attention: on CPU its math path took 1.15x (N' = 16) to 1.7x (N' = 256) as long. The
+    output is formed transposed, v^T p^T, which CPU BLAS ran faster than p v at these head dims.
     """
-    batch, num_queries, num_heads, _ = q.shape
+    batch, _, num_heads, _ = q.shape
     num_keys = k.shape[1]
-    score_elements = 1 << 24 if torch.compiler.is_compiling() else EAGER_SCORE_ELEMENTS
-    rows_per_slice = max(1, score_elements // max(1, batch * num_heads * num_keys))
+    rows_per_slice = max(1, score_elements_per_step(q.device) // max(1, batch * num_heads * num_keys))
     scaled_k_t = k.permute(0, 2, 3, 1) * scale
     v_t = v.permute(0, 2, 3, 1)
     outs_t = [torch.matmul(v_t, torch.softmax(torch.matmul(q_slice.transpose(1, 2), scaled_k_t), dim=-1).mT)

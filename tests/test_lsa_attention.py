@@ -304,7 +304,7 @@ def test_pytorch_path_in_float32_matches_reference():
 def test_pytorch_path_window_steps_match_reference(monkeypatch, score_elements, shifted):
     """Steps of one window and steps as long as a run of windows with one bias give the reference's outputs and
     gradients (36x70 pads to 64x96: several rows and columns of windows, batch 2)."""
-    monkeypatch.setattr(lsa, "EAGER_SCORE_ELEMENTS", score_elements)
+    monkeypatch.setattr(lsa, "score_elements_per_step", lambda device: score_elements)
     H, W = 36, 70
     module = make_module(64, 2, shifted, 64)
     qkv = torch.randn(2, H * W, 3 * 64, dtype=torch.float64)
@@ -323,6 +323,18 @@ def test_window_steps_are_runs_of_one_bias(kinds, per_step):
     # As long as they can be: a step is shorter than per_step only where the next window has another bias.
     for (start, stop, kind), (_, _, next_kind) in zip(steps, steps[1:]):
         assert stop - start == per_step or kind != next_kind
+
+
+def test_steps_fit_l2_only_on_eager_cpu():
+    """CPU steps stay near a core's L2 cache; on GPUs (a launch per step) and under torch.compile (unrolled
+    steps) they only bound memory."""
+    from rgt_fast.kernels._common import score_elements_per_step
+
+    assert score_elements_per_step(torch.device("cpu")) == 1 << 19
+    assert score_elements_per_step(torch.device("cuda", 0)) == 1 << 24
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x * score_elements_per_step(x.device), backend="eager", fullgraph=True)
+    assert compiled(torch.full((1,), 3.0)).item() == 3 << 24
 
 
 @pytorch_path_on_cpu

@@ -144,9 +144,9 @@ def test_empty_image_gives_empty_output_and_zero_key_grads():
 
 @pytest.mark.parametrize("score_elements", [1, 2 * 2 * 9 * 7, 1 << 30], ids=["row-slices", "7-row-slices", "one-slice"])
 def test_torch_fallback_query_slices_match_float64(monkeypatch, score_elements):
-    """The fallback attends in query slices sized by EAGER_SCORE_ELEMENTS: every slicing gives the same answer,
+    """The fallback attends in query slices sized by score_elements_per_step: every slicing gives the same answer,
     including a last slice shorter than the others (50 rows in slices of 7)."""
-    monkeypatch.setattr(rgsa, "EAGER_SCORE_ELEMENTS", score_elements)
+    monkeypatch.setattr(rgsa, "score_elements_per_step", lambda device: score_elements)
     q, k, v, dout = make_inputs(2, 50, 9, 2, 5, 10, torch.float64)
     q, k, v, dout = (t.cpu() for t in (q, k, v, dout))
     got = output_and_grads(lambda *t: rgsa.rgsa_attention_torch(*t, 0.5), q, k, v, dout)
