@@ -131,8 +131,14 @@ def _dihedral(x: torch.Tensor, k: int, inverse: bool = False) -> torch.Tensor:
     return x
 
 
+# How an allocation failure reads: CUDA's caching allocator, and PyTorch's CPU allocator when the operating system
+# refuses the memory.
+_OUT_OF_MEMORY_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory")
+
+
 def _is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+    message = str(err).lower()
+    return isinstance(err, torch.cuda.OutOfMemoryError) or any(text in message for text in _OUT_OF_MEMORY_MESSAGES)
 
 
 @torch.no_grad()
@@ -144,7 +150,8 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     returned in the same layout and dtype; or a tensor (C, H, W) / (B, C, H, W) in [0, 1], RGB, returned as a
     float tensor of the same rank. Whole image by default; ``tile`` processes overlapping tiles of that size
     blended linearly (RG-SA attends over the whole image, so tiled results differ slightly from whole-image
-    ones). A whole image that runs out of GPU memory is retried in tiles of 512, then 256, 128 px.
+    ones). A whole image that runs out of memory (GPU, or CPU where the allocation is refused) is retried
+    in tiles of 512, then 256, 128 px.
     Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped.
     ``dtype`` "bf16"/"fp16" runs the model under autocast. ``self_ensemble`` averages the 8 flips/transposes.
     """
@@ -197,7 +204,9 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
             except RuntimeError as err:
                 if not _is_out_of_memory(err):
                     raise
-        raise MemoryError("the image does not fit in memory even in 128 px tiles")
+        raise MemoryError(f"a {batch.shape[-2]}x{batch.shape[-1]} image does not fit in memory, whole or in tiles of "
+                          f"512, 256 or 128 px; free memory, use a 16-bit dtype (dtype='bf16'), or pass a smaller "
+                          f"tile (at least {MIN_EVAL_SIZE} px)")
 
     if self_ensemble:
         output = sum(_dihedral(run_once(_dihedral(x, k)), k, inverse=True) for k in range(8)) / 8

@@ -84,6 +84,52 @@ def test_one_tile_covering_the_image_equals_whole_image(model):
     torch.testing.assert_close(upscale(model, x, tile=32, tile_overlap=8), upscale(model, x))
 
 
+class MemoryLimited(torch.nn.Module):
+    """``model`` on a device that fails every forward pass over ``max_pixels`` pixels with ``message``."""
+
+    def __init__(self, model, max_pixels: int, message: str):
+        super().__init__()
+        self.model, self.max_pixels, self.message = model, max_pixels, message
+        self.upscale, self.in_chans = model.upscale, model.in_chans
+        self.sizes = []
+
+    def forward(self, x):
+        self.sizes.append(tuple(x.shape[-2:]))
+        if x.shape[-2] * x.shape[-1] > self.max_pixels:
+            raise RuntimeError(self.message)
+        return self.model(x)
+
+
+ALLOCATION_FAILURES = {
+    "cuda": "CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)",
+    "cpu": "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 10000000000000 bytes. Error code 12 (Cannot allocate memory)",
+}
+
+
+@pytest.mark.parametrize("message", ALLOCATION_FAILURES.values(), ids=ALLOCATION_FAILURES.keys())
+def test_whole_image_out_of_memory_is_retried_in_smaller_tiles(model, message):
+    limited = MemoryLimited(model, 128 * 128, message)
+    x = torch.rand(1, 3, 150, 140, dtype=torch.float64)
+    out = upscale(limited, x)
+    # Whole image, then 512 and 256 px tiles (each one tile covering the image), then 128 px tiles that fit.
+    assert limited.sizes[:3] == [(150, 140)] * 3 and set(limited.sizes[3:]) == {(128, 128)}
+    torch.testing.assert_close(out, upscale(model, x, tile=128, tile_overlap=32))
+
+
+def test_image_that_fits_in_no_tile_gets_an_error_that_says_what_to_do(model):
+    limited = MemoryLimited(model, 100, ALLOCATION_FAILURES["cpu"])
+    with pytest.raises(MemoryError, match="150x140 image does not fit.*dtype='bf16'.*smaller tile"):
+        upscale(limited, torch.rand(1, 3, 150, 140, dtype=torch.float64))
+
+
+def test_errors_other_than_memory_are_not_retried(model):
+    limited = MemoryLimited(model, 100, "expected scalar type Float but found Double")
+    with pytest.raises(RuntimeError, match="expected scalar type"):
+        upscale(limited, torch.rand(1, 3, 150, 140, dtype=torch.float64))
+    assert limited.sizes == [(150, 140)]
+
+
 @pytest.mark.parametrize("k", range(8))
 def test_dihedral_inverse(k):
     x = torch.rand(1, 3, 5, 7)
