@@ -760,8 +760,14 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
             out_t = _window_attention(q, k, v_t, biases[torch.tensor(kinds, device=qkv.device)], scale)
         else:
             windows_per_step = max(1, score_elements_per_step(qkv.device) // (heads_per_branch * window_tokens ** 2))
-            out_t = torch.cat([_window_attention(q[start:stop], k[start:stop], v_t[start:stop], biases[kind], scale)
-                               for start, stop, kind in _window_steps(kinds, windows_per_step)])
+            steps = _window_steps(kinds, windows_per_step)
+            # split and unbind rather than slicing and indexing: their backward is one cat or stack, where each
+            # slice or index would add a gradient the size of the whole tensor, zero-filled.
+            sizes = [stop - start for start, stop, _ in steps]
+            kind_biases = biases.unbind(0)
+            out_t = torch.cat([_window_attention(q_step, k_step, v_t_step, kind_biases[kind], scale)
+                               for q_step, k_step, v_t_step, (_, _, kind)
+                               in zip(q.split(sizes), k.split(sizes), v_t.split(sizes), steps)])
         window_grid = (cols_of_windows, rows_of_windows) if columns_outer else (rows_of_windows, cols_of_windows)
         out = out_t.view(batch, *window_grid, heads_per_branch, head_dim, win_rows, win_cols)
         out = out.permute((0, 2, 5, 1, 6, 3, 4) if columns_outer else (0, 1, 5, 2, 6, 3, 4))
