@@ -732,13 +732,14 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
     heads_per_branch = num_heads // 2
     head_dim = embed_dim // num_heads
     padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
-    image = qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim)
+    # unbind and split rather than indexing and slicing, here and below: their backward is one stack or cat, where
+    # each index or slice would add a gradient the size of the whole tensor, zero-filled.
+    branch_images = qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim).unbind(4)
     branch_outputs = []
-    for branch, table in enumerate((bias_table_0, bias_table_1)):
+    for branch, (x, table) in enumerate(zip(branch_images, (bias_table_0, bias_table_1))):
         win_rows, win_cols = _branch_window(split_size, branch)
         window_tokens = win_rows * win_cols
         rows_of_windows, cols_of_windows = padded_H // win_rows, padded_W // win_cols
-        x = image[:, :, :, :, branch]
         if (padded_H, padded_W) != (H, W):
             x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, padded_W - W, 0, padded_H - H))
         if shifted:
@@ -748,10 +749,10 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
         # last row and column of windows, so this gives the longest runs of windows that share one bias.
         columns_outer = rows_of_windows > cols_of_windows
         outer, inner = (3, 1) if columns_outer else (1, 3)
-        q, k = x[:, :, :, :, :, :2].permute(5, 0, outer, inner, 6, 2, 4, 7).reshape(
+        qk, v = x.split([2, 1], dim=5)
+        q, k = qk.permute(5, 0, outer, inner, 6, 2, 4, 7).reshape(
             2, -1, heads_per_branch, window_tokens, head_dim).unbind(0)
-        v_t = x[:, :, :, :, :, 2].permute(0, outer, inner, 5, 6, 2, 4).reshape(
-            -1, heads_per_branch, head_dim, window_tokens)
+        v_t = v.permute(5, 0, outer, inner, 6, 7, 2, 4).reshape(-1, heads_per_branch, head_dim, window_tokens)
         bias = table.t()[:, _relative_position_index(win_rows, win_cols, qkv.device)].to(qkv.dtype)
         biases = _shifted_window_biases(bias, win_rows, win_cols) if shifted else bias[None]
         kinds = (_window_bias_kinds(batch, rows_of_windows, cols_of_windows, columns_outer) if shifted
@@ -761,8 +762,6 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
         else:
             windows_per_step = max(1, score_elements_per_step(qkv.device) // (heads_per_branch * window_tokens ** 2))
             steps = _window_steps(kinds, windows_per_step)
-            # split and unbind rather than slicing and indexing: their backward is one cat or stack, where each
-            # slice or index would add a gradient the size of the whole tensor, zero-filled.
             sizes = [stop - start for start, stop, _ in steps]
             kind_biases = biases.unbind(0)
             out_t = torch.cat([_window_attention(q_step, k_step, v_t_step, kind_biases[kind], scale)
