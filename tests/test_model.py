@@ -161,13 +161,14 @@ def test_create_and_load_model_return_the_fused_model(tmp_path):
     assert isinstance(loaded, RGT) and loaded.backend == "torch" and not loaded.training
 
 
-@needs_triton_device
-def test_compile_has_no_graph_breaks_inside_a_block():
-    reference = perturbed_reference().to(TRITON_DEVICE)
-    fused = accelerate(reference, backend="triton").eval()
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_device), "torch"])
+def test_compile_has_no_graph_breaks_inside_a_block(backend):
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    reference = perturbed_reference().to(device)
+    fused = accelerate(reference, backend=backend).eval()
     block = fused.layers[0].blocks[2]  # shifted L-SA
     rgsa_block = fused.layers[0].blocks[1]
-    x = torch.randn(1, 18 * 20, 72, device=TRITON_DEVICE)
+    x = torch.randn(1, 18 * 20, 72, device=device)
     for module in (block, rgsa_block):
         explanation = torch._dynamo.explain(module)(x, 18, 20)
         assert explanation.graph_break_count == 0, explanation.break_reasons
