@@ -82,3 +82,26 @@ def test_report_is_saved_before_a_later_step_finishes(run_all, monkeypatch, tmp_
     monkeypatch.setattr(run_all, "run", run_checking_saved)
     assert run_all.main(["--results-dir", str(tmp_path / "results")]) == 1
     assert read_report(tmp_path / "results")["benchmarks"][scripts[1]]["exit_code"] == 137
+
+
+PASSING_TESTS = "def test_passes():\n    assert 2 + 2 == 4\n"
+FAILING_TESTS = "def test_fails():\n    assert 2 + 2 == 5\n"
+SLOW_TESTS = "import time\n\ndef test_hangs():\n    time.sleep(60)\n"
+
+
+def test_each_test_file_is_recorded_and_the_test_budget_skips_the_rest(run_all, monkeypatch, tmp_path):
+    files = write_scripts(tmp_path, test_passing=PASSING_TESTS, test_failing=FAILING_TESTS, test_slow=SLOW_TESTS,
+                          test_never=PASSING_TESTS)
+    monkeypatch.setattr(run_all, "CUDA_TESTS", files)
+    monkeypatch.setattr(run_all, "BENCHMARKS", write_scripts(tmp_path, fast=FAST_SCRIPT))
+    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
+    assert run_all.main(["--tests", "--tests-budget", "20", "--results-dir", str(tmp_path / "results")]) == 1
+    report = read_report(tmp_path / "results")
+    passing, failing, slow, never = (report["tests"][f] for f in files)
+    assert passing["exit_code"] == 0 and "1 passed" in passing["summary"]
+    assert failing["exit_code"] == 1 and "1 failed" in failing["summary"]
+    assert any("test_fails" in line for line in failing["failures"])
+    assert slow["exit_code"] == 124 and slow["seconds"] < 30
+    assert "skipped" in never
+    # The benchmarks still run after the tests used up their share.
+    assert all(entry["exit_code"] == 0 for entry in report["benchmarks"].values())
