@@ -274,7 +274,10 @@ def environment(device: torch.device) -> dict:
         info.update(sm_count=props.multi_processor_count, memory_gb=round(props.total_memory / 2**30, 1),
                     capability=list(torch.cuda.get_device_capability(device)))
     else:
-        info.update(cpu=_cpu_name(), cpu_count=os.cpu_count())
+        # The C allocator's settings change CPU timings: glibc returns large freed blocks to the system, and a
+        # model that allocates large temporaries then pays page faults on every call.
+        allocator = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+        info.update(cpu=_cpu_name(), cpu_count=os.cpu_count(), allocator_env=allocator)
     return info
 
 
