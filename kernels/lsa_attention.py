@@ -691,10 +691,10 @@ def _window_bias_kinds(batch: int, rows_of_windows: int, cols_of_windows: int, c
     """Index into :func:`_shifted_window_biases` of every window, batch-major, then by row and column of windows
     (by column and row with ``columns_outer``)."""
     if columns_outer:
-        return [2 * (row == rows_of_windows - 1) + (col == cols_of_windows - 1)
-                for _ in range(batch) for col in range(cols_of_windows) for row in range(rows_of_windows)]
-    return [2 * (row == rows_of_windows - 1) + (col == cols_of_windows - 1)
-            for _ in range(batch) for row in range(rows_of_windows) for col in range(cols_of_windows)]
+        windows = [(row, col) for col in range(cols_of_windows) for row in range(rows_of_windows)]
+    else:
+        windows = [(row, col) for row in range(rows_of_windows) for col in range(cols_of_windows)]
+    return [2 * (row == rows_of_windows - 1) + (col == cols_of_windows - 1) for row, col in windows] * batch
 
 
 def _window_steps(kinds: list[int], windows_per_step: int) -> list[tuple[int, int, int]]:
