@@ -398,7 +398,8 @@ def aot_variants() -> list[KernelVariant]:
         for stream in sorted({"fp32", name}):
             for channels in _AOT_CHANNELS:
                 channels_pad = triton.next_power_of_2(channels)
-                forward_tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS))
+                forward_tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad,
+                                     BLOCK_T=rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS))
                 backward_tiles = dict(forward_tiles, BLOCK_T=rows_per_tile(channels_pad, _BACKWARD_TILE_ELEMENTS))
                 pointer_types = {
                     "x_ptr": stream, "delta_ptr": name, "summed_ptr": stream, "normed_ptr": name,

@@ -328,7 +328,8 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'name':<40} {'reference ms':>12} {'fused ms':>10} {'speedup':>8} {'max abs err':>12} {'peak MB ref/fused':>18}"
+    header = (f"{'name':<40} {'reference ms':>12} {'fused ms':>10} {'speedup':>8} {'max abs err':>12} "
+              f"{'peak MB ref/fused':>18}")
     lines = [header, "-" * len(header)]
     for row in rows:
         if "error" in row:

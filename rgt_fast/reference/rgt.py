@@ -61,7 +61,8 @@ class DropPath(nn.Module):
 
 
 class ImageToTokens(nn.Module):
-    """(B, C, H, W) -> (B, H*W, C): first entry of ``before_RG``, so that its LayerNorm keeps the key ``before_RG.1``."""
+    """(B, C, H, W) -> (B, H*W, C): first entry of ``before_RG``, so that its LayerNorm keeps the key
+    ``before_RG.1``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return image_to_tokens(x)
