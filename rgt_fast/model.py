@@ -135,6 +135,11 @@ class RGT(ChannelsLastLayout, reference.RGT):
                 module.__class__ = fused
         self.set_backend(backend)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The convolutions after the body run channels-last; callers get a contiguous NCHW image whatever layout
+        # the convolutions chose (a channels-last result would make their .view() calls fail).
+        return super().forward(x).contiguous()
+
     def set_backend(self, backend: str) -> "RGT":
         check_backend(backend)
         self.backend = backend

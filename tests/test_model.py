@@ -43,6 +43,7 @@ def compare(reference, fused, x, training, atol, rtol):
     out_ref = reference(x)
     out_fused = fused(x)
     torch.testing.assert_close(out_fused, out_ref, atol=atol, rtol=rtol)
+    assert out_fused.is_contiguous(), "the fused model returns contiguous NCHW images, whatever layout it ran in"
     if training:
         grad = torch.randn_like(out_ref)
         out_ref.backward(grad)
