@@ -217,21 +217,29 @@ def _add_layer_norm_backward_fake(dsummed, dnormed, summed, mean, rstd, weight, 
             weight.new_empty(weight.shape), weight.new_empty(weight.shape))
 
 
+def _save_for_backward(ctx, summed, mean, rstd, weight, delta_dtype):
+    ctx.save_for_backward(summed, mean, rstd, weight)
+    ctx.delta_dtype = delta_dtype
+
+
 def _setup_backward(ctx, inputs, output):
     x, delta, weight, bias, eps, normed_dtype = inputs
     summed, _, mean, rstd = output
-    ctx.save_for_backward(summed, mean, rstd, weight)
-    ctx.delta_dtype = delta.dtype
+    _save_for_backward(ctx, summed, mean, rstd, weight, delta.dtype)
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _add_layer_norm_backward(ctx, dsummed, dnormed, _dmean, _drstd):
+def _input_gradients(launch_backward, ctx, dsummed, dnormed):
+    """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
     summed, mean, rstd, weight = ctx.saved_tensors
     dsummed = torch.zeros_like(summed) if dsummed is None else dsummed
     dnormed = torch.zeros_like(summed) if dnormed is None else dnormed
-    dx, ddelta, dweight, dbias = _add_layer_norm_backward_op(dsummed, dnormed, summed, mean, rstd, weight,
-                                                             ctx.delta_dtype)
+    dx, ddelta, dweight, dbias = launch_backward(dsummed, dnormed, summed, mean, rstd, weight, ctx.delta_dtype)
     return dx, ddelta, dweight, dbias, None, None
+
+
+def _add_layer_norm_backward(ctx, dsummed, dnormed, _dmean, _drstd):
+    return _input_gradients(_add_layer_norm_backward_op, ctx, dsummed, dnormed)
 
 
 _add_layer_norm_forward_op.register_autograd(_add_layer_norm_backward, setup_context=_setup_backward)
@@ -243,15 +251,12 @@ class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
         summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
-        ctx.save_for_backward(summed, mean, rstd, weight)
-        ctx.delta_dtype = delta.dtype
+        _save_for_backward(ctx, summed, mean, rstd, weight, delta.dtype)
         return summed, normed
 
     @staticmethod
     def backward(ctx, dsummed, dnormed):
-        summed, mean, rstd, weight = ctx.saved_tensors
-        dx, ddelta, dweight, dbias = _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, ctx.delta_dtype)
-        return dx, ddelta, dweight, dbias, None, None
+        return _input_gradients(_triton_backward, ctx, dsummed, dnormed)
 
 
 def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -513,19 +513,28 @@ def _rgsa_attention_backward_fake(dout, q, k, v, out, lse, scale, backward_query
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_backward(ctx, inputs, output):
-    q, k, v, scale, backward_query_chunk = inputs
-    out, lse = output
+def _save_for_backward(ctx, q, k, v, out, lse, scale, backward_query_chunk):
     ctx.save_for_backward(q, k, v, out, lse)
     ctx.scale = scale
     ctx.backward_query_chunk = backward_query_chunk
+
+
+def _setup_backward(ctx, inputs, output):
+    q, k, v, scale, backward_query_chunk = inputs
+    out, lse = output
+    _save_for_backward(ctx, q, k, v, out, lse, scale, backward_query_chunk)
     ctx.mark_non_differentiable(lse)
 
 
-def _rgsa_attention_backward(ctx, dout, _dlse):
+def _input_gradients(launch_backward, ctx, dout):
+    """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = _rgsa_attention_backward_op(dout, q, k, v, out, lse, ctx.scale, ctx.backward_query_chunk)
+    dq, dk, dv = launch_backward(dout, q, k, v, out, lse, ctx.scale, ctx.backward_query_chunk)
     return dq, dk, dv, None, None
+
+
+def _rgsa_attention_backward(ctx, dout, _dlse):
+    return _input_gradients(_rgsa_attention_backward_op, ctx, dout)
 
 
 _rgsa_attention_forward_op.register_autograd(_rgsa_attention_backward, setup_context=_setup_backward)
@@ -538,16 +547,12 @@ class _RGSAAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale: float, backward_query_chunk: int):
         out, lse = _triton_forward(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.scale = scale
-        ctx.backward_query_chunk = backward_query_chunk
+        _save_for_backward(ctx, q, k, v, out, lse, scale, backward_query_chunk)
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _triton_backward(dout, q, k, v, out, lse, ctx.scale, ctx.backward_query_chunk)
-        return dq, dk, dv, None, None
+        return _input_gradients(_triton_backward, ctx, dout)
 
 
 def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -363,18 +363,25 @@ def _spatial_gate_backward_fake(dout, hidden, height, width, norm_weight, norm_b
             conv_bias.new_empty(conv_bias.shape))
 
 
-def _setup_backward(ctx, inputs, output):
-    hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps = inputs
+def _save_for_backward(ctx, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps):
     ctx.save_for_backward(hidden, norm_weight, norm_bias, conv_weight, conv_bias)
     ctx.height, ctx.width, ctx.eps = height, width, eps
 
 
-def _spatial_gate_backward(ctx, dout):
+def _setup_backward(ctx, inputs, output):
+    _save_for_backward(ctx, *inputs)
+
+
+def _input_gradients(launch_backward, ctx, dout):
+    """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
     hidden, norm_weight, norm_bias, conv_weight, conv_bias = ctx.saved_tensors
-    grads = _spatial_gate_backward_op(dout, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight,
-                                      conv_bias, ctx.eps)
-    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias = grads
+    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias = launch_backward(
+        dout, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight, conv_bias, ctx.eps)
     return dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None
+
+
+def _spatial_gate_backward(ctx, dout):
+    return _input_gradients(_spatial_gate_backward_op, ctx, dout)
 
 
 _spatial_gate_forward_op.register_autograd(_spatial_gate_backward, setup_context=_setup_backward)
@@ -385,18 +392,12 @@ class _SpatialGate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias, eps: float):
-        out = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
-        ctx.save_for_backward(hidden, norm_weight, norm_bias, conv_weight, conv_bias)
-        ctx.height, ctx.width, ctx.eps = height, width, eps
-        return out
+        _save_for_backward(ctx, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+        return _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
 
     @staticmethod
     def backward(ctx, dout):
-        hidden, norm_weight, norm_bias, conv_weight, conv_bias = ctx.saved_tensors
-        grads = _triton_backward(dout, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight,
-                                 conv_bias, ctx.eps)
-        dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias = grads
-        return dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None
+        return _input_gradients(_triton_backward, ctx, dout)
 
 
 def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
