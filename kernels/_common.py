@@ -74,6 +74,13 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def kernel_buffer(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer a kernel fills is allocated here, and looked up here at call time
+    (``_common.kernel_buffer``), so that tests can swap in NaN-filled buffers between guard bands: an element a
+    kernel leaves unwritten, or a write past either end, then shows up."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     """True when a Triton kernel can execute on this tensor's device (CUDA, or CPU under the interpreter)."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")

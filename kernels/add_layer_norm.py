@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
@@ -121,10 +122,6 @@ def _add_norm_backward_kernel(
     tl.store(bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
 
 
-# Outputs and scratch buffers are allocated here, so that tests can poison them before the kernels write.
-_new_buffer = torch.empty
-
-
 def _normed_dtype(summed_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype the next matmul reads: autocast's when it is on for this device, else the sum's."""
     if torch.is_autocast_enabled(device.type):
@@ -139,10 +136,10 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
     if delta is None:
         summed = x
     else:
-        summed = _new_buffer(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
-    normed = _new_buffer(x.shape, dtype=normed_dtype, device=x.device)
-    mean = _new_buffer((num_rows,), dtype=torch.float32, device=x.device)
-    rstd = _new_buffer((num_rows,), dtype=torch.float32, device=x.device)
+        summed = _common.kernel_buffer(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
+    normed = _common.kernel_buffer(x.shape, dtype=normed_dtype, device=x.device)
+    mean = _common.kernel_buffer((num_rows,), dtype=torch.float32, device=x.device)
+    rstd = _common.kernel_buffer((num_rows,), dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return summed, normed, mean, rstd
     channels_pad = triton.next_power_of_2(channels)
@@ -162,9 +159,9 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     for a plain LayerNorm, does not exist)."""
     batch, rows_per_image, channels = summed.shape
     num_rows = batch * rows_per_image
-    dx = _new_buffer(summed.shape, dtype=summed.dtype, device=summed.device)
+    dx = _common.kernel_buffer(summed.shape, dtype=summed.dtype, device=summed.device)
     write_ddelta = delta_dtype != summed.dtype
-    ddelta = _new_buffer(summed.shape, dtype=delta_dtype, device=summed.device) if write_ddelta else dx
+    ddelta = _common.kernel_buffer(summed.shape, dtype=delta_dtype, device=summed.device) if write_ddelta else dx
     if num_rows == 0:
         return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
     channels_pad = triton.next_power_of_2(channels)
@@ -172,8 +169,8 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     num_tiles = triton.cdiv(num_rows, block_rows)
     tiles_per_program = max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
     num_chunks = triton.cdiv(num_tiles, tiles_per_program)
-    weight_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
-    bias_partial = _new_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
+    weight_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
+    bias_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
     with on_device_of(summed):
         _add_norm_backward_kernel[(num_chunks,)](
             summed, mean, rstd, weight, dnormed, dnormed if dsummed is None else dsummed, dx, ddelta,
@@ -304,6 +301,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
             raise ValueError(f"add_layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
                              f"{x.shape[2]}; use add_layer_norm_torch")
         normed_dtype = _normed_dtype(summed_dtype, x.device)
+        weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         if torch.compiler.is_compiling():
             summed, normed, _, _ = _add_layer_norm_forward_op(x, delta, weight, bias, float(eps), normed_dtype)
             return summed, normed
@@ -382,6 +380,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
             raise ValueError(f"layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
                              f"{x.shape[2]}; use torch.nn.functional.layer_norm")
         x = x.contiguous()  # the backward reads the saved rows contiguously
+        weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         normed_dtype = _normed_dtype(x.dtype, x.device)
         if torch.compiler.is_compiling():
             return _layer_norm_forward_op(x, weight, bias, float(eps), normed_dtype)[0]

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     INTERPRET,
     SUPPORTED_DTYPES,
@@ -453,11 +454,6 @@ def _log2_tables(bias_table_0: torch.Tensor, bias_table_1: torch.Tensor) -> torc
         -1, bias_table_0.shape[0]).contiguous() * LOG2E
 
 
-def _empty(*shape, dtype, device) -> torch.Tensor:
-    """Allocation of every buffer the kernels fill completely (the tests swap in a poisoning version)."""
-    return torch.empty(*shape, dtype=dtype, device=device)
-
-
 def _score_grad_sum_chunks(num_items: int, programs_per_chunk: int, device: torch.device) -> int:
     if device.type == "cuda":
         multiprocessors = torch.cuda.get_device_properties(device).multi_processor_count
@@ -505,8 +501,8 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
     input_precision = _input_precision(qkv.dtype)
     block_m, block_n, num_warps, num_stages = _launch_config(
         "fwd", _dot_class(qkv.dtype, input_precision), split_size)
-    out = _empty(batch, tokens, embed_dim, dtype=qkv.dtype, device=qkv.device)
-    lse = _empty(batch, num_heads, tokens, dtype=torch.float32, device=qkv.device)
+    out = _common.kernel_buffer((batch, tokens, embed_dim), dtype=qkv.dtype, device=qkv.device)
+    lse = _common.kernel_buffer((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     tables = _log2_tables(bias_table_0, bias_table_1)
     for branch in (0, 1):
         win_rows, win_cols = _branch_window(split_size, branch)
@@ -538,8 +534,8 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
     input_precision = _input_precision(qkv.dtype)
     dot_class = _dot_class(qkv.dtype, input_precision)
     tables = _log2_tables(bias_table_0, bias_table_1)
-    grad_qkv = _empty(batch, tokens, 3 * embed_dim, dtype=qkv.dtype, device=qkv.device)
-    delta = _empty(batch, num_heads, tokens, dtype=torch.float32, device=qkv.device)
+    grad_qkv = _common.kernel_buffer((batch, tokens, 3 * embed_dim), dtype=qkv.dtype, device=qkv.device)
+    delta = _common.kernel_buffer((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     shared = dict(SHIFTED=shifted, EMBED_DIM=embed_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision)
     windows = [_branch_window(split_size, branch) for branch in (0, 1)]
@@ -581,8 +577,8 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
         chunks = _score_grad_sum_chunks(num_items, tiles * heads_per_branch, qkv.device)
         items_per_program = triton.cdiv(num_items, chunks)
         chunks = triton.cdiv(num_items, items_per_program)
-        score_grad_partials = _empty(heads_per_branch, chunks, window_tokens, window_tokens,
-                                     dtype=torch.float32, device=qkv.device)
+        score_grad_partials = _common.kernel_buffer((heads_per_branch, chunks, window_tokens, window_tokens),
+                                                    dtype=torch.float32, device=qkv.device)
         _lsa_bwd_score_grad_sum_kernel[(chunks * tiles, heads_per_branch)](
             qkv, grad_out, lse, delta, tables, score_grad_partials,
             qkv.stride(0), qkv.stride(1), grad_out.stride(0), grad_out.stride(1),

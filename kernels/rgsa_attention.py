@@ -44,6 +44,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     INTERPRET,
     SUPPORTED_DTYPES,
@@ -412,8 +413,8 @@ def _head_dim_constexprs(dqk: int, dv: int) -> dict:
 def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
     batch, num_queries, num_heads, dqk = q.shape
     num_keys, dv = k.shape[1], v.shape[3]
-    out = torch.empty((batch, num_queries, num_heads, dv), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, num_heads, num_queries), dtype=torch.float32, device=q.device)
+    out = _common.kernel_buffer((batch, num_queries, num_heads, dv), dtype=q.dtype, device=q.device)
+    lse = _common.kernel_buffer((batch, num_heads, num_queries), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
     precision = _operand_precision(q.dtype)
@@ -434,9 +435,9 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len: int):
     batch, num_queries, num_heads, dqk = q.shape
     num_keys, dv = k.shape[1], v.shape[3]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv_grad = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq = _common.kernel_buffer(q.shape, dtype=q.dtype, device=q.device)
+    dk = _common.kernel_buffer(k.shape, dtype=k.dtype, device=k.device)
+    dv_grad = _common.kernel_buffer(v.shape, dtype=v.dtype, device=v.device)
     if batch * num_heads == 0:
         return dq, dk, dv_grad
     if num_queries == 0:
@@ -455,7 +456,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
         if fused_dq:
             delta = lse  # unread: the fused kernel derives delta from dO and O itself
         else:
-            delta = torch.empty_like(lse)
+            delta = _common.kernel_buffer(lse.shape, dtype=lse.dtype, device=lse.device)
             dq_tiles = _tiles("dq", num_keys, precision)
             num_query_blocks = triton.cdiv(num_queries, dq_tiles.block_m)
             _rgsa_backward_dq_kernel[(num_query_blocks * batch_heads,)](
@@ -466,10 +467,10 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
 
         chunk_len, num_chunks = _query_chunking(num_queries, num_key_blocks * batch_heads, dkdv_tiles.block_m,
                                                 requested_chunk_len)
-        dk_partial = torch.empty((num_chunks, batch_heads, num_keys, head_dims["DQK_PAD"]),
-                                 dtype=torch.float32, device=q.device)
-        dv_partial = torch.empty((num_chunks, batch_heads, num_keys, head_dims["DV_PAD"]),
-                                 dtype=torch.float32, device=q.device)
+        dk_partial = _common.kernel_buffer((num_chunks, batch_heads, num_keys, head_dims["DQK_PAD"]),
+                                           dtype=torch.float32, device=q.device)
+        dv_partial = _common.kernel_buffer((num_chunks, batch_heads, num_keys, head_dims["DV_PAD"]),
+                                           dtype=torch.float32, device=q.device)
         _rgsa_backward_dkdv_kernel[(num_key_blocks * num_heads * num_chunks * batch,)](
             q, k, v, out, dout, lse, delta, dq, dk_partial, dv_partial, *strides,
             num_heads, batch_heads, num_queries, num_keys, num_key_blocks, num_chunks, chunk_len,

@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
@@ -252,17 +253,13 @@ def _gate_norm_backward_kernel(
     tl.store(norm_bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
 
 
-# Outputs and scratch buffers are allocated here, so that tests can poison them before the kernels write.
-_new_buffer = torch.empty
-
-
 def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.Tensor:
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
     channels_pad = triton.next_power_of_2(channels)
     block_t = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
     num_tokens = batch * tokens_per_image
-    normed = _new_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
+    normed = _common.kernel_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
     _gate_norm_kernel[(triton.cdiv(num_tokens, block_t),)](
         hidden, norm_weight, norm_bias, normed, *hidden.stride(), num_tokens, tokens_per_image, eps,
         CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, num_warps=_NUM_WARPS,
@@ -274,7 +271,7 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
                     eps: float) -> torch.Tensor:
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
-    out = _new_buffer((batch, tokens_per_image, channels), dtype=hidden.dtype, device=hidden.device)
+    out = _common.kernel_buffer((batch, tokens_per_image, channels), dtype=hidden.dtype, device=hidden.device)
     num_tokens = batch * tokens_per_image
     if num_tokens == 0:
         return out
@@ -299,19 +296,19 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
     channels = two_channels // 2
     num_tokens = batch * tokens_per_image
     device, dtype = hidden.device, hidden.dtype
-    dhidden = _new_buffer((batch, tokens_per_image, two_channels), dtype=dtype, device=device)
+    dhidden = _common.kernel_buffer((batch, tokens_per_image, two_channels), dtype=dtype, device=device)
     if num_tokens == 0:
         return (dhidden, torch.zeros_like(norm_weight), torch.zeros_like(norm_bias), torch.zeros_like(conv_weight),
                 torch.zeros_like(conv_bias))
     channels_pad = triton.next_power_of_2(channels)
     with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
-        dconv = _new_buffer((num_tokens, channels), dtype=dtype, device=device)
+        dconv = _common.kernel_buffer((num_tokens, channels), dtype=dtype, device=device)
 
         conv_tiles = _tiles_per_program(triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS))
         conv_chunks = triton.cdiv(triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS), conv_tiles)
-        conv_weight_partial = _new_buffer((conv_chunks, channels, 9), dtype=torch.float32, device=device)
-        conv_bias_partial = _new_buffer((conv_chunks, channels), dtype=torch.float32, device=device)
+        conv_weight_partial = _common.kernel_buffer((conv_chunks, channels, 9), dtype=torch.float32, device=device)
+        conv_bias_partial = _common.kernel_buffer((conv_chunks, channels), dtype=torch.float32, device=device)
         _gate_conv_backward_kernel[(conv_chunks, triton.cdiv(channels, _CONV_BLOCK_CHANNELS))](
             hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, conv_weight_partial, conv_bias_partial,
             *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
@@ -321,8 +318,8 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
         block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
         norm_tiles = _tiles_per_program(triton.cdiv(num_tokens, block_t))
         norm_chunks = triton.cdiv(triton.cdiv(num_tokens, block_t), norm_tiles)
-        norm_weight_partial = _new_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
-        norm_bias_partial = _new_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
+        norm_weight_partial = _common.kernel_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
+        norm_bias_partial = _common.kernel_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
         _gate_norm_backward_kernel[(norm_chunks,)](
             hidden, norm_weight, conv_weight, dconv, dhidden, norm_weight_partial, norm_bias_partial,
             *hidden.stride(), num_tokens, tokens_per_image, height, width, norm_tiles, eps,
@@ -457,7 +454,9 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
         if hidden.shape[2] // 2 > _MAX_CHANNELS:
             raise ValueError(f"spatial_gate: the Triton kernels take up to {_MAX_CHANNELS} gate channels, got "
                              f"{hidden.shape[2] // 2}; use spatial_gate_torch")
-        args = (hidden, int(height), int(width), norm_weight, norm_bias, conv_weight, conv_bias, float(eps))
+        # The kernels index the parameters densely.
+        params = (norm_weight.contiguous(), norm_bias.contiguous(), conv_weight.contiguous(), conv_bias.contiguous())
+        args = (hidden, int(height), int(width), *params, float(eps))
         if torch.compiler.is_compiling():
             return _spatial_gate_forward_op(*args)
         return _SpatialGate.apply(*args)

@@ -20,3 +20,17 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def guarded_kernel_buffers(monkeypatch):
+    """Every buffer a kernel fills starts as NaN between NaN guard bands (see guards.GuardedBuffers); after the
+    test, the guard bands must still be NaN."""
+    from guards import GuardedBuffers
+
+    from rgt_fast.kernels import _common
+
+    buffers = GuardedBuffers()
+    monkeypatch.setattr(_common, "kernel_buffer", buffers)
+    yield buffers
+    buffers.assert_guards_intact()

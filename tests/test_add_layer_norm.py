@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from guards import nan_surrounded
 from kernel_device import KERNEL_DEVICE
 from numerics import assert_fp32_close_to_exact, assert_within_flash_attention_bound
 from rgt_fast.kernels import add_layer_norm as aln
 
 EPS = 1e-5
 NAMES = ("summed", "normed", "d_x", "d_delta", "d_weight", "d_bias")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every output and scratch buffer starts as NaN, so an element a kernel forgets to write shows up."""
-    def nan_filled(shape, *, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(aln, "_new_buffer", nan_filled)
+# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
+pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
 
 
 def make_inputs(batch, tokens, channels, strided=False):
@@ -52,10 +47,18 @@ def run_reference(inputs, grads, dtypes):
     return [summed.detach(), normed.detach(), x.grad, delta.grad, norm.weight.grad, norm.bias.grad]
 
 
+def guarded(*tensors):
+    """Activations surrounded by NaN, and the (last) 1-D parameters with NaN between their elements too."""
+    return [nan_surrounded(t, step=2 if t.dim() == 1 else 1) for t in tensors]
+
+
 def run_fused(inputs, grads, dtypes):
+    """The op on views surrounded by NaN (guards.nan_surrounded), so an unmasked read outside them shows up; the
+    parameters with NaN between their elements too."""
     leaves = [t.detach().to(d).requires_grad_() for t, d in zip(inputs, dtypes)]
-    summed, normed = aln.add_layer_norm(*leaves, EPS)
-    torch.autograd.backward([summed, normed], [grads[0].to(summed.dtype), grads[1].to(normed.dtype)])
+    summed, normed = aln.add_layer_norm(*guarded(*leaves), EPS)
+    torch.autograd.backward([summed, normed], [nan_surrounded(grads[0].to(summed.dtype)),
+                                               nan_surrounded(grads[1].to(normed.dtype))])
     return [summed.detach(), normed.detach()] + [t.grad for t in leaves]
 
 
@@ -204,8 +207,9 @@ def test_bad_eps_is_rejected(eps):
 
 def run_layer_norm(fn, x, weight, bias, grad, dtypes):
     leaves = [t.detach().to(d).requires_grad_() for t, d in zip((x, weight, bias), dtypes)]
-    out = fn(*leaves)
-    out.backward(grad.to(out.dtype))
+    x, weight, bias = leaves
+    out = fn(*guarded(x, weight, bias))
+    out.backward(nan_surrounded(grad.to(out.dtype)))
     return [out.detach()] + [t.grad for t in leaves]
 
 

@@ -117,7 +117,8 @@ def test_entry_script_with_tiles_self_ensemble_and_bf16(bench):
     root, weights = bench
     result = subprocess.run(
         [sys.executable, str(REPO / "train" / "evaluate.py"), "--weights", str(weights), "--data", str(root / "SetB"),
-         "--scale", "2", "--tile", "16", "--tile-overlap", "4", "--self-ensemble", "--dtype", "bf16", "--json", "scores.json"],
+         "--scale", "2", "--tile", "16", "--tile-overlap", "4", "--self-ensemble", "--dtype", "bf16",
+         "--json", "scores.json"],
         capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(Path("scores.json").read_text())

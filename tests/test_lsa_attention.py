@@ -16,6 +16,7 @@ import copy  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
+from guards import nan_surrounded  # noqa: E402
 from numerics import assert_within_flash_attention_bound, max_error  # noqa: E402
 
 from rgt_fast.kernels import lsa_attention as lsa  # noqa: E402
@@ -23,18 +24,11 @@ from rgt_fast.reference.rgt import LSA  # noqa: E402
 
 SPLIT = [8, 32]
 TABLE_ROWS = 15 * 63
+# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
+pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
 
 # The PyTorch path is the same device-generic code everywhere; its CPU run under the interpreter covers it.
 pytorch_path_on_cpu = pytest.mark.skipif(DEVICE != "cpu", reason="checks the PyTorch path, run on CPU tensors")
-
-
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every buffer the op allocates for a kernel to fill starts as NaN, so an unwritten element shows up."""
-    def poisoned(*shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(lsa, "_empty", poisoned)
 
 
 @pytest.fixture
@@ -96,13 +90,16 @@ def run_reference(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torc
     return dict(out=out.detach(), qkv=grad_qkv, tables=grad_tables, parameters=grad_parameters)
 
 
-def run_fused(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Tensor) -> dict:
-    """Output and gradients through lsa_attention, the tables straight from the position-bias MLPs."""
+def run_fused(module: LSA, qkv: torch.Tensor, H: int, W: int, grad_out: torch.Tensor, layout=nan_surrounded) -> dict:
+    """Output and gradients through lsa_attention, the tables straight from the position-bias MLPs. The op gets
+    ``layout(qkv)``: by default a view whose row ends and neighbours are NaN, so that any unmasked read outside
+    it puts NaN in the result."""
     tables = [attn.position_bias_table() for attn in module.attns]
     qkv = qkv.detach().requires_grad_()
-    out = lsa.lsa_attention(qkv, H, W, module.num_heads, SPLIT, module.shifted, *tables, module.attns[0].scale)
+    out = lsa.lsa_attention(layout(qkv), H, W, module.num_heads, SPLIT, module.shifted, *tables,
+                            module.attns[0].scale)
     grad_qkv, *grads = torch.autograd.grad(out, [qkv, *tables, *position_bias_parameters(module)],
-                                           grad_out.to(out.dtype))
+                                           nan_surrounded(grad_out.to(out.dtype)))
     return dict(out=out.detach(), qkv=grad_qkv, tables=grads[:2], parameters=grads[2:])
 
 
@@ -217,13 +214,18 @@ def test_low_precision_within_twice_the_pytorch_error(case):
 def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_tiles):
     H, W, batch, dim = 24, 30, 2, 64
     module = make_module(dim, 2, True, 64)
-    # Every other batch row of a wider buffer, starting 5 channels in: no stride is the contiguous one.
-    storage = torch.randn(2 * batch, H * W, 3 * dim + 12, device=DEVICE)
-    strided = storage[::2, :, 5:5 + 3 * dim]
-    assert not strided.is_contiguous() and strided.stride(-1) == 1
+
+    def every_other_row_of_a_wider_buffer(qkv):
+        """Every other batch row, starting 5 channels in: no stride is the contiguous one, and the rest is NaN."""
+        storage = torch.full((2 * batch, H * W, 3 * dim + 12), float("nan"), device=DEVICE)
+        strided = storage[::2, :, 5:5 + 3 * dim]
+        assert not strided.is_contiguous() and strided.stride(-1) == 1
+        return strided.copy_(qkv)
+
+    qkv = torch.randn(batch, H * W, 3 * dim, device=DEVICE)
     grad_out = torch.randn(batch, H * W, dim, device=DEVICE)
-    result = run_fused(module, strided, H, W, grad_out)
-    contiguous = run_fused(module, strided.contiguous(), H, W, grad_out)
+    result = run_fused(module, qkv, H, W, grad_out, layout=every_other_row_of_a_wider_buffer)
+    contiguous = run_fused(module, qkv, H, W, grad_out, layout=lambda qkv: qkv)
     assert torch.equal(result["out"], contiguous["out"])
     assert torch.equal(result["qkv"], contiguous["qkv"])
     for grad, contiguous_grad in zip(result["tables"], contiguous["tables"]):

@@ -8,9 +8,13 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
+from guards import nan_surrounded  # noqa: E402
 from numerics import assert_within_flash_attention_bound  # noqa: E402
 
 from rgt_fast.kernels import rgsa_attention as rgsa  # noqa: E402
+
+# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
+pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
 
 
 @pytest.fixture
@@ -22,14 +26,18 @@ def tf32_matmuls(request):
 
 
 def make_inputs(batch, queries, keys, heads, dqk, dv, dtype):
-    """Strided views as the model produces them: q from a projection with more channels than q needs, k stored
-    head-major and transposed, v read with a stride of 2 along its head dim."""
-    q_projection = torch.randn(batch, queries, heads * dqk + 7, device=DEVICE) * 1.5
-    q = q_projection.to(dtype)[..., 7:].unflatten(-1, (heads, dqk))
-    k = (torch.randn(batch, heads, keys, dqk, device=DEVICE) * 1.5).to(dtype).transpose(1, 2)
-    v = torch.randn(batch, keys, heads, 2 * dv, device=DEVICE).to(dtype)[..., ::2]
+    q = (torch.randn(batch, queries, heads, dqk, device=DEVICE) * 1.5).to(dtype)
+    k = (torch.randn(batch, keys, heads, dqk, device=DEVICE) * 1.5).to(dtype)
+    v = torch.randn(batch, keys, heads, dv, device=DEVICE).to(dtype)
     dout = torch.randn(batch, queries, heads, dv, device=DEVICE).to(dtype)
     return q, k, v, dout
+
+
+def in_model_layouts(q, k, v):
+    """Strided views as the model produces them, each surrounded by NaN (guards.nan_surrounded): q a view of a
+    projection with more channels than q needs, k stored head-major, v read with a stride of 2 along its head
+    dim. An unmasked read outside them puts NaN in the result."""
+    return nan_surrounded(q), nan_surrounded(k, memory_order=(0, 2, 1, 3)), nan_surrounded(v, step=2)
 
 
 def plain_attention(q, k, v, scale):
@@ -40,8 +48,8 @@ def plain_attention(q, k, v, scale):
 
 def output_and_grads(attention, q, k, v, dout, cast=None):
     leaves = [t.detach().clone().to(cast or t.dtype).requires_grad_() for t in (q, k, v)]
-    out = attention(*leaves)
-    out.backward(dout.to(out.dtype))
+    out = attention(*in_model_layouts(*leaves))
+    out.backward(nan_surrounded(dout.to(out.dtype)))
     return [out.detach()] + [leaf.grad for leaf in leaves]
 
 

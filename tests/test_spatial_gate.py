@@ -4,20 +4,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from guards import nan_surrounded
 from kernel_device import KERNEL_DEVICE
 from numerics import assert_fp32_close_to_exact, assert_within_flash_attention_bound
 from rgt_fast.kernels import spatial_gate as sg
 from rgt_fast.reference.rgt import SpatialGate
 
 EPS = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def poisoned_buffers(monkeypatch):
-    """Every output and scratch buffer starts as NaN, so an element a kernel forgets to write shows up."""
-    def nan_filled(shape, *, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(sg, "_new_buffer", nan_filled)
+# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
+pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
 
 
 def make_inputs(batch, height, width, channels, dtype=torch.float32, strided=False):
@@ -46,12 +41,18 @@ def reference_gate(hidden, height, width, norm_weight, norm_bias, conv_weight, c
     return out, module
 
 
+def guarded(hidden, height, width, *params):
+    """The arguments as views surrounded by NaN (guards.nan_surrounded), so an unmasked read outside them shows
+    up; the parameters with NaN between their elements too."""
+    return (nan_surrounded(hidden), height, width, *(nan_surrounded(p, step=2) for p in params))
+
+
 def output_and_grads(hidden, params, dout, height, width, dtype, fn):
     """Output and the gradients of hidden and of the four parameters, computed in ``dtype``."""
     leaf_hidden = hidden.detach().to(dtype).requires_grad_()
     leaf_params = [p.detach().to(dtype).requires_grad_() for p in params]
-    out = fn(leaf_hidden, height, width, *leaf_params)
-    out.backward(dout.to(dtype))
+    out = fn(*guarded(leaf_hidden, height, width, *leaf_params))
+    out.backward(nan_surrounded(dout.to(dtype)))
     return [out.detach()] + [t.grad for t in [leaf_hidden, *leaf_params]]
 
 
@@ -73,8 +74,8 @@ def fused_with_fp32_params(dtype):
     def run(hidden, params, dout, height, width):
         leaf_hidden = hidden.detach().to(dtype).requires_grad_()
         leaf_params = [p.detach().float().requires_grad_() for p in params]
-        out = sg.spatial_gate(leaf_hidden, height, width, *leaf_params, EPS)
-        out.backward(dout.to(dtype))
+        out = sg.spatial_gate(*guarded(leaf_hidden, height, width, *leaf_params), EPS)
+        out.backward(nan_surrounded(dout.to(dtype)))
         return [out.detach()] + [t.grad for t in [leaf_hidden, *leaf_params]]
     return run
 

@@ -145,7 +145,8 @@ def test_smoke_run_writes_basicsr_checkpoints(smoke_dir):
 
 def test_path_resume_state_resumes_from_that_state(smoke_dir):
     assert train("train.total_iter=4", "val=null") == 0
-    assert train("train.total_iter=5", "val=null", "path.resume_state=experiments/smoke_cpu/training_states/2.state") == 0
+    resume_state = "path.resume_state=experiments/smoke_cpu/training_states/2.state"
+    assert train("train.total_iter=5", "val=null", resume_state) == 0
     log = log_text("smoke_cpu")
     assert "resuming from iteration 2 " in log and "iterations 3 to 5" in log
 
