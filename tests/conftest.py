@@ -23,14 +23,19 @@ def single_thread():
 
 
 @pytest.fixture
-def guarded_kernel_buffers(monkeypatch):
-    """Every buffer a kernel fills starts as NaN between NaN guard bands (see guards.GuardedBuffers); after the
-    test, the guard bands must still be NaN."""
-    from guards import GuardedBuffers
+def kernel_memory_checks(monkeypatch):
+    """Every buffer a kernel fills starts as NaN between NaN guard bands (guards.GuardedBuffers), which must still
+    be NaN after the test; under the interpreter, no two programs of a launch may store to one address
+    (guards.StoreRaceDetector)."""
+    from guards import GuardedBuffers, StoreRaceDetector
 
     from rgt_fast.kernels import _common
 
     buffers = GuardedBuffers()
     monkeypatch.setattr(_common, "kernel_buffer", buffers)
-    yield buffers
+    races = StoreRaceDetector()
+    if _common.INTERPRET:
+        races.install(monkeypatch)
+    yield
     buffers.assert_guards_intact()
+    races.assert_no_races()

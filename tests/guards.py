@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
@@ -57,3 +58,51 @@ class GuardedBuffers:
             written = int((~torch.isnan(before)).sum()) + int((~torch.isnan(after)).sum())
             assert written == 0, (f"a kernel wrote {written} elements outside its {tuple(storage.shape)[0] - 2 * guard}"
                                   f"-element buffer")
+
+
+class StoreRaceDetector:
+    """Under the interpreter, records which program of a launch stores to each address. Programs of one launch
+    run in no defined order on a GPU, so an address stored by two of them holds whichever came last: a race that
+    the interpreter, running programs one after another, would never show as a wrong value."""
+
+    def __init__(self):
+        self.stores: list[tuple[np.ndarray, int]] = []
+        self.races: list[str] = []
+
+    def install(self, monkeypatch) -> None:
+        from triton.runtime import interpreter
+
+        detector = self
+        masked_store = interpreter.InterpreterBuilder.create_masked_store
+        run_launch = interpreter.GridExecutor.__call__
+
+        def recording_masked_store(builder, ptrs, value, mask, cache_modifier, eviction_policy):
+            x, y, z = builder.grid_idx
+            grid_x, grid_y, _ = builder.grid_dim
+            stored = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+            detector.stores.append((stored.ravel(), x + grid_x * (y + grid_y * z)))
+            return masked_store(builder, ptrs, value, mask, cache_modifier, eviction_policy)
+
+        def checked_launch(executor, *args, **kwargs):
+            detector.stores.clear()
+            result = run_launch(executor, *args, **kwargs)
+            detector.check_launch(executor.fn.__name__)
+            return result
+
+        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", recording_masked_store)
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked_launch)
+
+    def check_launch(self, kernel_name: str) -> None:
+        if not self.stores:
+            return
+        addresses = np.concatenate([stored for stored, _ in self.stores])
+        programs = np.concatenate([np.full(stored.size, program, np.uint64) for stored, program in self.stores])
+        self.stores.clear()
+        address_of_each_writer = np.unique(np.stack([addresses, programs]), axis=1)[0]
+        shared, writers = np.unique(address_of_each_writer, return_counts=True)
+        if (writers > 1).any():
+            self.races.append(f"{kernel_name}: {int((writers > 1).sum())} addresses stored by more than one program "
+                              f"(up to {int(writers.max())})")
+
+    def assert_no_races(self) -> None:
+        assert not self.races, "racing stores: " + "; ".join(self.races)

@@ -11,8 +11,8 @@ from rgt_fast.kernels import add_layer_norm as aln
 
 EPS = 1e-5
 NAMES = ("summed", "normed", "d_x", "d_delta", "d_weight", "d_bias")
-# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
-pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
+# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 
 def make_inputs(batch, tokens, channels, strided=False):

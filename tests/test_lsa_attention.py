@@ -24,8 +24,8 @@ from rgt_fast.reference.rgt import LSA  # noqa: E402
 
 SPLIT = [8, 32]
 TABLE_ROWS = 15 * 63
-# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
-pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
+# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 # The PyTorch path is the same device-generic code everywhere; its CPU run under the interpreter covers it.
 pytorch_path_on_cpu = pytest.mark.skipif(DEVICE != "cpu", reason="checks the PyTorch path, run on CPU tensors")

@@ -17,8 +17,8 @@ from official_oracle import load_official_rgt_class
 TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 needs_triton_device = pytest.mark.skipif(
     TRITON_DEVICE is None, reason="backend='triton' needs TRITON_INTERPRET=1 (the default under pytest) or a GPU")
-# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
-pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
+# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 
 def tiny_kwargs(**overrides):

@@ -13,8 +13,8 @@ from numerics import assert_within_flash_attention_bound  # noqa: E402
 
 from rgt_fast.kernels import rgsa_attention as rgsa  # noqa: E402
 
-# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
-pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
+# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 
 @pytest.fixture

@@ -11,8 +11,8 @@ from rgt_fast.kernels import spatial_gate as sg
 from rgt_fast.reference.rgt import SpatialGate
 
 EPS = 1e-5
-# Buffers the kernels fill start as NaN between guard bands: unwritten elements and stray stores show up.
-pytestmark = pytest.mark.usefixtures("guarded_kernel_buffers")
+# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 
 def make_inputs(batch, height, width, channels, dtype=torch.float32, strided=False):
