@@ -25,15 +25,15 @@ def single_thread():
 @pytest.fixture
 def kernel_memory_checks(monkeypatch):
     """Every buffer a kernel fills starts as NaN between NaN guard bands (guards.GuardedBuffers), which must still
-    be NaN after the test; under the interpreter, no two programs of a launch may store to one address
-    (guards.StoreRaceDetector)."""
-    from guards import GuardedBuffers, StoreRaceDetector
+    be NaN after the test; under the interpreter, no address may be stored by one program of a launch and
+    stored or loaded by another (guards.RaceDetector)."""
+    from guards import GuardedBuffers, RaceDetector
 
     from rgt_fast.kernels import _common
 
     buffers = GuardedBuffers()
     monkeypatch.setattr(_common, "kernel_buffer", buffers)
-    races = StoreRaceDetector()
+    races = RaceDetector()
     if _common.INTERPRET:
         races.install(monkeypatch)
     yield

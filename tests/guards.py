@@ -60,49 +60,76 @@ class GuardedBuffers:
                                   f"-element buffer")
 
 
-class StoreRaceDetector:
-    """Under the interpreter, records which program of a launch stores to each address. Programs of one launch
-    run in no defined order on a GPU, so an address stored by two of them holds whichever came last: a race that
-    the interpreter, running programs one after another, would never show as a wrong value."""
+class RaceDetector:
+    """Under the interpreter, records which program of a launch loads and stores each address. Programs of one
+    launch run in no defined order on a GPU, so an address stored by two of them holds whichever came last, and
+    one that a program stores and another loads may be read before or after the store: races that the
+    interpreter, running programs one after another, would never show as a wrong value."""
 
     def __init__(self):
-        self.stores: list[tuple[np.ndarray, int]] = []
+        self.accesses: dict[str, list[tuple[np.ndarray, int]]] = {"load": [], "store": []}
         self.races: list[str] = []
 
     def install(self, monkeypatch) -> None:
         from triton.runtime import interpreter
 
         detector = self
-        masked_store = interpreter.InterpreterBuilder.create_masked_store
+        builder_class = interpreter.InterpreterBuilder
+        masked_load, masked_store = builder_class.create_masked_load, builder_class.create_masked_store
         run_launch = interpreter.GridExecutor.__call__
 
-        def recording_masked_store(builder, ptrs, value, mask, cache_modifier, eviction_policy):
+        def record(kind, builder, ptrs, mask):
             x, y, z = builder.grid_idx
             grid_x, grid_y, _ = builder.grid_dim
-            stored = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
-            detector.stores.append((stored.ravel(), x + grid_x * (y + grid_y * z)))
+            accessed = ptrs.data[np.broadcast_to(mask.data, ptrs.data.shape)]
+            detector.accesses[kind].append((accessed.ravel(), x + grid_x * (y + grid_y * z)))
+
+        def recording_masked_load(builder, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile):
+            record("load", builder, ptrs, mask)
+            return masked_load(builder, ptrs, mask, other, cache_modifier, eviction_policy, is_volatile)
+
+        def recording_masked_store(builder, ptrs, value, mask, cache_modifier, eviction_policy):
+            record("store", builder, ptrs, mask)
             return masked_store(builder, ptrs, value, mask, cache_modifier, eviction_policy)
 
         def checked_launch(executor, *args, **kwargs):
-            detector.stores.clear()
+            for accesses in detector.accesses.values():
+                accesses.clear()
             result = run_launch(executor, *args, **kwargs)
             detector.check_launch(executor.fn.__name__)
             return result
 
-        monkeypatch.setattr(interpreter.InterpreterBuilder, "create_masked_store", recording_masked_store)
+        monkeypatch.setattr(builder_class, "create_masked_load", recording_masked_load)
+        monkeypatch.setattr(builder_class, "create_masked_store", recording_masked_store)
         monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked_launch)
 
+    def _distinct_accesses(self, kind: str) -> np.ndarray:
+        """(2, n) array of distinct (address, program) pairs of one kind, sorted by address."""
+        accesses = self.accesses[kind]
+        self.accesses[kind] = []
+        if not accesses:
+            return np.empty((2, 0), np.uint64)
+        addresses = np.concatenate([accessed for accessed, _ in accesses])
+        programs = np.concatenate([np.full(accessed.size, program, np.uint64) for accessed, program in accesses])
+        return np.unique(np.stack([addresses, programs]), axis=1)
+
     def check_launch(self, kernel_name: str) -> None:
-        if not self.stores:
+        stores = self._distinct_accesses("store")
+        if stores.size == 0:
+            self.accesses["load"] = []
             return
-        addresses = np.concatenate([stored for stored, _ in self.stores])
-        programs = np.concatenate([np.full(stored.size, program, np.uint64) for stored, program in self.stores])
-        self.stores.clear()
-        address_of_each_writer = np.unique(np.stack([addresses, programs]), axis=1)[0]
-        shared, writers = np.unique(address_of_each_writer, return_counts=True)
+        stored, writers = np.unique(stores[0], return_counts=True)
         if (writers > 1).any():
             self.races.append(f"{kernel_name}: {int((writers > 1).sum())} addresses stored by more than one program "
                               f"(up to {int(writers.max())})")
+        loads = self._distinct_accesses("load")
+        loads = loads[:, np.isin(loads[0], stored)]
+        if loads.size:
+            writer = stores[1][np.searchsorted(stores[0], loads[0])]  # the first writer, where several race anyway
+            crossed = loads[1] != writer
+            if crossed.any():
+                self.races.append(f"{kernel_name}: {int(np.unique(loads[0][crossed]).size)} addresses stored by one "
+                                  f"program and loaded by another")
 
     def assert_no_races(self) -> None:
-        assert not self.races, "racing stores: " + "; ".join(self.races)
+        assert not self.races, "racing accesses: " + "; ".join(self.races)

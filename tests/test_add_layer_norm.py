@@ -11,7 +11,7 @@ from rgt_fast.kernels import add_layer_norm as aln
 
 EPS = 1e-5
 NAMES = ("summed", "normed", "d_x", "d_delta", "d_weight", "d_bias")
-# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+# Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from guards import GuardedBuffers, StoreRaceDetector, nan_surrounded
+from guards import GuardedBuffers, RaceDetector, nan_surrounded
 from kernel_device import KERNEL_DEVICE
 
 from rgt_fast.kernels._common import INTERPRET
@@ -17,6 +17,14 @@ def _store_block(out_ptr, n, BLOCK: tl.constexpr, OVERLAP: tl.constexpr, PAST_EN
     tl.store(out_ptr + offsets, offsets.to(tl.float32), mask=offsets < limit)
 
 
+@triton.jit
+def _store_then_copy_block(buffer_ptr, copy_ptr, n, BLOCK: tl.constexpr, READ_SHIFT: tl.constexpr):
+    offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(buffer_ptr + offsets, offsets.to(tl.float32), mask=offsets < n)
+    read = offsets + READ_SHIFT
+    tl.store(copy_ptr + offsets, tl.load(buffer_ptr + read, mask=read < n, other=0.0), mask=offsets < n)
+
+
 def launch(out: torch.Tensor, overlap: int = 0, past_end: int = 0) -> None:
     block = 16
     _store_block[(triton.cdiv(out.numel(), block - overlap),)](out, out.numel(), BLOCK=block, OVERLAP=overlap,
@@ -28,17 +36,30 @@ needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="the store-race det
 
 @needs_interpreter
 @pytest.mark.parametrize("overlap,races", [(0, False), (3, True)])
-def test_store_race_detector_flags_programs_storing_to_one_address(monkeypatch, overlap, races):
-    detector = StoreRaceDetector()
+def test_race_detector_flags_programs_storing_to_one_address(monkeypatch, overlap, races):
+    detector = RaceDetector()
     detector.install(monkeypatch)
     out = torch.empty(50, device=KERNEL_DEVICE)
     launch(out, overlap=overlap)
     assert torch.equal(out, torch.arange(50, dtype=torch.float32))  # the values alone cannot tell
     assert bool(detector.races) == races
     if races:
-        assert "_store_block" in detector.races[0]
-        with pytest.raises(AssertionError, match="racing stores"):
+        assert "_store_block" in detector.races[0] and "stored by more than one program" in detector.races[0]
+        with pytest.raises(AssertionError, match="racing accesses"):
             detector.assert_no_races()
+
+
+@needs_interpreter
+@pytest.mark.parametrize("read_shift,races", [(0, False), (16, True)])
+def test_race_detector_flags_a_load_of_what_another_program_stores(monkeypatch, read_shift, races):
+    """Reading its own stores is ordered within a program; reading the next program's is not."""
+    detector = RaceDetector()
+    detector.install(monkeypatch)
+    buffer, copy = (torch.empty(50, device=KERNEL_DEVICE) for _ in range(2))
+    _store_then_copy_block[(triton.cdiv(50, 16),)](buffer, copy, 50, BLOCK=16, READ_SHIFT=read_shift)
+    assert bool(detector.races) == races
+    if races:
+        assert "stored by one program and loaded by another" in detector.races[0]
 
 
 @pytest.mark.parametrize("past_end", [0, 1])

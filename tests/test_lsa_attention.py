@@ -24,7 +24,7 @@ from rgt_fast.reference.rgt import LSA  # noqa: E402
 
 SPLIT = [8, 32]
 TABLE_ROWS = 15 * 63
-# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+# Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 # The PyTorch path is the same device-generic code everywhere; its CPU run under the interpreter covers it.

@@ -17,7 +17,7 @@ from official_oracle import load_official_rgt_class
 TRITON_DEVICE = "cpu" if INTERPRET else ("cuda" if torch.cuda.is_available() else None)
 needs_triton_device = pytest.mark.skipif(
     TRITON_DEVICE is None, reason="backend='triton' needs TRITON_INTERPRET=1 (the default under pytest) or a GPU")
-# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+# Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 

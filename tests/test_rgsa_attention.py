@@ -13,7 +13,7 @@ from numerics import assert_within_flash_attention_bound  # noqa: E402
 
 from rgt_fast.kernels import rgsa_attention as rgsa  # noqa: E402
 
-# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+# Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 

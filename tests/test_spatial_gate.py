@@ -11,7 +11,7 @@ from rgt_fast.kernels import spatial_gate as sg
 from rgt_fast.reference.rgt import SpatialGate
 
 EPS = 1e-5
-# Unwritten elements, stores outside a buffer and stores racing between programs show up (conftest).
+# Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 
