@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -89,6 +90,18 @@ def triton_runs_on(t: torch.Tensor) -> bool:
 def on_device_of(t: torch.Tensor):
     """Context for launching on ``t``'s GPU: Triton launches on the current CUDA device, which need not be it."""
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+def cached_outside_compile(build):
+    """``functools.cache`` for eager calls; under torch.compile the plain function, which Dynamo traces into the
+    graph (it ignores cache wrappers, with a warning that users would see)."""
+    cached = functools.cache(build)
+
+    @functools.wraps(build)
+    def call(*args):
+        return build(*args) if torch.compiler.is_compiling() else cached(*args)
+
+    return call
 
 
 def score_elements_per_step(device: torch.device) -> int:

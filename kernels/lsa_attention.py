@@ -44,6 +44,7 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    cached_outside_compile,
     next_power_of_2_at_least_16,
     on_device_of,
     score_elements_per_step,
@@ -651,7 +652,7 @@ _lsa_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # Plain-PyTorch path (CPU outside the interpreter, float64, split sizes the kernels do not take)
 # ----------------------------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@cached_outside_compile
 def _relative_position_index(win_rows: int, win_cols: int, device: torch.device) -> torch.Tensor:
     rows = torch.arange(win_rows, device=device).repeat_interleave(win_cols)
     cols = torch.arange(win_cols, device=device).repeat(win_rows)
@@ -659,7 +660,7 @@ def _relative_position_index(win_rows: int, win_cols: int, device: torch.device)
             + cols[:, None] - cols[None, :] + win_cols - 1)
 
 
-@functools.lru_cache(maxsize=None)
+@cached_outside_compile
 def _shift_masks(win_rows: int, win_cols: int, device: torch.device) -> dict:
     """Additive mask of a window by (last window row?, last window column?): interior windows hold one region."""
     def regions(win: int, last: bool) -> torch.Tensor:
