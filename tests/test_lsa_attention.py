@@ -15,6 +15,8 @@ import copy  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
 from guards import nan_surrounded  # noqa: E402
@@ -174,6 +176,24 @@ def test_fp32_matches_reference(case, allow_tf32, whole_window_tiles, monkeypatc
         # The chunked reduction of the table gradient.
         monkeypatch.setattr(lsa, "_score_grad_sum_chunks", three_score_grad_sum_chunks)
     module = make_module(dim, heads, shifted, reso)
+    qkv = torch.randn(batch, H * W, 3 * dim, dtype=torch.float64, device=DEVICE)
+    grad_out = torch.randn(batch, H * W, dim, dtype=torch.float64, device=DEVICE)
+    assert_fp32_matches_reference(module, qkv, H, W, grad_out)
+
+
+@pytest.mark.parametrize("allow_tf32", [True], indirect=True)
+@settings(max_examples=6, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixtures hold across examples
+@given(H=st.integers(1, 40), W=st.integers(1, 40), batch=st.integers(1, 2), shifted=st.booleans(),
+       dim_heads=st.sampled_from([(64, 2), (60, 6)]), seed=st.integers(0, 2**31 - 1))
+def test_fp32_matches_reference_at_any_size(allow_tf32, whole_window_tiles, monkeypatch, H, W, batch, shifted,
+                                            dim_heads, seed):
+    """Sizes drawn by Hypothesis (the same ones every run): maps smaller than a window, one row or column of
+    windows, padding on either axis or both."""
+    monkeypatch.setattr(lsa, "_score_grad_sum_chunks", three_score_grad_sum_chunks)
+    torch.manual_seed(seed)
+    dim, heads = dim_heads
+    module = make_module(dim, heads, shifted, 64)
     qkv = torch.randn(batch, H * W, 3 * dim, dtype=torch.float64, device=DEVICE)
     grad_out = torch.randn(batch, H * W, dim, dtype=torch.float64, device=DEVICE)
     assert_fp32_matches_reference(module, qkv, H, W, grad_out)
