@@ -14,3 +14,10 @@ elif torch.cuda.is_available():
 else:
     pytest.skip("rgt_fast.kernels was imported without TRITON_INTERPRET=1 and there is no GPU: run pytest with "
                 "TRITON_INTERPRET=1 set in the environment", allow_module_level=True)
+
+
+def drawn_shapes(examples_in_the_interpreter: int) -> int:
+    """How many Hypothesis-drawn shapes a kernel property test runs. Compiled, every new head dim or channel
+    count is a new kernel build (seconds each), and the lent GPUs' minutes are few: there a sample runs, and
+    the interpreter covers the whole list."""
+    return examples_in_the_interpreter if KERNEL_DEVICE == "cpu" else max(2, examples_in_the_interpreter // 6)

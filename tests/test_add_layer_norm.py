@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from guards import nan_surrounded
-from kernel_device import KERNEL_DEVICE
+from kernel_device import KERNEL_DEVICE, drawn_shapes
 from numerics import assert_fp32_close_to_exact, assert_within_flash_attention_bound
 from rgt_fast.kernels import add_layer_norm as aln
 
@@ -79,7 +79,7 @@ def test_fp32_matches_float64_reference(batch, tokens, channels, strided):
         assert_fp32_close_to_exact(g, w, name)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True,
+@settings(max_examples=drawn_shapes(25), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixtures hold across examples
 @given(batch=st.integers(1, 3), tokens=st.integers(1, 200), channels=st.integers(2, 300), strided=st.booleans(),
        seed=st.integers(0, 2**31 - 1))

@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
+from kernel_device import drawn_shapes  # noqa: E402
 from guards import nan_surrounded  # noqa: E402
 from numerics import assert_within_flash_attention_bound  # noqa: E402
 
@@ -97,7 +98,7 @@ def test_fp32_matches_float64_oracle(batch, queries, keys, heads, dqk, dv, chunk
 
 
 @pytest.mark.parametrize("tf32_matmuls", [False], indirect=True)
-@settings(max_examples=30, deadline=None, derandomize=True,
+@settings(max_examples=drawn_shapes(30), deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixtures hold across examples
 @given(batch=st.integers(1, 3), queries=st.integers(1, 300), keys=st.integers(1, 90), heads=st.integers(1, 3),
        dqk=st.integers(1, 40), dv=st.integers(1, 72), chunk=st.sampled_from([None, 16, 48]),
