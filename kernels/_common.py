@@ -148,6 +148,14 @@ def token_offsets(tokens, tokens_per_image, stride_b, stride_n):
 
 
 @triton.jit
+def tile_offsets(tokens, channels, tokens_per_image, stride_b, stride_n, stride_c):
+    """(tokens, channels) element offsets of a (B, N, C) tensor, 64-bit throughout: with a channel stride other
+    than 1 (a channel-major view) the channel term alone passes 2**31 on large images."""
+    return (token_offsets(tokens, tokens_per_image, stride_b, stride_n)[:, None]
+            + channels.to(tl.int64)[None, :] * stride_c)
+
+
+@triton.jit
 def normalise_rows(values, valid, eps, CHANNELS: tl.constexpr):
     """LayerNorm of each row of the fp32 tile ``values`` over its ``valid`` lanes (zeros elsewhere, which the
     sums then ignore): (mean, normalised rows, 1 / std)."""

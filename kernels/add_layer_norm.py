@@ -34,7 +34,7 @@ from ._common import (
     normalise_rows,
     on_device_of,
     rows_per_tile,
-    token_offsets,
+    tile_offsets,
     triton_runs_on,
 )
 
@@ -61,11 +61,11 @@ def _add_norm_forward_kernel(
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
     valid = row_valid[:, None] & channel_valid[None, :]
-    x = tl.load(x_ptr + token_offsets(rows, rows_per_image, stride_xb, stride_xn)[:, None]
-                + channels[None, :] * stride_xc, mask=valid, other=0.0)
+    x = tl.load(x_ptr + tile_offsets(rows, channels, rows_per_image, stride_xb, stride_xn, stride_xc),
+                mask=valid, other=0.0)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + token_offsets(rows, rows_per_image, stride_db, stride_dn)[:, None]
-                        + channels[None, :] * stride_dc, mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + tile_offsets(rows, channels, rows_per_image, stride_db, stride_dn, stride_dc),
+                        mask=valid, other=0.0)
         # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
         summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
         tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :], summed, mask=valid)
@@ -106,15 +106,15 @@ def _add_norm_backward_kernel(
         mean = tl.load(mean_ptr + rows, mask=row_valid, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_valid, other=0.0)
         x_hat = tl.where(valid, (summed - mean[:, None]) * rstd[:, None], 0.0)
-        dnormed = tl.load(dnormed_ptr + token_offsets(rows, rows_per_image, stride_gb, stride_gn)[:, None]
-                          + channels[None, :] * stride_gc, mask=valid, other=0.0).to(tl.float32)
+        dnormed = tl.load(dnormed_ptr + tile_offsets(rows, channels, rows_per_image, stride_gb, stride_gn, stride_gc),
+                          mask=valid, other=0.0).to(tl.float32)
         weight_partial += tl.sum(dnormed * x_hat, axis=0)
         bias_partial += tl.sum(dnormed, axis=0)
         dx_hat = dnormed * weight[None, :]
         dtotal = layer_norm_input_grad(dx_hat, x_hat, rstd, CHANNELS)
         if HAS_DSUMMED:
-            dtotal += tl.load(dsummed_ptr + token_offsets(rows, rows_per_image, stride_sb, stride_sn)[:, None]
-                              + channels[None, :] * stride_sc, mask=valid, other=0.0).to(tl.float32)
+            dsummed_offsets = tile_offsets(rows, channels, rows_per_image, stride_sb, stride_sn, stride_sc)
+            dtotal += tl.load(dsummed_ptr + dsummed_offsets, mask=valid, other=0.0).to(tl.float32)
         tl.store(dx_ptr + contiguous, dtotal.to(dx_ptr.dtype.element_ty), mask=valid)
         if WRITE_DDELTA:
             tl.store(ddelta_ptr + contiguous, dtotal.to(ddelta_ptr.dtype.element_ty), mask=valid)

@@ -26,7 +26,8 @@ Design:
   - Otherwise a separate dQ kernel (one program per query block, looping over all keys: no races) computes
     delta and dQ, and stores delta for the dK/dV kernel.
 * Head dims of any size (15/30 in RGT) are padded to a power-of-two tile >= 16 inside the kernels with masked
-  loads; nothing is padded in memory. q, k, v and dO are read through their strides: they may be any views.
+  loads; nothing is padded in memory. q, k, v and dO are read through their strides: they may be any views
+  (those whose strides would overflow 32-bit in-tile offsets are copied first).
 * Tiles are a fixed function of N' and the operand precision (no autotuning), because the query chunking,
   and with it the bitwise value of dK and dV, must not depend on timing. ``aot_variants()`` lists every tile
   configuration the launchers can pick, for ``python -m rgt_fast.kernels.report``.
@@ -84,6 +85,12 @@ _TILE_TABLE = {
     ("dkdv", "tf32"): ((16, 16, 1, 2), (32, 32, 4, 1)),
     ("dkdv", "ieee"): ((32, 16, 4, 1), (32, 16, 4, 1)),
 }
+# The kernels add 32-bit in-tile offsets (a row index times the row stride plus a head-dim index times its
+# stride) to 64-bit bases per batch, head and query block: 64-bit tiles of offsets made some configs spill.
+# Views whose strides would take those offsets past 2**31 (channel-major views of very large maps) are read
+# from compact copies instead; see _compact_if_tile_offsets_overflow.
+_MAX_QUERY_TILE_ROWS = max(tiles[0] for pair in _TILE_TABLE.values() for tiles in pair)
+_MAX_KEY_TILE_COLS = max(tiles[1] for pair in _TILE_TABLE.values() for tiles in pair)
 _SUM_PARTIALS_NUM_WARPS = 4
 _SUM_PARTIALS_NUM_STAGES = 2
 # tl.dot's input_precision only changes fp32 operands; 16-bit ones get Triton's default.
@@ -392,6 +399,12 @@ def _tiles(kernel: str, num_keys: int, operand_precision: str) -> _Tiles:
     return _Tiles(block_m, min(max_block_n, next_power_of_2_at_least_16(num_keys)), num_warps, num_stages)
 
 
+def _compact_if_tile_offsets_overflow(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` if every in-tile offset of ``rows`` rows of it fits in 32 bits, else a contiguous copy."""
+    largest = (rows - 1) * abs(t.stride(1)) + (_MAX_HEAD_DIM - 1) * abs(t.stride(3))
+    return t if largest < 2**31 else t.contiguous()
+
+
 def _query_chunking(num_queries: int, work_per_chunk: int, block_m: int, requested_chunk_len: int) -> tuple[int, int]:
     """Chunk length (a multiple of block_m) and chunk count for the dK/dV partial sums.
 
@@ -433,6 +446,7 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len: int):
+    dout = _compact_if_tile_offsets_overflow(dout, _MAX_QUERY_TILE_ROWS)
     batch, num_queries, num_heads, dqk = q.shape
     num_keys, dv = k.shape[1], v.shape[3]
     dq = _common.kernel_buffer(q.shape, dtype=q.dtype, device=q.device)
@@ -631,6 +645,8 @@ def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
                              f"Dqk={q.shape[3]}, Dv={v.shape[3]}; use rgsa_attention_torch for larger heads.")
         if backward_query_chunk is not None and backward_query_chunk < 1:
             raise ValueError(f"rgsa_attention: backward_query_chunk must be >= 1, got {backward_query_chunk}.")
+        q = _compact_if_tile_offsets_overflow(q, _MAX_QUERY_TILE_ROWS)
+        k, v = (_compact_if_tile_offsets_overflow(t, t.shape[1] + _MAX_KEY_TILE_COLS) for t in (k, v))
         if torch.compiler.is_compiling():
             out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), backward_query_chunk or 0)
             return out

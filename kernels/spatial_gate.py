@@ -43,7 +43,7 @@ from ._common import (
     on_device_of,
     rows_per_tile,
     tokens_as_image,
-    token_offsets,
+    tile_offsets,
     triton_runs_on,
 )
 
@@ -107,8 +107,8 @@ def _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, t
     """GELU of the second half of ``hidden`` for a tile of tokens, normalised per token: (x_hat, rstd, x)."""
     channel_valid = channels < CHANNELS
     valid = token_valid[:, None] & channel_valid[None, :]
-    x = tl.load(hidden_ptr + token_offsets(tokens, tokens_per_image, stride_hb, stride_hn)[:, None]
-                + (CHANNELS + channels[None, :]) * stride_hc, mask=valid, other=0.0).to(tl.float32)
+    second_half = tile_offsets(tokens, CHANNELS + channels, tokens_per_image, stride_hb, stride_hn, stride_hc)
+    x = tl.load(hidden_ptr + second_half, mask=valid, other=0.0).to(tl.float32)
     _, x_hat, rstd = normalise_rows(_gelu(x), valid, eps, CHANNELS)
     return x_hat, rstd, x
 
@@ -163,8 +163,8 @@ def _gate_conv_kernel(
     conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                            channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
     valid = token_valid[:, None] & channel_valid[None, :]
-    first_half = tl.load(hidden_ptr + token_offsets(tokens, tokens_per_image, stride_hb, stride_hn)[:, None]
-                         + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
+    first_half = tl.load(hidden_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc),
+                         mask=valid, other=0.0).to(tl.float32)
     tl.store(out_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :],
              (_gelu(first_half) * conv).to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -192,10 +192,10 @@ def _gate_conv_backward_kernel(
         conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                                channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
         row, column = _pixel_of(tokens, tokens_per_image, width)
-        first_half = tl.load(hidden_ptr + token_offsets(tokens, tokens_per_image, stride_hb, stride_hn)[:, None]
-                             + channels[None, :] * stride_hc, mask=valid, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + token_offsets(tokens, tokens_per_image, stride_ob, stride_on)[:, None]
-                       + channels[None, :] * stride_oc, mask=valid, other=0.0).to(tl.float32)
+        first_half_offsets = tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc)
+        first_half = tl.load(hidden_ptr + first_half_offsets, mask=valid, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_ob, stride_on, stride_oc),
+                       mask=valid, other=0.0).to(tl.float32)
         dfirst = dout * conv * _gelu_grad(first_half)
         tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + channels[None, :],
                  dfirst.to(dhidden_ptr.dtype.element_ty), mask=valid)
