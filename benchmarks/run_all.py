@@ -26,7 +26,8 @@ BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.
 # A benchmark given less than this would only record its own timeout.
 _MIN_SCRIPT_SECONDS = 30
 CUDA_TESTS = ("tests/test_kernel_casts.py", "tests/test_rgsa_attention.py", "tests/test_lsa_attention.py",
-              "tests/test_spatial_gate.py", "tests/test_add_layer_norm.py", "tests/test_model.py")
+              "tests/test_spatial_gate.py", "tests/test_add_layer_norm.py", "tests/test_model.py",
+              "tests/test_large_offsets.py", "tests/test_guards.py")
 
 
 def _environment() -> dict:
