@@ -56,8 +56,7 @@ class GuardedBuffers:
         for storage, guard, numel in self.allocations:
             before, after = storage[:guard], storage[guard + numel:]
             written = int((~torch.isnan(before)).sum()) + int((~torch.isnan(after)).sum())
-            assert written == 0, (f"a kernel wrote {written} elements outside its {tuple(storage.shape)[0] - 2 * guard}"
-                                  f"-element buffer")
+            assert written == 0, f"a kernel wrote {written} elements outside its {numel}-element buffer"
 
 
 class RaceDetector:
