@@ -405,6 +405,12 @@ def _compact_if_tile_offsets_overflow(t: torch.Tensor, rows: int) -> torch.Tenso
     return t if largest < 2**31 else t.contiguous()
 
 
+def _kernel_readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """q, k and v as both launchers hand them to the kernels (keys are indexed from the map's first row)."""
+    return (_compact_if_tile_offsets_overflow(q, _MAX_QUERY_TILE_ROWS),
+            *(_compact_if_tile_offsets_overflow(t, t.shape[1] + _MAX_KEY_TILE_COLS) for t in (k, v)))
+
+
 def _query_chunking(num_queries: int, work_per_chunk: int, block_m: int, requested_chunk_len: int) -> tuple[int, int]:
     """Chunk length (a multiple of block_m) and chunk count for the dK/dV partial sums.
 
@@ -424,6 +430,7 @@ def _head_dim_constexprs(dqk: int, dv: int) -> dict:
 
 
 def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    q, k, v = _kernel_readable(q, k, v)
     batch, num_queries, num_heads, dqk = q.shape
     num_keys, dv = k.shape[1], v.shape[3]
     out = _common.kernel_buffer((batch, num_queries, num_heads, dv), dtype=q.dtype, device=q.device)
@@ -446,6 +453,7 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
 
 
 def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len: int):
+    q, k, v = _kernel_readable(q, k, v)
     dout = _compact_if_tile_offsets_overflow(dout, _MAX_QUERY_TILE_ROWS)
     batch, num_queries, num_heads, dqk = q.shape
     num_keys, dv = k.shape[1], v.shape[3]
@@ -645,8 +653,6 @@ def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
                              f"Dqk={q.shape[3]}, Dv={v.shape[3]}; use rgsa_attention_torch for larger heads.")
         if backward_query_chunk is not None and backward_query_chunk < 1:
             raise ValueError(f"rgsa_attention: backward_query_chunk must be >= 1, got {backward_query_chunk}.")
-        q = _compact_if_tile_offsets_overflow(q, _MAX_QUERY_TILE_ROWS)
-        k, v = (_compact_if_tile_offsets_overflow(t, t.shape[1] + _MAX_KEY_TILE_COLS) for t in (k, v))
         if torch.compiler.is_compiling():
             out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), backward_query_chunk or 0)
             return out
