@@ -4,6 +4,7 @@ Import it after TRITON_INTERPRET is set (conftest sets it unless the environment
 """
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
 
 from rgt_fast.kernels._common import INTERPRET
 
@@ -16,8 +17,11 @@ else:
                 "TRITON_INTERPRET=1 set in the environment", allow_module_level=True)
 
 
-def drawn_shapes(examples_in_the_interpreter: int) -> int:
-    """How many Hypothesis-drawn shapes a kernel property test runs. Compiled, every new head dim or channel
-    count is a new kernel build (seconds each), and the lent GPUs' minutes are few: there a sample runs, and
-    the interpreter covers the whole list."""
-    return examples_in_the_interpreter if KERNEL_DEVICE == "cpu" else max(2, examples_in_the_interpreter // 6)
+def drawn_shapes(examples_in_the_interpreter: int) -> settings:
+    """Hypothesis settings of a kernel property test: fixed examples (the same every run), no deadline, and the
+    test's fixtures held across examples. Compiled, every new head dim or channel count is a new kernel build
+    (seconds each), and the lent GPUs' minutes are few: there a sample runs, and the interpreter covers the
+    whole list."""
+    examples = examples_in_the_interpreter if KERNEL_DEVICE == "cpu" else max(2, examples_in_the_interpreter // 6)
+    return settings(max_examples=examples, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])

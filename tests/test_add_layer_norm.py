@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from guards import nan_surrounded
@@ -79,8 +79,7 @@ def test_fp32_matches_float64_reference(batch, tokens, channels, strided):
         assert_fp32_close_to_exact(g, w, name)
 
 
-@settings(max_examples=drawn_shapes(25), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixtures hold across examples
+@drawn_shapes(25)
 @given(batch=st.integers(1, 3), tokens=st.integers(1, 200), channels=st.integers(2, 300), strided=st.booleans(),
        seed=st.integers(0, 2**31 - 1))
 def test_fp32_matches_float64_reference_at_any_shape(batch, tokens, channels, strided, seed):
@@ -225,8 +224,7 @@ def test_bad_eps_is_rejected(eps):
 
 def run_layer_norm(fn, x, weight, bias, grad, dtypes):
     leaves = [t.detach().to(d).requires_grad_() for t, d in zip((x, weight, bias), dtypes)]
-    x, weight, bias = leaves
-    out = fn(*guarded(x, weight, bias))
+    out = fn(*guarded(*leaves))
     out.backward(nan_surrounded(grad.to(out.dtype)))
     return [out.detach()] + [t.grad for t in leaves]
 

@@ -15,7 +15,7 @@ import copy  # noqa: E402
 import warnings  # noqa: E402
 
 import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 import torch  # noqa: E402
 from kernel_device import KERNEL_DEVICE as DEVICE  # noqa: E402
@@ -183,8 +183,7 @@ def test_fp32_matches_reference(case, allow_tf32, whole_window_tiles, monkeypatc
 
 
 @pytest.mark.parametrize("allow_tf32", [True], indirect=True)
-@settings(max_examples=drawn_shapes(6), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixtures hold across examples
+@drawn_shapes(6)
 @given(H=st.integers(1, 40), W=st.integers(1, 40), batch=st.integers(1, 2), shifted=st.booleans(),
        dim_heads=st.sampled_from([(64, 2), (60, 6)]), seed=st.integers(0, 2**31 - 1))
 def test_fp32_matches_reference_at_any_size(allow_tf32, whole_window_tiles, monkeypatch, H, W, batch, shifted,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from guards import nan_surrounded
@@ -99,8 +99,7 @@ def test_fp32_matches_float64_reference_modules(batch, height, width, channels, 
         assert_fp32_close_to_exact(g, w, name)
 
 
-@settings(max_examples=drawn_shapes(15), deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # the fixtures hold across examples
+@drawn_shapes(15)
 @given(batch=st.integers(1, 3), height=st.integers(1, 20), width=st.integers(1, 20), channels=st.integers(2, 100),
        strided=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_fp32_matches_float64_reference_modules_at_any_shape(batch, height, width, channels, strided, seed):
