@@ -5,12 +5,15 @@ import argparse
 import contextlib
 import json
 import os
+from pathlib import Path
 from typing import Callable, Iterable
 
 # Timing the interpreter would be meaningless, and it must be off before triton is first imported.
 os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
+
+from rgt_fast.files import write_atomically  # noqa: E402
 
 
 def measure(step, leaves, rep_ms):
@@ -122,8 +125,12 @@ def benchmark_main(argv: list[str] | None, doc: str, script: str, quick_shapes: 
     for row in make_rows(args.quick, 50 if args.quick else 200):
         rows.append(row)
         print(describe(row), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, f,
-                      indent=1)
+        if args.json:
+            write_rows(args.json, {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows})
     return rows
+
+
+def write_rows(path: str, payload: dict) -> None:
+    """Replace the JSON at ``path`` with ``payload``; called after every row, so that a benchmark stopped by
+    its time limit still leaves the rows it measured."""
+    write_atomically((json.dumps(payload, indent=1) + "\n").encode(), Path(path))

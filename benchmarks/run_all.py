@@ -3,8 +3,9 @@
     python benchmarks/run_all.py [--tests [--tests-budget SECONDS]] [--quick] [--budget SECONDS] [--out DIR]
                                  [--results-dir DIR]
 
-Each benchmark script is run in its own process with ``--json``; a script that fails or times out is
-recorded with its exit code and the tail of its output, and the others still run. The result file is
+Each benchmark script is run in its own process with ``--json``, within its share of the time left (see
+SHARE_WEIGHTS); a script that fails or times out is recorded with its exit code, the rows it wrote before it
+stopped, and the tail of its output, and the others still run. The result file is
 ``benchmarks/results/<device>-<date>.json`` (and a copy in ``--out``), with device, versions and commit.
 """
 from __future__ import annotations
@@ -23,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 # Most important first: a run that the --budget cuts short keeps the issues' headline figures.
 BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.py", "bench_spatial_gate.py",
               "bench_add_layer_norm.py")
+# Each script's share of the time left when it starts, against the scripts still to run (others weigh 1), so that
+# no early script can take the whole budget; what a script leaves unused passes on to the next ones. The weights
+# follow the work: L-SA compiles FlexAttention at every shape, the model runs two networks at five points.
+SHARE_WEIGHTS = {"bench_rgsa_attention.py": 2, "bench_lsa_attention.py": 3, "bench_model.py": 3}
 # A benchmark given less than this would only record its own timeout.
 _MIN_SCRIPT_SECONDS = 30
 CUDA_TESTS = ("tests/test_kernel_casts.py", "tests/test_rgsa_attention.py", "tests/test_lsa_attention.py",
@@ -98,18 +103,21 @@ def main(argv: list[str] | None = None) -> int:
                                           "summary": summary[-1] if summary else output[-2000:],
                                           "failures": failures[:50]}
             save()
-    for script in BENCHMARKS:
+    for position, script in enumerate(BENCHMARKS):
         if time_left() < _MIN_SCRIPT_SECONDS:
             report["benchmarks"][script] = {"skipped": "the --budget ran out before it could start"}
             continue
+        weights = [SHARE_WEIGHTS.get(Path(name).name, 1) for name in BENCHMARKS[position:]]
+        share = max(_MIN_SCRIPT_SECONDS, time_left() * weights[0] / sum(weights))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "result.json"
             cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--json", str(path)]
-            code, output, seconds = run(cmd + (["--quick"] if args.quick else []), timeout=time_left(), env=env)
+            code, output, seconds = run(cmd + (["--quick"] if args.quick else []), timeout=min(share, time_left()),
+                                        env=env)
             entry = {"exit_code": code, "seconds": round(seconds, 1)}
             if path.exists():
                 entry["results"] = json.loads(path.read_text())
-            else:
+            if code != 0 or not path.exists():
                 entry["output_tail"] = output[-3000:]
             report["benchmarks"][script] = entry
         save()

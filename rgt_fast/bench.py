@@ -145,6 +145,37 @@ def _dtype_label(dtype: torch.dtype | None) -> str:
     return "fp32" if dtype in (None, torch.float32) else str(dtype).replace("torch.", "")
 
 
+def _out_of_memory(err: torch.cuda.OutOfMemoryError) -> str:
+    return f"out of memory: {str(err).splitlines()[0][:200]}"
+
+
+def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+             iters: int) -> dict:
+    """Fill ``row`` with the first result, median ms and peak MB of each of the "reference" and "fused" calls.
+
+    A model that runs out of memory gets a ``<model>_error`` entry and the other is still measured: at the largest
+    sizes the reference is expected not to fit, and the fused model's figures are the point of the row.
+    Returns the first results of the models that ran.
+    """
+    firsts, fitting = {}, {}
+    for label, call in name_to_call.items():
+        try:
+            firsts[label] = call()
+            fitting[label] = call
+        except torch.cuda.OutOfMemoryError as err:
+            row[f"{label}_error"] = _out_of_memory(err)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    medians = interleaved_median_ms(list(fitting.values()), warmup, iters, device)
+    for label, median in zip(fitting, medians):
+        row[f"{label}_ms"] = median
+    if len(fitting) == len(name_to_call):
+        row["speedup"] = row["reference_ms"] / row["fused_ms"]
+    for label, call in fitting.items():
+        row[f"{label}_peak_mb"] = peak_mb(call, device)
+    return firsts
+
+
 def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: int, iters: int) -> dict:
     device = x.device
 
@@ -156,17 +187,13 @@ def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: i
 
     reference.eval()
     fused.eval()
-    out_ref, out_fused = runner(reference)(), runner(fused)()
-    row = {"name": name, "mode": "inference", "shape": list(x.shape),
-           "dtype": _dtype_label(dtype),
-           "max_abs_err": (out_ref.float() - out_fused.float()).abs().max().item()}
-    del out_ref, out_fused
-    row["reference_ms"], row["fused_ms"] = interleaved_median_ms([runner(reference), runner(fused)], warmup, iters,
-                                                                 device)
-    row["speedup"] = row["reference_ms"] / row["fused_ms"]
-    row["reference_peak_mb"] = peak_mb(runner(reference), device)
-    row["fused_peak_mb"] = peak_mb(runner(fused), device)
-    row["fused_tflops"] = model_flops(fused, x.shape[-2], x.shape[-1]) * x.shape[0] / row["fused_ms"] / 1e9
+    row = {"name": name, "mode": "inference", "shape": list(x.shape), "dtype": _dtype_label(dtype)}
+    outputs = _compare(row, {"reference": runner(reference), "fused": runner(fused)}, device, warmup, iters)
+    if len(outputs) == 2:
+        row["max_abs_err"] = (outputs["reference"].float() - outputs["fused"].float()).abs().max().item()
+    del outputs
+    if "fused_ms" in row:
+        row["fused_tflops"] = model_flops(fused, x.shape[-2], x.shape[-1]) * x.shape[0] / row["fused_ms"] / 1e9
     return row
 
 
@@ -185,34 +212,35 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
                 loss = torch.nn.functional.l1_loss(model(x).float(), target)
             loss.backward()
             optimizer.step()
-            return loss
+            return loss.item()
         return step
+
+    def seeded(step):
+        # Both models' first steps see the same random state, so that their losses are comparable.
+        def first_step():
+            torch.manual_seed(0)
+            return step()
+        return first_step
 
     reference.train()
     fused.train()
-    torch.manual_seed(0)
-    loss_ref = stepper(reference)()
-    torch.manual_seed(0)
-    loss_fused = stepper(fused)()
-    row = {"name": name, "mode": "train", "shape": list(x.shape),
-           "dtype": _dtype_label(dtype),
-           "max_abs_err": abs(loss_ref.item() - loss_fused.item())}
-    row["reference_ms"], row["fused_ms"] = interleaved_median_ms([stepper(reference), stepper(fused)], warmup,
-                                                                 iters, device)
-    row["speedup"] = row["reference_ms"] / row["fused_ms"]
-    row["reference_it_per_s"] = 1000.0 / row["reference_ms"]
-    row["fused_it_per_s"] = 1000.0 / row["fused_ms"]
-    row["reference_peak_mb"] = peak_mb(stepper(reference), device)
-    row["fused_peak_mb"] = peak_mb(stepper(fused), device)
+    row = {"name": name, "mode": "train", "shape": list(x.shape), "dtype": _dtype_label(dtype)}
+    steps = {"reference": stepper(reference), "fused": stepper(fused)}
+    losses = _compare(row, {label: seeded(step) for label, step in steps.items()}, device, warmup, iters)
+    if len(losses) == 2:
+        row["max_abs_err"] = abs(losses["reference"] - losses["fused"])
+    for label in losses:
+        row[f"{label}_it_per_s"] = 1000.0 / row[f"{label}_ms"]
     return row
 
 
 def guarded(rows: list, row_fn: Callable[..., dict], name: str, *args) -> None:
-    """Run one row; an out-of-memory error becomes a row that says so, and the others still run."""
+    """Run one row; an out-of-memory error outside the models' own runs (building inputs, say) becomes a row that
+    says so, and the other rows still run."""
     try:
         rows.append(row_fn(name, *args))
     except torch.cuda.OutOfMemoryError as err:
-        rows.append({"name": name, "error": f"out of memory: {str(err).splitlines()[0][:200]}"})
+        rows.append({"name": name, "error": _out_of_memory(err)})
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -331,12 +359,18 @@ def format_table(rows: list[dict]) -> str:
     header = (f"{'name':<40} {'reference ms':>12} {'fused ms':>10} {'speedup':>8} {'max abs err':>12} "
               f"{'peak MB ref/fused':>18}")
     lines = [header, "-" * len(header)]
+
+    def cell(row: dict, key: str, spec: str) -> str:
+        return "-" if row.get(key) is None else format(row[key], spec)
+
     for row in rows:
         if "error" in row:
             lines.append(f"{row['name']:<40} {row['error']}")
             continue
-        memory = ("" if row.get("reference_peak_mb") is None
-                  else f"{row['reference_peak_mb']:.0f}/{row['fused_peak_mb']:.0f}")
-        lines.append(f"{row['name']:<40} {row['reference_ms']:>12.2f} {row['fused_ms']:>10.2f} "
-                     f"{row['speedup']:>7.2f}x {row['max_abs_err']:>12.2e} {memory:>18}")
+        memory = f"{cell(row, 'reference_peak_mb', '.0f')}/{cell(row, 'fused_peak_mb', '.0f')}"
+        speedup = "-" if row.get("speedup") is None else f"{row['speedup']:.2f}x"
+        lines.append(f"{row['name']:<40} {cell(row, 'reference_ms', '.2f'):>12} {cell(row, 'fused_ms', '.2f'):>10} "
+                     f"{speedup:>8} {cell(row, 'max_abs_err', '.2e'):>12} {memory:>18}")
+        lines.extend(f"{'':<40} {label}: {row[f'{label}_error']}" for label in ("reference", "fused")
+                     if f"{label}_error" in row)
     return "\n".join(lines)

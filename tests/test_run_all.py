@@ -1,6 +1,7 @@
 """benchmarks/run_all.py: per-script results, timeouts and the --budget, with the JSON saved after every step."""
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,8 @@ def test_each_script_is_recorded_and_a_failure_does_not_stop_the_others(run_all,
 def test_budget_times_out_the_running_script_and_skips_the_rest(run_all, monkeypatch, tmp_path):
     scripts = write_scripts(tmp_path, fast=FAST_SCRIPT, slow=SLOW_SCRIPT, never=FAST_SCRIPT)
     monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    # The slow script's share is then all the time left, so it runs into the budget itself.
+    monkeypatch.setattr(run_all, "SHARE_WEIGHTS", {Path(scripts[1]).name: 1000})
     monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
     assert run_all.main(["--budget", "6", "--results-dir", str(tmp_path / "results")]) == 1
     benchmarks = read_report(tmp_path / "results")["benchmarks"]
@@ -105,3 +108,52 @@ def test_each_test_file_is_recorded_and_the_test_budget_skips_the_rest(run_all, 
     assert "skipped" in never
     # The benchmarks still run after the tests used up their share.
     assert all(entry["exit_code"] == 0 for entry in report["benchmarks"].values())
+
+
+ROW_THEN_HANG_SCRIPT = """
+import argparse, json, time
+parser = argparse.ArgumentParser()
+parser.add_argument("--json")
+args = parser.parse_args()
+with open(args.json, "w") as f:
+    json.dump({"rows": [{"name": "measured before the hang"}]}, f)
+print("first row done", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_script_stopped_by_its_share_keeps_its_rows_and_leaves_time_to_the_others(run_all, monkeypatch, tmp_path):
+    scripts = write_scripts(tmp_path, hangs=ROW_THEN_HANG_SCRIPT, fast=FAST_SCRIPT, also_fast=FAST_SCRIPT)
+    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    monkeypatch.setattr(run_all, "SHARE_WEIGHTS", {Path(scripts[0]).name: 2})
+    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
+    assert run_all.main(["--budget", "24", "--results-dir", str(tmp_path / "results")]) == 1
+    hangs, fast, also_fast = (read_report(tmp_path / "results")["benchmarks"][s] for s in scripts)
+    # Weights 2, 1, 1: the first script may use half of the 24 s, not the whole budget.
+    assert hangs["exit_code"] == 124 and 10 <= hangs["seconds"] <= 14
+    assert hangs["results"] == {"rows": [{"name": "measured before the hang"}]}
+    assert "first row done" in hangs["output_tail"]
+    assert fast["exit_code"] == 0 and also_fast["exit_code"] == 0
+
+
+def test_kernel_benchmarks_write_their_rows_as_they_go(monkeypatch, tmp_path):
+    """A benchmark stopped part-way (its share of time running out) has already written the rows it measured."""
+    monkeypatch.syspath_prepend(str(RUN_ALL_PATH.parent))
+    # Importing it turns Triton's interpreter off for the process; monkeypatch puts the setting back afterwards.
+    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    import kernel_timing
+
+    monkeypatch.setattr(kernel_timing.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernel_timing.torch.cuda, "get_device_name", lambda: "a GPU")
+    path = tmp_path / "rows.json"
+
+    def make_rows(quick, rep_ms):
+        yield {"name": "first"}
+        assert json.loads(path.read_text())["rows"] == [{"name": "first"}]
+        yield {"name": "second"}
+        raise TimeoutError("stopped here")
+
+    with pytest.raises(TimeoutError):
+        kernel_timing.benchmark_main(["--json", str(path)], "doc", "a benchmark", ("first",), make_rows, str)
+    saved = json.loads(path.read_text())
+    assert saved["device"] == "a GPU" and saved["rows"] == [{"name": "first"}, {"name": "second"}]
