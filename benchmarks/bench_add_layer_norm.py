@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 
-from kernel_timing import benchmark_main, format_row, time_fused_and_reference  # first: interpreter off
+from kernel_timing import DEVICE, benchmark_main, format_row, time_fused_and_reference  # first: interpreter off
 import torch
 
 from rgt_fast.kernels.add_layer_norm import add_layer_norm, layer_norm
@@ -35,12 +35,12 @@ QUICK_SHAPES = ("train", "infer-b8-128")
 def run_row(name, batch, tokens, dtype, with_backward, rep_ms, with_add=True):
     row = {"name": f"{name} {'add+norm' if with_add else 'norm'}", "shape": f"B={batch} N={tokens} C={CHANNELS}",
            "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd" if with_backward else "fwd"}
-    norm = torch.nn.LayerNorm(CHANNELS).cuda()
+    norm = torch.nn.LayerNorm(CHANNELS).to(DEVICE)
     with torch.no_grad():
         norm.weight.add_(0.1 * torch.randn_like(norm.weight))
         norm.bias.add_(0.1 * torch.randn_like(norm.bias))
-    x = torch.randn(batch, tokens, CHANNELS, device="cuda", requires_grad=with_backward)
-    attended = torch.randn(batch, tokens, CHANNELS, device="cuda", dtype=dtype, requires_grad=with_backward)
+    x = torch.randn(batch, tokens, CHANNELS, device=DEVICE, requires_grad=with_backward)
+    attended = torch.randn(batch, tokens, CHANNELS, device=DEVICE, dtype=dtype, requires_grad=with_backward)
     # Each implementation returns the tensors the block goes on with; the normalised one last, in the dtype the
     # next matmul reads (under autocast the reference's cast is part of what it costs).
     if with_add:
@@ -57,7 +57,7 @@ def run_row(name, batch, tokens, dtype, with_backward, rep_ms, with_add=True):
         implementations = {"fused": lambda: (layer_norm(x, norm.weight, norm.bias, norm.eps),),
                            "reference": lambda: (norm(x).to(dtype),)}
         grad_dtypes = (dtype,)
-    grads = [torch.randn(batch, tokens, CHANNELS, device="cuda", dtype=d) for d in grad_dtypes]
+    grads = [torch.randn(batch, tokens, CHANNELS, device=DEVICE, dtype=d) for d in grad_dtypes]
     if not with_backward:
         leaves, grads = [x], None
     return time_fused_and_reference(row, implementations, leaves, grads, dtype, rep_ms)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from kernel_timing import benchmark_main, measure  # first: it turns Triton's interpreter off
+from kernel_timing import DEVICE, benchmark_main, measure  # first: it turns Triton's interpreter off
 import torch
 import torch.nn.functional as F
 
@@ -56,9 +56,9 @@ IMPLEMENTATIONS = {"fused": fused, "reference": reference, "sdpa": sdpa}
 
 def make_inputs(batch, tokens, keys, dtype, requires_grad):
     # q as the model makes it: a view of a Linear output with the heads interleaved along the channels.
-    q_flat = torch.randn(batch, tokens, HEADS * DQK, device="cuda", dtype=dtype, requires_grad=requires_grad)
-    k_flat = torch.randn(batch, keys, HEADS * DQK, device="cuda", dtype=dtype, requires_grad=requires_grad)
-    v_flat = torch.randn(batch, keys, HEADS * DV, device="cuda", dtype=dtype, requires_grad=requires_grad)
+    q_flat = torch.randn(batch, tokens, HEADS * DQK, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
+    k_flat = torch.randn(batch, keys, HEADS * DQK, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
+    v_flat = torch.randn(batch, keys, HEADS * DV, device=DEVICE, dtype=dtype, requires_grad=requires_grad)
     views = (q_flat.view(batch, tokens, HEADS, DQK), k_flat.view(batch, keys, HEADS, DQK),
              v_flat.view(batch, keys, HEADS, DV))
     return (q_flat, k_flat, v_flat), views
@@ -69,7 +69,7 @@ def run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms):
     row = {"name": name, "shape": f"B={batch} N={tokens} N'={keys} heads={HEADS} Dqk={DQK} Dv={DV}",
            "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd" if with_backward else "fwd"}
     leaves, (q, k, v) = make_inputs(batch, tokens, keys, dtype, with_backward)
-    grad = torch.randn(batch, tokens, HEADS * DV, device="cuda", dtype=dtype) if with_backward else None
+    grad = torch.randn(batch, tokens, HEADS * DV, device=DEVICE, dtype=dtype) if with_backward else None
     fused_out = None
     for impl_name in IMPLEMENTATIONS:
         impl = IMPLEMENTATIONS[impl_name]

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import sys
 
-from kernel_timing import benchmark_main, format_row, time_fused_and_reference  # first: interpreter off
+from kernel_timing import DEVICE, benchmark_main, format_row, time_fused_and_reference  # first: interpreter off
 import torch
 
 from rgt_fast.kernels.spatial_gate import spatial_gate
@@ -34,14 +34,14 @@ QUICK_SHAPES = ("train", "infer-b8-128")
 def run_row(name, batch, height, width, dtype, with_backward, rep_ms):
     row = {"name": name, "shape": f"B={batch} {height}x{width} hidden={2 * CHANNELS}",
            "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd" if with_backward else "fwd"}
-    module = SpatialGate(CHANNELS).cuda()
+    module = SpatialGate(CHANNELS).to(DEVICE)
     with torch.no_grad():
         for p in module.parameters():
             p.add_(0.1 * torch.randn_like(p))
-    hidden = torch.randn(batch, height * width, 2 * CHANNELS, device="cuda", dtype=dtype,
+    hidden = torch.randn(batch, height * width, 2 * CHANNELS, device=DEVICE, dtype=dtype,
                          requires_grad=with_backward)
     leaves = [hidden, *module.parameters()] if with_backward else [hidden]
-    grads = [torch.randn(batch, height * width, CHANNELS, device="cuda", dtype=dtype)] if with_backward else None
+    grads = [torch.randn(batch, height * width, CHANNELS, device=DEVICE, dtype=dtype)] if with_backward else None
     gate_params = (module.norm.weight, module.norm.bias, module.conv.weight, module.conv.bias, module.norm.eps)
     implementations = {
         "fused": lambda: (spatial_gate(hidden, height, width, *gate_params),),

@@ -15,6 +15,9 @@ import torch  # noqa: E402
 
 from rgt_fast.files import write_atomically  # noqa: E402
 
+# Where the benchmarks put their tensors; the tests run the benchmarks' rows on CPU tensors in the interpreter.
+DEVICE = "cuda"
+
 
 def measure(step, leaves, rep_ms):
     """Median wall milliseconds per call of ``step``, GPU kernel milliseconds per call, and the peak memory (MB)
@@ -52,7 +55,7 @@ def autocast_for(dtype):
     """Autocast to a 16-bit ``dtype`` (as training and inference run the model); fp32 runs as it is."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(torch.device(DEVICE).type, dtype=dtype)
 
 
 def time_fused_and_reference(row: dict, implementations: dict, leaves: list, grads: list | None, dtype,

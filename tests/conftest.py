@@ -39,3 +39,23 @@ def kernel_memory_checks(monkeypatch):
     yield
     buffers.assert_guards_intact()
     races.assert_no_races()
+
+
+@pytest.fixture
+def whole_window_tiles(monkeypatch):
+    """The L-SA kernels take one tile per window under the interpreter, whose cost is per tile operation
+    whatever the tile's size.
+
+    Compiled, such a tile (256 x 256 fp32 scores over 128 threads) spills tens of KB per thread, and ptxas took
+    15-50 s per kernel for sm_90a, some 15 minutes over these tests: on a GPU they run the shipped tiles instead.
+    """
+    from kernel_device import KERNEL_DEVICE
+
+    from rgt_fast.kernels import lsa_attention as lsa
+
+    if KERNEL_DEVICE != "cpu":
+        return
+    window_tokens = 8 * 32  # the official split size, (8, 32)
+    window_tile = (window_tokens, window_tokens, 4, 2)
+    monkeypatch.setattr(lsa, "_CONFIGS", {kernel: {dot_class: window_tile for dot_class in classes}
+                                          for kernel, classes in lsa._CONFIGS.items()})

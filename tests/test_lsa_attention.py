@@ -36,20 +36,6 @@ pytorch_path_on_cpu = pytest.mark.skipif(DEVICE != "cpu", reason="checks the PyT
 
 
 @pytest.fixture
-def whole_window_tiles(monkeypatch):
-    """One tile per window under the interpreter, whose cost is per tile operation whatever the tile's size.
-
-    Compiled, such a tile (256 x 256 fp32 scores over 128 threads) spills tens of KB per thread, and ptxas took
-    15-50 s per kernel for sm_90a, some 15 minutes over these tests: on a GPU they run the shipped tiles instead.
-    """
-    if DEVICE != "cpu":
-        return
-    window_tile = (SPLIT[0] * SPLIT[1], SPLIT[0] * SPLIT[1], 4, 2)
-    monkeypatch.setattr(lsa, "_CONFIGS", {kernel: {dot_class: window_tile for dot_class in classes}
-                                          for kernel, classes in lsa._CONFIGS.items()})
-
-
-@pytest.fixture
 def allow_tf32(request):
     """fp32 runs the tf32 kernels when set: TF32 MMAs on a GPU; the interpreter computes every dot in full fp32,
     so there only the tile configs change."""

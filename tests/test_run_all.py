@@ -139,9 +139,10 @@ def test_a_script_stopped_by_its_share_keeps_its_rows_and_leaves_time_to_the_oth
 def test_kernel_benchmarks_write_their_rows_as_they_go(monkeypatch, tmp_path):
     """A benchmark stopped part-way (its share of time running out) has already written the rows it measured."""
     monkeypatch.syspath_prepend(str(RUN_ALL_PATH.parent))
-    # Importing it turns Triton's interpreter off for the process; monkeypatch puts the setting back afterwards.
-    monkeypatch.setenv("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "1"))
+    # Importing it turns Triton's interpreter off for the process; turn it back on for the tests that follow.
+    interpret = os.environ.get("TRITON_INTERPRET", "1")
     import kernel_timing
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
 
     monkeypatch.setattr(kernel_timing.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(kernel_timing.torch.cuda, "get_device_name", lambda: "a GPU")

@@ -1,0 +1,138 @@
+"""The GPU benchmarks' rows, run on small CPU tensors in the interpreter with the timing stubbed out.
+
+The benchmarks only run on a lent GPU, in one call that cannot be repeated: a row that fails there (a wrong
+argument, a shape mismatch, implementations that disagree) would cost that call's figures. Here each row builds
+its inputs, runs every implementation forward (and backward) and compares them, as it would on the GPU; only
+the timing, which needs CUDA, is replaced.
+"""
+import importlib
+import math
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import rgt_fast.kernels.add_layer_norm  # noqa: F401  (imported before the benchmarks, under the interpreter)
+import rgt_fast.kernels.lsa_attention  # noqa: F401
+import rgt_fast.kernels.rgsa_attention  # noqa: F401
+import rgt_fast.kernels.spatial_gate  # noqa: F401
+
+BENCHMARKS_DIR = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture
+def load_benchmark(monkeypatch):
+    """Import a benchmark script with its tensors on the CPU and its timing stubbed: each measured step runs
+    once and reports 1 ms."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
+    # kernel_timing turns Triton's interpreter off for the process when first imported; turn it back on.
+    interpret = os.environ.get("TRITON_INTERPRET", "1")
+    kernel_timing = importlib.import_module("kernel_timing")
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.setattr(kernel_timing, "DEVICE", "cpu")
+
+    def run_once(step, leaves, rep_ms):
+        step()
+        return 1.0, 1.0, 0.0
+
+    monkeypatch.setattr(kernel_timing, "measure", run_once)
+
+    def load(name):
+        module = importlib.import_module(name)
+        monkeypatch.setattr(module, "DEVICE", "cpu")
+        if hasattr(module, "measure"):
+            monkeypatch.setattr(module, "measure", run_once)
+        return module
+
+    yield load
+    for name in ("bench_rgsa_attention", "bench_spatial_gate", "bench_add_layer_norm", "bench_lsa_attention"):
+        sys.modules.pop(name, None)
+
+
+def max_abs_diff_bound(dtype):
+    """Outputs reach magnitudes of about 10, where a bf16 step is 0.0625: an implementation that computed something
+    else (a wrong layout, a missed term) would differ by whole units."""
+    return 1e-4 if dtype == torch.float32 else 0.25
+
+
+def assert_measured(row, implementations, max_diff_keys, bound):
+    assert not [key for key in row if key.endswith("_error")], row
+    for impl in implementations:
+        assert row[f"{impl}_ms"] == 1.0
+    for key in max_diff_keys:
+        assert math.isfinite(row[key]) and row[key] <= bound, (key, row[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_backward", [False, True])
+def test_rgsa_rows(load_benchmark, dtype, with_backward):
+    bench = load_benchmark("bench_rgsa_attention")
+    row = bench.run_row("smoke", 2, 37, 5, dtype, with_backward, rep_ms=1)
+    diffs = [] if with_backward else ["reference_max_abs_diff_vs_fused", "sdpa_max_abs_diff_vs_fused"]
+    assert_measured(row, bench.IMPLEMENTATIONS, diffs, max_abs_diff_bound(dtype))
+    assert row["speedup_vs_reference"] == 1.0 and row["speedup_vs_sdpa"] == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_backward", [False, True])
+def test_spatial_gate_rows(load_benchmark, dtype, with_backward):
+    bench = load_benchmark("bench_spatial_gate")
+    row = bench.run_row("smoke", 2, 5, 7, dtype, with_backward, rep_ms=1)
+    assert_measured(row, ("fused", "reference"), [] if with_backward else ["max_abs_diff"],
+                    max_abs_diff_bound(dtype))
+    assert row["speedup"] == 1.0
+
+
+@pytest.mark.parametrize("with_add", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_backward", [False, True])
+def test_add_layer_norm_rows(load_benchmark, dtype, with_backward, with_add):
+    bench = load_benchmark("bench_add_layer_norm")
+    row = bench.run_row("smoke", 2, 37, dtype, with_backward, 1, with_add)
+    assert_measured(row, ("fused", "reference"), [] if with_backward else ["max_abs_diff"],
+                    max_abs_diff_bound(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lsa_rows(load_benchmark, monkeypatch, whole_window_tiles, dtype):
+    bench = load_benchmark("bench_lsa_attention")
+    # Two heads of 32 channels: the benchmark's 180 channels cost the interpreter minutes and change no code path.
+    monkeypatch.setattr(bench, "EMBED_DIM", 64)
+    monkeypatch.setattr(bench, "NUM_HEADS", 2)
+
+    def run_forward_and_backward_once(impl, module, qkv, H, W, grad_out):
+        with torch.no_grad():
+            impl(module, qkv, H, W)
+        impl(module, qkv, H, W).backward(grad_out)
+        return 1.0, 1.0, 0.0
+
+    monkeypatch.setattr(bench, "measure", run_forward_and_backward_once)
+    # 12x40 pads to 32x64: both branches' windows, the shift and the padding.
+    row = bench.run_row(("smoke", 2, 12, 40, dtype, False, True, True), flex=None, quick=False)
+    assert row["pass"] is True and row["reproducible"] is True, row["check_errors"]
+    assert row["errors"] == {}
+    assert set(row["ms"]) == {"fused", "reference", "torch_sdpa"}
+    assert row["fwd_speedup_vs_reference"] == 1.0 and row["fwd_bwd_speedup_vs_best_torch"] == 1.0
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_lsa_flex_assembly_matches_the_reference(load_benchmark, monkeypatch):
+    """The FlexAttention baseline (run eagerly here) computes the same attention as the reference module.
+
+    Its score_mod adds a float32 bias to float64 scores, hence a float32-sized tolerance; a wrong bias, mask or
+    layout differs by tenths or more."""
+    flex_attention = pytest.importorskip("torch.nn.attention.flex_attention")
+    bench = load_benchmark("bench_lsa_attention")
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    flex = bench.make_flex()
+    assert flex is not None and flex_attention is not None
+    torch.manual_seed(0)
+    for shifted in (True, False):
+        module = bench.make_module(20, 40, shifted, torch.float64)
+        qkv = torch.randn(2, 20 * 40, 3 * bench.EMBED_DIM, dtype=torch.float64)
+        with torch.no_grad():
+            expected = bench.reference(module, qkv, 20, 40)
+            actual = flex(module, qkv, 20, 40)
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
