@@ -67,7 +67,9 @@ def make_inputs(batch, tokens, keys, dtype, requires_grad):
 def run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms):
     scale = DQK ** -0.5
     row = {"name": name, "shape": f"B={batch} N={tokens} N'={keys} heads={HEADS} Dqk={DQK} Dv={DV}",
-           "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd" if with_backward else "fwd"}
+           "dtype": str(dtype).removeprefix("torch."), "pass": "fwd+bwd" if with_backward else "fwd",
+           # The issue's bound on the fused forward's extra memory: its output and its float32 row statistics.
+           "output_and_lse_mb": batch * tokens * HEADS * (DV * dtype.itemsize + 4) / 2**20}
     leaves, (q, k, v) = make_inputs(batch, tokens, keys, dtype, with_backward)
     grad = torch.randn(batch, tokens, HEADS * DV, device=DEVICE, dtype=dtype) if with_backward else None
     fused_out = None

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import rgt_fast
+from rgt_fast import bench
 import rgt_fast.kernels.add_layer_norm  # noqa: F401  (imported before the benchmarks, under the interpreter)
 import rgt_fast.kernels.lsa_attention  # noqa: F401
 import rgt_fast.kernels.rgsa_attention  # noqa: F401
@@ -41,13 +43,14 @@ def load_benchmark(monkeypatch):
 
     def load(name):
         module = importlib.import_module(name)
-        monkeypatch.setattr(module, "DEVICE", "cpu")
-        if hasattr(module, "measure"):
-            monkeypatch.setattr(module, "measure", run_once)
+        for attribute, value in (("DEVICE", "cpu"), ("measure", run_once)):
+            if hasattr(module, attribute):
+                monkeypatch.setattr(module, attribute, value)
         return module
 
     yield load
-    for name in ("bench_rgsa_attention", "bench_spatial_gate", "bench_add_layer_norm", "bench_lsa_attention"):
+    for name in ("bench_rgsa_attention", "bench_spatial_gate", "bench_add_layer_norm", "bench_lsa_attention",
+                 "bench_model", "summarize"):
         sys.modules.pop(name, None)
 
 
@@ -136,3 +139,68 @@ def test_lsa_flex_assembly_matches_the_reference(load_benchmark, monkeypatch):
             expected = bench.reference(module, qkv, 20, 40)
             actual = flex(module, qkv, 20, 40)
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(load_benchmark, monkeypatch,
+                                                                               whole_window_tiles):
+    """summarize.py reads the rows as the benchmarks really write them (made here with stubbed timings, then
+    given chosen speedups), and judges each target from them."""
+    rgsa, gate, lsa = (load_benchmark(name) for name in ("bench_rgsa_attention", "bench_spatial_gate",
+                                                          "bench_lsa_attention"))
+    bench_model, summarize = load_benchmark("bench_model"), load_benchmark("summarize")
+    rgsa_forward = rgsa.run_row("train", 2, 37, 5, torch.bfloat16, False, 1)
+    rgsa_forward.update(speedup_vs_reference=3.5, gpu_speedup_vs_reference=6.0, speedup_vs_sdpa=1.2,
+                        gpu_speedup_vs_sdpa=4.0, fused_peak_mb=rgsa_forward["output_and_lse_mb"] + 0.5)
+    rgsa_backward = rgsa.run_row("train", 2, 37, 5, torch.bfloat16, True, 1)
+    monkeypatch.setattr(lsa, "EMBED_DIM", 64)
+    monkeypatch.setattr(lsa, "NUM_HEADS", 2)
+    monkeypatch.setattr(lsa, "measure", lambda *args: (1.0, 1.0, 0.0))
+    lsa_row = lsa.run_row(("train", 1, 12, 40, torch.bfloat16, False, True, True), flex=None, quick=False)
+    lsa_row.update(fwd_speedup_vs_reference=4.2, fwd_speedup_vs_best_torch=1.6, fwd_bwd_speedup_vs_reference=2.0)
+
+    torch.manual_seed(0)
+    reference = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6], embed_dim=36)
+    fused = rgt_fast.accelerate(reference, backend="torch")
+    x = torch.rand(1, 3, 16, 20)
+    inference = bench.inference_row(bench_model.INFERENCE_ROWS["bf16"], reference, fused, x, torch.bfloat16, 0, 1)
+    inference.update(speedup=2.6, reference_peak_mb=100.0, fused_peak_mb=60.0)
+    training = bench.training_row(bench_model.TRAINING_ROWS["bf16"], reference, fused, x, torch.bfloat16, 0, 1)
+    big = {"name": bench_model.BIG_IMAGE_ROW, "fused_ms": 900.0, "fused_peak_mb": 30 * 1024.0,
+           "reference_error": "out of memory: CUDA out of memory. Tried to allocate 48.00 GiB."}
+    report = {"environment": {"device": "NVIDIA H100 80GB HBM3", "commit": "abc"},
+              "tests": {"tests/test_model.py": {"exit_code": 0, "seconds": 12.0, "summary": "30 passed",
+                                                "failures": []}},
+              "benchmarks": {
+                  "bench_rgsa_attention.py": {"exit_code": 0, "results": {"rows": [rgsa_forward, rgsa_backward]}},
+                  "bench_lsa_attention.py": {"exit_code": 124, "seconds": 90.0, "results": {"rows": [lsa_row]}},
+                  "bench_model.py": {"exit_code": 0, "results": {"results": [inference, training, big],
+                                                                  "low_precision_drift": []}},
+                  "bench_spatial_gate.py": {"exit_code": 0, "results": {"rows": [
+                      gate.run_row("train", 2, 5, 7, torch.bfloat16, False, 1)]}},
+                  "bench_add_layer_norm.py": {"skipped": "the --budget ran out before it could start"}}}
+    text = summarize.summarize(report)
+    targets = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |") for line in text.splitlines()
+               if line.startswith("| ") and line.split(" | ")[0] in ("| 3", "| 4", "| 5", "| 6")}
+
+    def verdict(*words):
+        (found,) = [v for target, v in targets.items() if all(word in target for word in words)]
+        return found
+
+    assert verdict("RG-SA train", "forward vs reference, wall") == "met"
+    assert verdict("RG-SA train", "forward vs SDPA, wall") == "missed"
+    assert verdict("RG-SA train", "forward vs SDPA, kernel") == "met"
+    assert verdict("RG-SA train", "forward+backward vs reference, wall") == "missed"  # the stubbed 1 ms each
+    assert verdict("RG-SA train", "peak extra memory") == "met"
+    assert verdict("L-SA train", "forward vs reference core") == "met"
+    assert verdict("L-SA train", "best PyTorch") == "met"
+    assert verdict("L-SA train", "forward+backward") == "missed"
+    assert verdict(bench_model.INFERENCE_ROWS["bf16"], "speedup") == "met"
+    assert verdict(bench_model.INFERENCE_ROWS["bf16"], "peak memory") == "missed"  # 0.6 > 0.5
+    assert verdict(bench_model.INFERENCE_ROWS["fp32"], "speedup") == "not measured"
+    assert verdict(bench_model.TRAINING_ROWS["bf16"], "iterations/s") == "measured"
+    assert verdict(bench_model.TRAINING_ROWS["fp32"], "iterations/s") == "not measured"
+    assert verdict(bench_model.BIG_IMAGE_ROW) == "met"
+    assert "reference: out of memory" in text
+    assert "bench_lsa_attention.py: exit code 124 after 90.0 s" in text
+    assert "bench_add_layer_norm.py: the --budget ran out" in text
+    assert "## Spatial gate" in text and "| tests/test_model.py | 0 |" in text
