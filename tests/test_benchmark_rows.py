@@ -204,3 +204,13 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     assert "bench_lsa_attention.py: exit code 124 after 90.0 s" in text
     assert "bench_add_layer_norm.py: the --budget ran out" in text
     assert "## Spatial gate" in text and "| tests/test_model.py | 0 |" in text
+
+
+def test_summary_refuses_a_file_that_is_not_a_run_all_report(load_benchmark, tmp_path, capsys):
+    summarize = load_benchmark("summarize")
+    bench_json = tmp_path / "bench.json"
+    bench_json.write_text('{"device": "cpu", "results": []}')
+    assert summarize.main([str(bench_json)]) == 2
+    assert "not a run_all.py report" in capsys.readouterr().err
+    assert summarize.main([str(tmp_path / "missing.json")]) == 2
+    assert "cannot read" in capsys.readouterr().err
