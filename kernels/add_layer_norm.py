@@ -30,7 +30,9 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    cdiv,
     layer_norm_input_grad,
+    next_power_of_2,
     normalise_rows,
     on_device_of,
     rows_per_tile,
@@ -142,10 +144,10 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
     rstd = _common.kernel_buffer((num_rows,), dtype=torch.float32, device=x.device)
     if num_rows == 0:
         return summed, normed, mean, rstd
-    channels_pad = triton.next_power_of_2(channels)
+    channels_pad = next_power_of_2(channels)
     block_rows = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
     with on_device_of(x):
-        _add_norm_forward_kernel[(triton.cdiv(num_rows, block_rows),)](
+        _add_norm_forward_kernel[(cdiv(num_rows, block_rows),)](
             x, x if delta is None else delta, weight, bias, summed, normed, mean, rstd, *x.stride(),
             *(x if delta is None else delta).stride(), num_rows, rows_per_image, eps,
             CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DELTA=delta is not None,
@@ -164,11 +166,11 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     ddelta = _common.kernel_buffer(summed.shape, dtype=delta_dtype, device=summed.device) if write_ddelta else dx
     if num_rows == 0:
         return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
-    channels_pad = triton.next_power_of_2(channels)
+    channels_pad = next_power_of_2(channels)
     block_rows = rows_per_tile(channels_pad, _BACKWARD_TILE_ELEMENTS)
-    num_tiles = triton.cdiv(num_rows, block_rows)
-    tiles_per_program = max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
-    num_chunks = triton.cdiv(num_tiles, tiles_per_program)
+    num_tiles = cdiv(num_rows, block_rows)
+    tiles_per_program = max(1, cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
+    num_chunks = cdiv(num_tiles, tiles_per_program)
     weight_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
     bias_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
     with on_device_of(summed):
@@ -401,7 +403,7 @@ def aot_variants() -> list[KernelVariant]:
         # attention output, the normalised rows and their gradient carry. A pure 16-bit model has it everywhere.
         for stream in sorted({"fp32", name}):
             for channels in _AOT_CHANNELS:
-                channels_pad = triton.next_power_of_2(channels)
+                channels_pad = next_power_of_2(channels)
                 forward_tiles = dict(CHANNELS=channels, CHANNELS_PAD=channels_pad,
                                      BLOCK_T=rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS))
                 backward_tiles = dict(forward_tiles, BLOCK_T=rows_per_tile(channels_pad, _BACKWARD_TILE_ELEMENTS))

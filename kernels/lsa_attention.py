@@ -45,6 +45,7 @@ from ._common import (
     KernelVariant,
     aot_signature,
     cached_outside_compile,
+    cdiv,
     next_power_of_2_at_least_16,
     on_device_of,
     score_elements_per_step,
@@ -576,8 +577,8 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
     for branch, (win_rows, win_cols) in enumerate(windows):
         num_items = batch * num_windows[branch]
         chunks = _score_grad_sum_chunks(num_items, tiles * heads_per_branch, qkv.device)
-        items_per_program = triton.cdiv(num_items, chunks)
-        chunks = triton.cdiv(num_items, items_per_program)
+        items_per_program = cdiv(num_items, chunks)
+        chunks = cdiv(num_items, items_per_program)
         score_grad_partials = _common.kernel_buffer((heads_per_branch, chunks, window_tokens, window_tokens),
                                                     dtype=torch.float32, device=qkv.device)
         _lsa_bwd_score_grad_sum_kernel[(chunks * tiles, heads_per_branch)](

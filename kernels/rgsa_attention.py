@@ -52,6 +52,7 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    cdiv,
     next_power_of_2_at_least_16,
     on_device_of,
     score_elements_per_step,
@@ -417,12 +418,12 @@ def _query_chunking(num_queries: int, work_per_chunk: int, block_m: int, request
     ``work_per_chunk`` is the number of programs each chunk gives (key blocks x batch x heads).
     """
     if requested_chunk_len > 0:
-        chunk_len = triton.cdiv(requested_chunk_len, block_m) * block_m
+        chunk_len = cdiv(requested_chunk_len, block_m) * block_m
     else:
-        wanted_chunks = triton.cdiv(_BACKWARD_TARGET_PROGRAMS, work_per_chunk)
+        wanted_chunks = cdiv(_BACKWARD_TARGET_PROGRAMS, work_per_chunk)
         chunk_len = max(_MIN_QUERY_BLOCKS_PER_CHUNK * block_m,
-                        triton.cdiv(triton.cdiv(num_queries, wanted_chunks), block_m) * block_m)
-    return chunk_len, triton.cdiv(num_queries, chunk_len)
+                        cdiv(cdiv(num_queries, wanted_chunks), block_m) * block_m)
+    return chunk_len, cdiv(num_queries, chunk_len)
 
 
 def _head_dim_constexprs(dqk: int, dv: int) -> dict:
@@ -439,7 +440,7 @@ def _triton_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: fl
         return out, lse
     precision = _operand_precision(q.dtype)
     tiles = _tiles("forward", num_keys, precision)
-    num_query_blocks = triton.cdiv(num_queries, tiles.block_m)
+    num_query_blocks = cdiv(num_queries, tiles.block_m)
     with on_device_of(q):
         _rgsa_forward_kernel[(num_query_blocks * batch * num_heads,)](
             q, k, v, out, lse,
@@ -467,7 +468,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
 
     precision = _operand_precision(q.dtype)
     dkdv_tiles = _tiles("dkdv", num_keys, precision)
-    num_key_blocks = triton.cdiv(num_keys, dkdv_tiles.block_n)
+    num_key_blocks = cdiv(num_keys, dkdv_tiles.block_n)
     fused_dq = num_key_blocks == 1
     batch_heads = batch * num_heads
     head_dims = _head_dim_constexprs(dqk, dv)
@@ -480,7 +481,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
         else:
             delta = _common.kernel_buffer(lse.shape, dtype=lse.dtype, device=lse.device)
             dq_tiles = _tiles("dq", num_keys, precision)
-            num_query_blocks = triton.cdiv(num_queries, dq_tiles.block_m)
+            num_query_blocks = cdiv(num_queries, dq_tiles.block_m)
             _rgsa_backward_dq_kernel[(num_query_blocks * batch_heads,)](
                 q, k, v, out, dout, lse, delta, dq, *strides,
                 num_heads, num_queries, num_keys, num_query_blocks, scale, scale * _LOG2_E.value,
@@ -501,7 +502,7 @@ def _triton_backward(dout, q, k, v, out, lse, scale: float, requested_chunk_len:
         )
 
         num_rows = batch_heads * num_keys
-        _rgsa_sum_key_partials_kernel[(triton.cdiv(num_rows, _SUM_PARTIALS_BLOCK_ROWS),)](
+        _rgsa_sum_key_partials_kernel[(cdiv(num_rows, _SUM_PARTIALS_BLOCK_ROWS),)](
             dk_partial, dv_partial, dk, dv_grad, *dk.stride(), *dv_grad.stride(),
             num_heads, num_keys, num_rows, num_chunks,
             **head_dims, BLOCK_ROWS=_SUM_PARTIALS_BLOCK_ROWS, num_warps=_SUM_PARTIALS_NUM_WARPS,
@@ -692,7 +693,7 @@ def aot_variants() -> list[KernelVariant]:
             launches = []
             for num_keys in _AOT_KEY_COUNTS:
                 dkdv_tiles = _tiles("dkdv", num_keys, precision)
-                fused_dq = triton.cdiv(num_keys, dkdv_tiles.block_n) == 1
+                fused_dq = cdiv(num_keys, dkdv_tiles.block_n) == 1
                 launches.append((_rgsa_forward_kernel, _tiles("forward", num_keys, precision), {}))
                 if not fused_dq:
                     launches.append((_rgsa_backward_dq_kernel, _tiles("dq", num_keys, precision), {}))

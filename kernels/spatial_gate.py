@@ -37,13 +37,15 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    cdiv,
     image_as_tokens,
     layer_norm_input_grad,
+    next_power_of_2,
     normalise_rows,
     on_device_of,
     rows_per_tile,
-    tokens_as_image,
     tile_offsets,
+    tokens_as_image,
     triton_runs_on,
 )
 
@@ -256,11 +258,11 @@ def _gate_norm_backward_kernel(
 def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.Tensor:
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
-    channels_pad = triton.next_power_of_2(channels)
+    channels_pad = next_power_of_2(channels)
     block_t = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
     num_tokens = batch * tokens_per_image
     normed = _common.kernel_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
-    _gate_norm_kernel[(triton.cdiv(num_tokens, block_t),)](
+    _gate_norm_kernel[(cdiv(num_tokens, block_t),)](
         hidden, norm_weight, norm_bias, normed, *hidden.stride(), num_tokens, tokens_per_image, eps,
         CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, num_warps=_NUM_WARPS,
     )
@@ -277,7 +279,7 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
         return out
     with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
-        grid = (triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS), triton.cdiv(channels, _CONV_BLOCK_CHANNELS))
+        grid = (cdiv(num_tokens, _CONV_BLOCK_TOKENS), cdiv(channels, _CONV_BLOCK_CHANNELS))
         _gate_conv_kernel[grid](
             hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),
             num_tokens, tokens_per_image, height, width,
@@ -287,7 +289,7 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
 
 
 def _tiles_per_program(num_tiles: int) -> int:
-    return max(1, triton.cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
+    return max(1, cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
 
 
 def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
@@ -300,24 +302,24 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
     if num_tokens == 0:
         return (dhidden, torch.zeros_like(norm_weight), torch.zeros_like(norm_bias), torch.zeros_like(conv_weight),
                 torch.zeros_like(conv_bias))
-    channels_pad = triton.next_power_of_2(channels)
+    channels_pad = next_power_of_2(channels)
     with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
         dconv = _common.kernel_buffer((num_tokens, channels), dtype=dtype, device=device)
 
-        conv_tiles = _tiles_per_program(triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS))
-        conv_chunks = triton.cdiv(triton.cdiv(num_tokens, _CONV_BLOCK_TOKENS), conv_tiles)
+        conv_tiles = _tiles_per_program(cdiv(num_tokens, _CONV_BLOCK_TOKENS))
+        conv_chunks = cdiv(cdiv(num_tokens, _CONV_BLOCK_TOKENS), conv_tiles)
         conv_weight_partial = _common.kernel_buffer((conv_chunks, channels, 9), dtype=torch.float32, device=device)
         conv_bias_partial = _common.kernel_buffer((conv_chunks, channels), dtype=torch.float32, device=device)
-        _gate_conv_backward_kernel[(conv_chunks, triton.cdiv(channels, _CONV_BLOCK_CHANNELS))](
+        _gate_conv_backward_kernel[(conv_chunks, cdiv(channels, _CONV_BLOCK_CHANNELS))](
             hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, conv_weight_partial, conv_bias_partial,
             *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
             CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
         )
 
         block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
-        norm_tiles = _tiles_per_program(triton.cdiv(num_tokens, block_t))
-        norm_chunks = triton.cdiv(triton.cdiv(num_tokens, block_t), norm_tiles)
+        norm_tiles = _tiles_per_program(cdiv(num_tokens, block_t))
+        norm_chunks = cdiv(cdiv(num_tokens, block_t), norm_tiles)
         norm_weight_partial = _common.kernel_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
         norm_bias_partial = _common.kernel_buffer((norm_chunks, channels), dtype=torch.float32, device=device)
         _gate_norm_backward_kernel[(norm_chunks,)](
@@ -473,7 +475,7 @@ def aot_variants() -> list[KernelVariant]:
     for dtype in SUPPORTED_DTYPES:
         name = TRITON_DTYPE_NAMES[dtype]
         for channels in _AOT_CHANNELS:
-            channels_pad = triton.next_power_of_2(channels)
+            channels_pad = next_power_of_2(channels)
             row_tokens = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
             launches = (
                 (_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens), _NUM_WARPS),
