@@ -56,14 +56,20 @@ def test_each_script_is_recorded_and_a_failure_does_not_stop_the_others(run_all,
     assert {"date", "torch", "triton", "device", "commit"} <= report["environment"].keys()
 
 
+def run_within_budget(run_all, monkeypatch, tmp_path, scripts, share_weights: dict, budget: int) -> dict:
+    """run_all.main over ``scripts`` with the given share weights and --budget; asserts that it reports a failure
+    (a script timed out) and returns the report's benchmark entries."""
+    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    monkeypatch.setattr(run_all, "SHARE_WEIGHTS", share_weights)
+    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
+    assert run_all.main(["--budget", str(budget), "--results-dir", str(tmp_path / "results")]) == 1
+    return read_report(tmp_path / "results")["benchmarks"]
+
+
 def test_budget_times_out_the_running_script_and_skips_the_rest(run_all, monkeypatch, tmp_path):
     scripts = write_scripts(tmp_path, fast=FAST_SCRIPT, slow=SLOW_SCRIPT, never=FAST_SCRIPT)
-    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
     # The slow script's share is then all the time left, so it runs into the budget itself.
-    monkeypatch.setattr(run_all, "SHARE_WEIGHTS", {Path(scripts[1]).name: 1000})
-    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
-    assert run_all.main(["--budget", "6", "--results-dir", str(tmp_path / "results")]) == 1
-    benchmarks = read_report(tmp_path / "results")["benchmarks"]
+    benchmarks = run_within_budget(run_all, monkeypatch, tmp_path, scripts, {Path(scripts[1]).name: 1000}, 6)
     assert benchmarks[scripts[0]]["exit_code"] == 0
     assert benchmarks[scripts[1]]["exit_code"] == 124 and benchmarks[scripts[1]]["seconds"] < 30
     assert "skipped" in benchmarks[scripts[2]]
@@ -124,11 +130,8 @@ time.sleep(60)
 
 def test_a_script_stopped_by_its_share_keeps_its_rows_and_leaves_time_to_the_others(run_all, monkeypatch, tmp_path):
     scripts = write_scripts(tmp_path, hangs=ROW_THEN_HANG_SCRIPT, fast=FAST_SCRIPT, also_fast=FAST_SCRIPT)
-    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
-    monkeypatch.setattr(run_all, "SHARE_WEIGHTS", {Path(scripts[0]).name: 2})
-    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
-    assert run_all.main(["--budget", "24", "--results-dir", str(tmp_path / "results")]) == 1
-    hangs, fast, also_fast = (read_report(tmp_path / "results")["benchmarks"][s] for s in scripts)
+    benchmarks = run_within_budget(run_all, monkeypatch, tmp_path, scripts, {Path(scripts[0]).name: 2}, 24)
+    hangs, fast, also_fast = (benchmarks[s] for s in scripts)
     # Weights 2, 1, 1: the first script may use half of the 24 s, not the whole budget.
     assert hangs["exit_code"] == 124 and 10 <= hangs["seconds"] <= 14
     assert hangs["results"] == {"rows": [{"name": "measured before the hang"}]}
