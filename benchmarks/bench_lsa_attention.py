@@ -48,9 +48,10 @@ def parse_args():
 
 
 def make_module(H: int, W: int, shifted: bool, dtype: torch.dtype):
+    from rgt_fast.kernels.lsa_attention import _padded
     from rgt_fast.reference.rgt import LSA
 
-    padded = max(-(-H // 32) * 32, -(-W // 32) * 32)
+    padded = max(_padded(H, SPLIT), _padded(W, SPLIT))
     # reso = the padded size: the reference then adds its cached mask buffers, which follow the module's dtype.
     module = LSA(EMBED_DIM, NUM_HEADS, split_size=SPLIT, shift_size=[4, 16], qkv_bias=True,
                  idx=2 if shifted else 0, reso=padded, rs_id=0)
@@ -84,7 +85,7 @@ def make_flex():
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError:
         return None
-    from rgt_fast.kernels.lsa_attention import _relative_position_index, _shift_masks
+    from rgt_fast.kernels.lsa_attention import _branch_window, _padded, _relative_position_index, _shift_masks
 
     compiled = torch.compile(flex_attention, dynamic=False)
 
@@ -92,11 +93,11 @@ def make_flex():
         batch, _, channels = qkv.shape
         embed_dim, heads = channels // 3, NUM_HEADS // 2
         head_dim = embed_dim // NUM_HEADS
-        padded_H, padded_W = -(-H // 32) * 32, -(-W // 32) * 32
+        padded_H, padded_W = _padded(H, SPLIT), _padded(W, SPLIT)
         image = qkv.reshape(batch, H, W, 3, 2, heads, head_dim)
         outputs = []
         for branch, table in enumerate(tables_of(module)):
-            win_rows, win_cols = (SPLIT[0], SPLIT[1]) if branch == 0 else (SPLIT[1], SPLIT[0])
+            win_rows, win_cols = _branch_window(SPLIT, branch)
             rows, cols = padded_H // win_rows, padded_W // win_cols
             x = torch.nn.functional.pad(image[:, :, :, :, branch], (0, 0, 0, 0, 0, 0, 0, padded_W - W, 0, padded_H - H))
             if module.shifted:

@@ -430,7 +430,7 @@ def _branch_window(split_size, branch: int) -> tuple[int, int]:
 
 def _padded(size: int, split_size) -> int:
     multiple = max(split_size)
-    return -(-size // multiple) * multiple
+    return cdiv(size, multiple) * multiple
 
 
 def _input_precision(dtype: torch.dtype) -> str:
