@@ -82,9 +82,11 @@ def main(argv: list[str] | None = None) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
 
+    def budget_left() -> float:
+        return float("inf") if args.budget is None else args.budget - (time.perf_counter() - start)
+
     def time_left() -> float:
-        budget_left = float("inf") if args.budget is None else args.budget - (time.perf_counter() - start)
-        return min(args.timeout, budget_left)
+        return min(args.timeout, budget_left())
 
     env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONUNBUFFERED": "1"}
     if args.tests:
@@ -109,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             report["benchmarks"][script] = {"skipped": "the --budget ran out before it could start"}
             continue
         weights = [SHARE_WEIGHTS.get(Path(name).name, 1) for name in BENCHMARKS[position:]]
-        share = max(_MIN_SCRIPT_SECONDS, time_left() * weights[0] / sum(weights))
+        # The share is of the whole budget left (not of one script's --timeout), then capped by the timeout.
+        share = max(_MIN_SCRIPT_SECONDS, budget_left() * weights[0] / sum(weights))
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "result.json"
             cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--json", str(path)]

@@ -56,13 +56,14 @@ def test_each_script_is_recorded_and_a_failure_does_not_stop_the_others(run_all,
     assert {"date", "torch", "triton", "device", "commit"} <= report["environment"].keys()
 
 
-def run_within_budget(run_all, monkeypatch, tmp_path, scripts, share_weights: dict, budget: int) -> dict:
+def run_within_budget(run_all, monkeypatch, tmp_path, scripts, share_weights: dict, budget: int,
+                      *more_args: str) -> dict:
     """run_all.main over ``scripts`` with the given share weights and --budget; asserts that it reports a failure
     (a script timed out) and returns the report's benchmark entries."""
     monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
     monkeypatch.setattr(run_all, "SHARE_WEIGHTS", share_weights)
     monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
-    assert run_all.main(["--budget", str(budget), "--results-dir", str(tmp_path / "results")]) == 1
+    assert run_all.main(["--budget", str(budget), "--results-dir", str(tmp_path / "results"), *more_args]) == 1
     return read_report(tmp_path / "results")["benchmarks"]
 
 
@@ -137,6 +138,15 @@ def test_a_script_stopped_by_its_share_keeps_its_rows_and_leaves_time_to_the_oth
     assert hangs["results"] == {"rows": [{"name": "measured before the hang"}]}
     assert "first row done" in hangs["output_tail"]
     assert fast["exit_code"] == 0 and also_fast["exit_code"] == 0
+
+
+def test_shares_are_of_the_budget_and_capped_by_the_timeout(run_all, monkeypatch, tmp_path):
+    scripts = write_scripts(tmp_path, hangs=ROW_THEN_HANG_SCRIPT, fast=FAST_SCRIPT, also_fast=FAST_SCRIPT)
+    benchmarks = run_within_budget(run_all, monkeypatch, tmp_path, scripts, {Path(scripts[0]).name: 2}, 30,
+                                   "--timeout", "12")
+    # Half of the 30 s budget is 15 s, capped at the 12 s timeout (a share of the timeout would be 6 s).
+    assert benchmarks[scripts[0]]["exit_code"] == 124 and 11 <= benchmarks[scripts[0]]["seconds"] <= 14
+    assert all(benchmarks[s]["exit_code"] == 0 for s in scripts[1:])
 
 
 def test_kernel_benchmarks_write_their_rows_as_they_go(monkeypatch, tmp_path):
