@@ -105,11 +105,10 @@ def make_flex():
             q, k, v = x.view(batch, rows, win_rows, cols, win_cols, 3, heads, head_dim).permute(
                 5, 0, 1, 3, 6, 2, 4, 7).reshape(3, batch * rows * cols, heads, win_rows * win_cols, head_dim)
             bias = table[_relative_position_index(win_rows, win_cols, qkv.device)].permute(2, 0, 1).float()
-            masks = _shift_masks(win_rows, win_cols, qkv.device)
+            group_masks = _shift_masks(win_rows, win_cols, qkv.device)
             window_row = torch.arange(batch * rows * cols, device=qkv.device) // cols % rows
             window_col = torch.arange(batch * rows * cols, device=qkv.device) % cols
             group = (window_row == rows - 1).long() * 2 + (window_col == cols - 1).long()
-            group_masks = torch.stack([masks[False, False], masks[False, True], masks[True, False], masks[True, True]])
 
             def score_mod(score, b, h, q_index, kv_index):
                 score = score + bias[h, q_index, kv_index]

@@ -31,9 +31,9 @@ PyTorch path, which is also the CPU path outside the interpreter.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -662,32 +662,25 @@ def _relative_position_index(win_rows: int, win_cols: int, device: torch.device)
 
 
 @cached_outside_compile
-def _shift_masks(win_rows: int, win_cols: int, device: torch.device) -> dict:
-    """Additive mask of a window by (last window row?, last window column?): interior windows hold one region."""
+def _shift_masks(win_rows: int, win_cols: int, device: torch.device) -> torch.Tensor:
+    """(4, N, N) additive masks of an interior window, a last-column window, a last-row window and the last window,
+    indexed by 2 * last_row + last_col: interior windows hold one region."""
     def regions(win: int, last: bool) -> torch.Tensor:
         offsets = torch.arange(win, device=device)
         # In the last window of an axis, [L-win, L-shift) is region 1 and [L-shift, L) region 2.
         return 1 + (offsets >= win - win // 2).long() if last else torch.zeros(win, dtype=torch.long, device=device)
 
-    masks = {}
+    masks = []
     for last_row in (False, True):
         for last_col in (False, True):
             region = (3 * regions(win_rows, last_row)[:, None] + regions(win_cols, last_col)[None, :]).flatten()
-            masks[last_row, last_col] = (region[:, None] != region[None, :]).float() * SHIFT_MASK_VALUE
-    return masks
-
-
-def _shifted_window_biases(bias: torch.Tensor, win_rows: int, win_cols: int) -> torch.Tensor:
-    """(4, heads, N, N): the bias plus the shift mask of an interior window, a last-column window, a last-row
-    window and the last window, indexed by 2 * last_row + last_col."""
-    masks = _shift_masks(win_rows, win_cols, bias.device)
-    return torch.stack([bias + masks[last_row, last_col].to(bias.dtype)
-                        for last_row in (False, True) for last_col in (False, True)])
+            masks.append((region[:, None] != region[None, :]).float() * SHIFT_MASK_VALUE)
+    return torch.stack(masks)
 
 
 def _window_bias_kinds(batch: int, rows_of_windows: int, cols_of_windows: int, columns_outer: bool) -> list[int]:
-    """Index into :func:`_shifted_window_biases` of every window, batch-major, then by row and column of windows
-    (by column and row with ``columns_outer``)."""
+    """Index into :func:`_shift_masks` of every window, batch-major, then by row and column of windows (by column
+    and row with ``columns_outer``)."""
     if columns_outer:
         windows = [(row, col) for col in range(cols_of_windows) for row in range(rows_of_windows)]
     else:
@@ -717,8 +710,171 @@ def _window_attention(q, k, v_t, bias, scale):
     return torch.matmul(v_t, torch.softmax(scores, dim=-1).transpose(-1, -2))
 
 
+class _AxisRun(NamedTuple):
+    """Positions along one axis of a branch's padded, rolled map that read consecutive image positions: the
+    in-window offsets [first_offset, first_offset + offsets) of windows [first_window, first_window + windows),
+    from image position ``source`` on. A run spans whole windows or lies inside one."""
+
+    first_window: int
+    windows: int
+    first_offset: int
+    offsets: int
+    source: int
+
+    @property
+    def window_slice(self) -> slice:
+        return slice(self.first_window, self.first_window + self.windows)
+
+    @property
+    def offset_slice(self) -> slice:
+        return slice(self.first_offset, self.first_offset + self.offsets)
+
+
+def _axis_runs(length: int, padded_length: int, window: int, shift: int) -> tuple[_AxisRun, ...]:
+    """Position p of the rolled map holds image position (p + shift) mod padded_length, or padding where that is
+    >= length: the runs that cover every image position once and no padding."""
+    segments = [(0, length - shift, shift)]  # (first position, end position, first image position)
+    if shift:
+        segments.append((padded_length - shift, min(padded_length, padded_length - shift + length), 0))
+    runs = []
+    for start, stop, source in segments:
+        position = start
+        while position < stop:
+            first_window, first_offset = divmod(position, window)
+            if first_offset or stop - position < window:
+                offsets = min(stop - position, window - first_offset)
+                runs.append(_AxisRun(first_window, 1, first_offset, offsets, source + position - start))
+                position += offsets
+            else:
+                windows = (stop - position) // window
+                runs.append(_AxisRun(first_window, windows, 0, window, source + position - start))
+                position += windows * window
+    return tuple(runs)
+
+
+class _BranchGeometry(NamedTuple):
+    """Where a branch's windows sit in the image. Windows are stored with the longer axis of windows innermost
+    (``columns_outer`` when there are more rows than columns of windows): shifted blocks change bias only at the
+    last row and column of windows, so this gives the longest runs of windows that share one bias."""
+
+    window: tuple[int, int]
+    grid: tuple[int, int]  # rows and columns of windows
+    columns_outer: bool
+    padded: bool
+    row_runs: tuple[_AxisRun, ...]
+    col_runs: tuple[_AxisRun, ...]
+
+    @property
+    def window_order(self) -> tuple[int, int]:
+        """(outer, inner) counts of windows in storage order."""
+        return self.grid[::-1] if self.columns_outer else self.grid
+
+    def tokens_in_image_order(self, windows: torch.Tensor) -> torch.Tensor:
+        """(B, outer, inner, heads, win_rows, win_cols, *rest) window storage -> a (B, rows of windows, win_rows,
+        columns of windows, win_cols, heads, *rest) view."""
+        rest = tuple(range(6, windows.dim()))
+        grid = (2, 4, 1, 5) if self.columns_outer else (1, 4, 2, 5)
+        return windows.permute(0, *grid, 3, *rest)
+
+    def copy_runs(self, windows: torch.Tensor, image: torch.Tensor, into_windows: bool) -> None:
+        """Copy between an image (B, H, W, *channels) and a view of window storage in image order (B, rows of
+        windows, win_rows, columns of windows, win_cols, *channels), one copy per pair of row and column runs."""
+        for rows in self.row_runs:
+            image_rows = image.narrow(1, rows.source, rows.windows * rows.offsets).unflatten(
+                1, (rows.windows, rows.offsets))
+            window_rows = windows[:, rows.window_slice, rows.offset_slice]
+            for cols in self.col_runs:
+                image_part = image_rows.narrow(3, cols.source, cols.windows * cols.offsets).unflatten(
+                    3, (cols.windows, cols.offsets))
+                window_part = window_rows[:, :, :, cols.window_slice, cols.offset_slice]
+                if into_windows:
+                    window_part.copy_(image_part)
+                else:
+                    image_part.copy_(window_part)
+
+    def new_windows(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        """Window storage; padded slots are zeros (padded keys take part in the softmax)."""
+        return (torch.zeros if self.padded else torch.empty)(*shape, dtype=like.dtype, device=like.device)
+
+
+@cached_outside_compile
+def _branch_geometry(H: int, W: int, split_size: tuple[int, int], shifted: bool, branch: int) -> _BranchGeometry:
+    win_rows, win_cols = _branch_window(split_size, branch)
+    padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
+    grid = (padded_H // win_rows, padded_W // win_cols)
+    return _BranchGeometry(
+        window=(win_rows, win_cols), grid=grid, columns_outer=grid[0] > grid[1],
+        padded=(padded_H, padded_W) != (H, W),
+        row_runs=_axis_runs(H, padded_H, win_rows, win_rows // 2 if shifted else 0),
+        col_runs=_axis_runs(W, padded_W, win_cols, win_cols // 2 if shifted else 0))
+
+
+class _WindowPartition(torch.autograd.Function):
+    """q, k and v of both branches from the qkv image (B, H, W, 3, 2, heads, head_dim), in window storage:
+    q and k as (2, B, outer, inner, heads, win_rows, win_cols, head_dim), v transposed as (B, outer, inner, heads,
+    head_dim, win_rows, win_cols). Each image token is copied once, straight to its window slot: padding, the
+    cyclic shift and the partition make no intermediate copies. The backward copies the gradients back the same
+    way; a function of its own so that autograd does not add one zero-filled image-sized gradient per copy."""
+
+    @staticmethod
+    def forward(ctx, image, geometries):
+        ctx.geometries, ctx.image_shape = geometries, image.shape
+        batch, heads, head_dim = image.shape[0], image.shape[5], image.shape[6]
+        windows = []
+        for branch, geometry in enumerate(geometries):
+            window_shape = (batch, *geometry.window_order, heads)
+            qk = geometry.new_windows(image, 2, *window_shape, *geometry.window, head_dim)
+            v_t = geometry.new_windows(image, *window_shape, head_dim, *geometry.window)
+            q_k_v = image[:, :, :, :, branch]
+            geometry.copy_runs(geometry.tokens_in_image_order(qk.movedim(0, -2)), q_k_v[:, :, :, :2].movedim(3, -2),
+                               into_windows=True)
+            geometry.copy_runs(geometry.tokens_in_image_order(v_t.movedim(4, -1)), q_k_v[:, :, :, 2],
+                               into_windows=True)
+            windows += [qk, v_t]
+        return tuple(windows)
+
+    @staticmethod
+    def backward(ctx, *grad_windows):
+        grad_image = grad_windows[0].new_empty(ctx.image_shape)  # every element belongs to one window slot
+        for branch, geometry in enumerate(ctx.geometries):
+            grad_qk, grad_v_t = grad_windows[2 * branch:2 * branch + 2]
+            grad_q_k_v = grad_image[:, :, :, :, branch]
+            geometry.copy_runs(geometry.tokens_in_image_order(grad_qk.movedim(0, -2)),
+                               grad_q_k_v[:, :, :, :2].movedim(3, -2), into_windows=False)
+            geometry.copy_runs(geometry.tokens_in_image_order(grad_v_t.movedim(4, -1)), grad_q_k_v[:, :, :, 2],
+                               into_windows=False)
+        return grad_image, None
+
+
+class _WindowMerge(torch.autograd.Function):
+    """The image (B, H, W, 2, heads, head_dim) of both branches' transposed outputs (B, outer, inner, heads,
+    head_dim, win_rows, win_cols): undoes the partition, cyclic shift and padding in one copy per run."""
+
+    @staticmethod
+    def forward(ctx, geometries, image_shape, *outputs_t):
+        ctx.geometries = geometries
+        image = outputs_t[0].new_empty(image_shape)  # both branches together write every element
+        for branch, (geometry, out_t) in enumerate(zip(geometries, outputs_t)):
+            geometry.copy_runs(geometry.tokens_in_image_order(out_t.movedim(4, -1)), image[:, :, :, branch],
+                               into_windows=False)
+        return image
+
+    @staticmethod
+    def backward(ctx, grad_image):
+        grads_t = []
+        for branch, geometry in enumerate(ctx.geometries):
+            batch, heads, head_dim = grad_image.shape[0], grad_image.shape[4], grad_image.shape[5]
+            grad_t = geometry.new_windows(grad_image, batch, *geometry.window_order, heads, head_dim,
+                                          *geometry.window)
+            geometry.copy_runs(geometry.tokens_in_image_order(grad_t.movedim(4, -1)),
+                               grad_image[:, :, :, branch], into_windows=True)
+            grads_t.append(grad_t)
+        return None, None, *grads_t
+
+
 def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
-    """The reference semantics with PyTorch operations: padded and rolled window copies, no per-window mask.
+    """The reference semantics with PyTorch operations: window storage filled and emptied by copies that do the
+    padding and shifts (:class:`_WindowPartition`, :class:`_WindowMerge`), no per-window mask.
 
     Eager mode attends runs of windows whose scores hold about ``score_elements_per_step``: on CPU they then stay
     in a core's L2 cache, which made the attention 1.5x (idle memory) to 3x (memory shared with a busy core)
@@ -729,32 +885,18 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
     embed_dim = qkv.shape[2] // 3
     heads_per_branch = num_heads // 2
     head_dim = embed_dim // num_heads
-    padded_H, padded_W = _padded(H, split_size), _padded(W, split_size)
-    # unbind and split rather than indexing and slicing, here and below: their backward is one stack or cat, where
-    # each index or slice would add a gradient the size of the whole tensor, zero-filled.
-    branch_images = qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim).unbind(4)
-    branch_outputs = []
-    for branch, (x, table) in enumerate(zip(branch_images, (bias_table_0, bias_table_1))):
-        win_rows, win_cols = _branch_window(split_size, branch)
+    geometries = tuple(_branch_geometry(H, W, tuple(split_size), shifted, branch) for branch in (0, 1))
+    windows = _WindowPartition.apply(qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim), geometries)
+    outputs_t = []
+    for branch, (geometry, table) in enumerate(zip(geometries, (bias_table_0, bias_table_1))):
+        win_rows, win_cols = geometry.window
         window_tokens = win_rows * win_cols
-        rows_of_windows, cols_of_windows = padded_H // win_rows, padded_W // win_cols
-        if (padded_H, padded_W) != (H, W):
-            x = F.pad(x, (0, 0, 0, 0, 0, 0, 0, padded_W - W, 0, padded_H - H))
-        if shifted:
-            x = torch.roll(x, shifts=(-(win_rows // 2), -(win_cols // 2)), dims=(1, 2))
-        x = x.view(batch, rows_of_windows, win_rows, cols_of_windows, win_cols, 3, heads_per_branch, head_dim)
-        # Windows are ordered with the longer axis of windows innermost: shifted blocks change bias only at the
-        # last row and column of windows, so this gives the longest runs of windows that share one bias.
-        columns_outer = rows_of_windows > cols_of_windows
-        outer, inner = (3, 1) if columns_outer else (1, 3)
-        qk, v = x.split([2, 1], dim=5)
-        q, k = qk.permute(5, 0, outer, inner, 6, 2, 4, 7).reshape(
-            2, -1, heads_per_branch, window_tokens, head_dim).unbind(0)
-        v_t = v.permute(5, 0, outer, inner, 6, 7, 2, 4).reshape(-1, heads_per_branch, head_dim, window_tokens)
+        qk, v_t = windows[2 * branch:2 * branch + 2]
+        q, k = qk.view(2, -1, heads_per_branch, window_tokens, head_dim).unbind(0)
+        v_t = v_t.view(-1, heads_per_branch, head_dim, window_tokens)
         bias = table.t()[:, _relative_position_index(win_rows, win_cols, qkv.device)].to(qkv.dtype)
-        biases = _shifted_window_biases(bias, win_rows, win_cols) if shifted else bias[None]
-        kinds = (_window_bias_kinds(batch, rows_of_windows, cols_of_windows, columns_outer) if shifted
-                 else [0] * q.shape[0])
+        biases = bias + _shift_masks(win_rows, win_cols, qkv.device)[:, None].to(qkv.dtype) if shifted else bias[None]
+        kinds = _window_bias_kinds(batch, *geometry.grid, geometry.columns_outer) if shifted else [0] * q.shape[0]
         if torch.compiler.is_compiling():
             out_t = _window_attention(q, k, v_t, biases[torch.tensor(kinds, device=qkv.device)], scale)
         else:
@@ -762,17 +904,13 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
             steps = _window_steps(kinds, windows_per_step)
             sizes = [stop - start for start, stop, _ in steps]
             kind_biases = biases.unbind(0)
-            out_t = torch.cat([_window_attention(q_step, k_step, v_t_step, kind_biases[kind], scale)
-                               for q_step, k_step, v_t_step, (_, _, kind)
-                               in zip(q.split(sizes), k.split(sizes), v_t.split(sizes), steps)])
-        window_grid = (cols_of_windows, rows_of_windows) if columns_outer else (rows_of_windows, cols_of_windows)
-        out = out_t.view(batch, *window_grid, heads_per_branch, head_dim, win_rows, win_cols)
-        out = out.permute((0, 2, 5, 1, 6, 3, 4) if columns_outer else (0, 1, 5, 2, 6, 3, 4))
-        out = out.reshape(batch, padded_H, padded_W, heads_per_branch * head_dim)
-        if shifted:
-            out = torch.roll(out, shifts=(win_rows // 2, win_cols // 2), dims=(1, 2))
-        branch_outputs.append(out[:, :H, :W])
-    return torch.cat(branch_outputs, dim=-1).reshape(batch, H * W, embed_dim)
+            steps_out_t = [_window_attention(q_step, k_step, v_t_step, kind_biases[kind], scale)
+                           for q_step, k_step, v_t_step, (_, _, kind)
+                           in zip(q.split(sizes), k.split(sizes), v_t.split(sizes), steps)]
+            out_t = steps_out_t[0] if len(steps_out_t) == 1 else torch.cat(steps_out_t)
+        outputs_t.append(out_t.view(batch, *geometry.window_order, heads_per_branch, head_dim, *geometry.window))
+    image = _WindowMerge.apply(geometries, (batch, H, W, 2, heads_per_branch, head_dim), *outputs_t)
+    return image.view(batch, H * W, embed_dim)
 
 
 # ----------------------------------------------------------------------------------------------------------------

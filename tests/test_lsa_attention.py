@@ -334,6 +334,25 @@ def test_window_steps_are_runs_of_one_bias(kinds, per_step):
         assert stop - start == per_step or kind != next_kind
 
 
+@given(length=st.integers(1, 200), window=st.sampled_from([1, 4, 8, 32]), multiple=st.sampled_from([1, 2, 4]),
+       shifted=st.booleans())
+def test_axis_runs_read_every_image_position_once_from_the_rolled_padded_map(length, window, multiple, shifted):
+    """Position p of the padded map, rolled by the shift, holds image position (p + shift) mod padded_length, or
+    padding past the image: the runs copy exactly those positions, each image position once, and no padding."""
+    padded_length = -(-length // (window * multiple)) * window * multiple
+    shift = window // 2 if shifted else 0
+    covered = []
+    for run in lsa._axis_runs(length, padded_length, window, shift):
+        assert run.windows == 1 or (run.first_offset, run.offsets) == (0, window)
+        assert 0 <= run.first_offset and run.first_offset + run.offsets <= window
+        positions = [w * window + o for w in range(run.first_window, run.first_window + run.windows)
+                     for o in range(run.first_offset, run.first_offset + run.offsets)]
+        assert [(p + shift) % padded_length for p in positions] == list(range(run.source, run.source + len(positions)))
+        covered += positions
+    expected = [p for p in range(padded_length) if (p + shift) % padded_length < length]
+    assert sorted(covered) == expected
+
+
 def test_steps_fit_l2_only_on_eager_cpu():
     """CPU steps stay near a core's L2 cache; on GPUs (a launch per step) and under torch.compile (unrolled
     steps) they only bound memory."""
