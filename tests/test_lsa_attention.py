@@ -282,6 +282,8 @@ TORCH_PATH_CASES = {
     "64x64-shifted-cached-mask": (64, 64, 2, 180, 6, True, 64),
     "64x64-unshifted": (64, 64, 1, 180, 6, False, 64),
     "40x100-shifted": (40, 100, 1, 64, 2, True, 128),
+    # Smaller than the shifts (4 and 16): every image position lands in the last window row or column.
+    "3x13-shifted": (3, 13, 2, 64, 2, True, 64),
 }
 
 
