@@ -52,6 +52,13 @@ class ChannelsLastLayout(reference.TokenImageLayout):
 class FusedSpatialGate(ChannelsLastLayout, reference.SpatialGate):
     """The MLP's gate on the torch backend (the triton backend replaces it with one op in ``FusedMLP``)."""
 
+    def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        # LayerNorm's CPU backward on the strided half took 1.7x as long as a copy plus the contiguous backward
+        # (a training step of RGT-S x4 at 64x64: 2.5% faster); the forward costs the same either way.
+        x2 = self.image_to_tokens(self.conv(self.tokens_to_image(self.norm(x2.contiguous()), H, W)))
+        return x1 * x2
+
 
 class FusedResidualGroup(ChannelsLastLayout, reference.ResidualGroup):
     """Residual group whose closing convolution runs on a channels-last view of the tokens."""
