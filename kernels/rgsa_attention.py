@@ -57,6 +57,7 @@ from ._common import (
     on_device_of,
     score_elements_per_step,
     triton_runs_on,
+    values_times_probabilities_t,
 )
 
 # The kernels work in base 2 (exp2 and log2 are single instructions); lse is stored as a natural log.
@@ -592,7 +593,7 @@ def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     rows_per_slice = max(1, score_elements_per_step(q.device) // max(1, batch * num_heads * num_keys))
     scaled_k_t = k.permute(0, 2, 3, 1) * scale
     v_t = v.permute(0, 2, 3, 1)
-    outs_t = [torch.matmul(v_t, torch.softmax(torch.matmul(q_slice.transpose(1, 2), scaled_k_t), dim=-1).mT)
+    outs_t = [values_times_probabilities_t(v_t, torch.softmax(torch.matmul(q_slice.transpose(1, 2), scaled_k_t), -1))
               for q_slice in q.split(rows_per_slice, dim=1)]
     out_t = outs_t[0] if len(outs_t) == 1 else torch.cat(outs_t, dim=3)  # cat would copy even one slice
     return out_t.permute(0, 3, 1, 2).contiguous()

@@ -336,6 +336,21 @@ def test_window_steps_are_runs_of_one_bias(kinds, per_step):
         assert stop - start == per_step or kind != next_kind
 
 
+def test_values_times_probabilities_t_has_matmuls_gradients():
+    """The product both PyTorch attention paths end with: its hand-written backward (p's gradient in p's layout)
+    gives autograd's gradients and second derivatives, on strided inputs."""
+    from rgt_fast.kernels._common import values_times_probabilities_t
+
+    # D = 7 value channels, N = 11 keys, M = 5 queries; both inputs are transposed views.
+    v_t = torch.randn(2, 3, 11, 7, dtype=torch.float64).transpose(-1, -2).requires_grad_()
+    probabilities = torch.softmax(torch.randn(2, 3, 11, 5, dtype=torch.float64), dim=-2).transpose(-1, -2)
+    probabilities.requires_grad_()
+    out = values_times_probabilities_t(v_t, probabilities)
+    torch.testing.assert_close(out, v_t @ probabilities.transpose(-1, -2), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(values_times_probabilities_t, (v_t, probabilities))
+    assert torch.autograd.gradgradcheck(values_times_probabilities_t, (v_t, probabilities))
+
+
 @given(length=st.integers(1, 200), window=st.sampled_from([1, 4, 8, 32]), multiple=st.sampled_from([1, 2, 4]),
        shifted=st.booleans())
 def test_axis_runs_read_every_image_position_once_from_the_rolled_padded_map(length, window, multiple, shifted):
