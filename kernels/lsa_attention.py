@@ -777,6 +777,18 @@ class _BranchGeometry(NamedTuple):
         grid = (2, 4, 1, 5) if self.columns_outer else (1, 4, 2, 5)
         return windows.permute(0, *grid, 3, *rest)
 
+    def transposed_in_image_order(self, windows_t: torch.Tensor) -> torch.Tensor:
+        """Transposed storage (B, outer, inner, heads, head_dim, win_rows, win_cols), of v and of the outputs, as
+        a (B, rows of windows, win_rows, columns of windows, win_cols, heads, head_dim) view."""
+        return self.tokens_in_image_order(windows_t.movedim(4, -1))
+
+    def copy_q_k_v(self, qk: torch.Tensor, v_t: torch.Tensor, q_k_v: torch.Tensor, into_windows: bool) -> None:
+        """Copy between the branch's q, k and v image (B, H, W, 3, heads, head_dim) and its storage: q and k
+        stacked as (2, B, outer, inner, heads, win_rows, win_cols, head_dim), v transposed."""
+        self.copy_runs(self.tokens_in_image_order(qk.movedim(0, -2)), q_k_v[:, :, :, :2].movedim(3, -2),
+                       into_windows)
+        self.copy_runs(self.transposed_in_image_order(v_t), q_k_v[:, :, :, 2], into_windows)
+
     def copy_runs(self, windows: torch.Tensor, image: torch.Tensor, into_windows: bool) -> None:
         """Copy between an image (B, H, W, *channels) and a view of window storage in image order (B, rows of
         windows, win_rows, columns of windows, win_cols, *channels), one copy per pair of row and column runs."""
@@ -826,11 +838,7 @@ class _WindowPartition(torch.autograd.Function):
             window_shape = (batch, *geometry.window_order, heads)
             qk = geometry.new_windows(image, 2, *window_shape, *geometry.window, head_dim)
             v_t = geometry.new_windows(image, *window_shape, head_dim, *geometry.window)
-            q_k_v = image[:, :, :, :, branch]
-            geometry.copy_runs(geometry.tokens_in_image_order(qk.movedim(0, -2)), q_k_v[:, :, :, :2].movedim(3, -2),
-                               into_windows=True)
-            geometry.copy_runs(geometry.tokens_in_image_order(v_t.movedim(4, -1)), q_k_v[:, :, :, 2],
-                               into_windows=True)
+            geometry.copy_q_k_v(qk, v_t, image[:, :, :, :, branch], into_windows=True)
             windows += [qk, v_t]
         return tuple(windows)
 
@@ -839,11 +847,7 @@ class _WindowPartition(torch.autograd.Function):
         grad_image = grad_windows[0].new_empty(ctx.image_shape)  # every element belongs to one window slot
         for branch, geometry in enumerate(ctx.geometries):
             grad_qk, grad_v_t = grad_windows[2 * branch:2 * branch + 2]
-            grad_q_k_v = grad_image[:, :, :, :, branch]
-            geometry.copy_runs(geometry.tokens_in_image_order(grad_qk.movedim(0, -2)),
-                               grad_q_k_v[:, :, :, :2].movedim(3, -2), into_windows=False)
-            geometry.copy_runs(geometry.tokens_in_image_order(grad_v_t.movedim(4, -1)), grad_q_k_v[:, :, :, 2],
-                               into_windows=False)
+            geometry.copy_q_k_v(grad_qk, grad_v_t, grad_image[:, :, :, :, branch], into_windows=False)
         return grad_image, None
 
 
@@ -856,19 +860,18 @@ class _WindowMerge(torch.autograd.Function):
         ctx.geometries = geometries
         image = outputs_t[0].new_empty(image_shape)  # both branches together write every element
         for branch, (geometry, out_t) in enumerate(zip(geometries, outputs_t)):
-            geometry.copy_runs(geometry.tokens_in_image_order(out_t.movedim(4, -1)), image[:, :, :, branch],
-                               into_windows=False)
+            geometry.copy_runs(geometry.transposed_in_image_order(out_t), image[:, :, :, branch], into_windows=False)
         return image
 
     @staticmethod
     def backward(ctx, grad_image):
+        batch, heads, head_dim = grad_image.shape[0], grad_image.shape[4], grad_image.shape[5]
         grads_t = []
         for branch, geometry in enumerate(ctx.geometries):
-            batch, heads, head_dim = grad_image.shape[0], grad_image.shape[4], grad_image.shape[5]
             grad_t = geometry.new_windows(grad_image, batch, *geometry.window_order, heads, head_dim,
                                           *geometry.window)
-            geometry.copy_runs(geometry.tokens_in_image_order(grad_t.movedim(4, -1)),
-                               grad_image[:, :, :, branch], into_windows=True)
+            geometry.copy_runs(geometry.transposed_in_image_order(grad_t), grad_image[:, :, :, branch],
+                               into_windows=True)
             grads_t.append(grad_t)
         return None, None, *grads_t
 
