@@ -1,12 +1,15 @@
 """The fused RGT against the reference: outputs and every gradient, both backends, accelerate()."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 import rgt_fast
 from rgt_fast.kernels._common import INTERPRET
-from rgt_fast.model import RGT, FusedBlock, FusedLSA, FusedMLP, FusedRGSA, accelerate
+from rgt_fast.model import (ONEDNN_ON_X86, RGT, FusedBlock, FusedLSA, FusedMLP, FusedRGSA, TokenLinear, accelerate,
+                            linear_runs_on_onednn)
 from rgt_fast.reference import RGT as ReferenceRGT
 
 from numerics import assert_within_flash_attention_bound
@@ -75,6 +78,45 @@ def test_torch_backend_matches_reference_in_float64(size, training):
     fused = accelerate(reference, backend="torch")
     x = torch.rand(2, 3, *size, dtype=torch.float64)
     compare(reference, fused, x, training, atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.skipif(not ONEDNN_ON_X86, reason="TokenLinear takes the oneDNN path only on x86 builds with oneDNN")
+@pytest.mark.parametrize("training", [False, True])
+def test_onednn_linears_keep_the_float32_accuracy_of_f_linear(training, monkeypatch):
+    """Against float64, the fused float32 model with every linear on oneDNN (the position-bias MLPs' small ones
+    included) errs at most twice as much as with every linear on F.linear: outputs and every gradient."""
+    reference = perturbed_reference().train(training)
+    exact = copy.deepcopy(reference).double()
+    fused = accelerate(reference, backend="torch")
+    linears = [m for m in fused.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m, TokenLinear) for m in linears)
+    onednn_calls = []
+    for linear in linears:
+        linear.register_forward_pre_hook(lambda m, args: onednn_calls.append(linear_runs_on_onednn(args[0], m.weight)))
+    x = torch.rand(2, 3, 19, 26)
+    grad = torch.randn(2, 3, 38, 52)
+
+    def run(model, min_macs):
+        monkeypatch.setattr(rgt_fast.model, "ONEDNN_LINEAR_MIN_MACS", min_macs)
+        model.zero_grad()
+        dtype = next(model.parameters()).dtype
+        out = model(x.to(dtype))
+        if training:
+            out.backward(grad.to(dtype))
+        return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+    exact_out, exact_grads = run(exact, 0)
+    blas_out, blas_grads = run(fused, 1 << 62)
+    assert onednn_calls and not any(onednn_calls)
+    onednn_calls.clear()
+    onednn_out, onednn_grads = run(fused, 0)
+    assert len(onednn_calls) >= len(linears) and all(onednn_calls)
+    assert_within_flash_attention_bound(onednn_out, blas_out, exact_out, 1e-6, "output")
+    assert len(onednn_grads) == len(exact_grads) == (len(list(fused.parameters())) if training else 0)
+    # The position-bias MLPs' gradients cancel almost to zero, so the slack scales with the model's largest one.
+    scale = max((g.abs().max().item() for g in exact_grads.values()), default=0.0)
+    for name, exact_grad in exact_grads.items():
+        assert_within_flash_attention_bound(onednn_grads[name], blas_grads[name], exact_grad, 1e-6 * scale, name)
 
 
 @needs_triton_device
