@@ -78,7 +78,10 @@ class TokenLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         in_features = x.shape[-1]
         rows = x.reshape(1, 1, -1, in_features).permute(0, 3, 1, 2)  # (1, K, 1, M), channels-last: a view
-        out = F.conv2d(rows, self.weight.view(*self.weight.shape, 1, 1), self.bias)
+        # Called directly: F.conv2d hands 1x1 convolutions of a single image to its slower native path when
+        # PyTorch runs on one thread.
+        out = torch.mkldnn_convolution(rows, self.weight.view(*self.weight.shape, 1, 1), self.bias, (0, 0), (1, 1),
+                                       (1, 1), 1)
         # Contiguous like F.linear's result; a no-op unless rows stored features-first made oneDNN choose NCHW.
         return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features).contiguous()
 
