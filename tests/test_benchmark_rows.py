@@ -6,6 +6,7 @@ its inputs, runs every implementation forward (and backward) and compares them, 
 the timing, which needs CUDA, is replaced.
 """
 import importlib
+import json
 import math
 import os
 import sys
@@ -214,3 +215,25 @@ def test_summary_refuses_a_file_that_is_not_a_run_all_report(load_benchmark, tmp
     assert "not a run_all.py report" in capsys.readouterr().err
     assert summarize.main([str(tmp_path / "missing.json")]) == 2
     assert "cannot read" in capsys.readouterr().err
+
+
+def test_token_linear_benchmark_rows(monkeypatch, tmp_path):
+    """The CPU benchmark of TokenLinear against F.linear: every linear of the model, a row per shape and thread
+    count, the dispatch recorded, both ways agreeing."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
+    bench_token_linear = importlib.import_module("bench_token_linear")
+    report = tmp_path / "token_linear.json"
+    threads = torch.get_num_threads()
+    try:
+        assert bench_token_linear.main(["--size", "20x36", "--threads", "1", "--warmup", "0", "--iters", "1",
+                                        "--json", str(report)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    rows = json.loads(report.read_text())["results"]
+    shapes = {(row["rows"], row["in_features"], row["out_features"]) for row in rows}
+    assert (720, 180, 540) in shapes and (720, 180, 360) in shapes, "the L-SA qkv and the MLP's fc1 on 20x36 tokens"
+    assert sum(row["calls_per_forward"] for row in rows if row["in_features"] == 180 and row["rows"] == 720) > 36
+    for row in rows:
+        assert row["onednn"] == (rgt_fast.model.ONEDNN_ON_X86 and row["rows"] * row["in_features"]
+                                 * row["out_features"] >= rgt_fast.model.ONEDNN_LINEAR_MIN_MACS)
+        assert row["max_abs_difference"] < 1e-3 and row["forward_token_linear_ms"] > 0
