@@ -79,10 +79,13 @@ class TokenLinear(nn.Linear):
             return F.linear(x, self.weight, self.bias)
         in_features = x.shape[-1]
         rows = x.reshape(1, 1, -1, in_features).permute(0, 3, 1, 2)  # (1, K, 1, M), channels-last: a view
-        # Called directly: F.conv2d hands 1x1 convolutions of a single image to its slower native path when
-        # PyTorch runs on one thread.
-        out = torch.mkldnn_convolution(rows, self.weight.view(*self.weight.shape, 1, 1), self.bias, (0, 0), (1, 1),
-                                       (1, 1), 1)
+        kernel = self.weight.view(*self.weight.shape, 1, 1)
+        if torch.compiler.is_compiling():
+            out = F.conv2d(rows, kernel, self.bias)  # mkldnn_convolution has no fake-tensor implementation
+        else:
+            # Called directly in eager mode: F.conv2d hands 1x1 convolutions of a single image to its native
+            # (MKL) path when PyTorch runs on one thread, 2x slower here.
+            out = torch.mkldnn_convolution(rows, kernel, self.bias, (0, 0), (1, 1), (1, 1), 1)
         # Contiguous like F.linear's result; a no-op unless rows stored features-first made oneDNN choose NCHW.
         return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features).contiguous()
 

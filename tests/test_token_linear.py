@@ -77,3 +77,21 @@ def test_fallback_is_f_linear():
     x = torch.randn(3, 5, 180, dtype=torch.float64)
     layer.double()
     torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=0, atol=0)
+
+
+@needs_onednn_on_x86
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_onednn_path_compiles_without_graph_breaks(backend):
+    layer = TokenLinear(180, 540)
+    x = torch.randn(1, 37 * 29, 180, requires_grad=True)
+    assert linear_runs_on_onednn(x, layer.weight)
+    explanation = torch._dynamo.explain(layer)(x)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    compiled = torch.compile(layer, backend=backend, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, layer(x), rtol=1e-5, atol=1e-4)
+    out.backward(grad := torch.randn_like(out))
+    compiled_grad = x.grad
+    x.grad = None
+    F.linear(x, layer.weight, layer.bias).backward(grad)
+    torch.testing.assert_close(compiled_grad, x.grad, rtol=1e-5, atol=1e-4)
