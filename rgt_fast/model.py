@@ -69,9 +69,10 @@ class TokenLinear(nn.Linear):
     """nn.Linear whose large float32 CPU products run as a 1x1 convolution on a channels-last view of the rows.
 
     PyTorch sends float32 matmuls to MKL, which runs its AVX2 code on AMD CPUs: about 200 GFLOP/s on the 2-core
-    Zen development machine, where oneDNN's convolution reaches 410-470 GFLOP/s on the same products (RGT's
-    token-sized linears, forward and backward alike). Input and output stay views, the bias is added inside the
-    convolution, and results differ from F.linear only by the order of the sums.
+    development machine, where oneDNN's convolution reaches 410-470 GFLOP/s on RGT's token-sized linears. The
+    backward gains as much on 2 threads; on one, PyTorch's convolution backward takes MKL again
+    (``benchmarks/bench_token_linear.py``). A contiguous input and the output stay views, the bias is added inside
+    the convolution, and results differ from F.linear only by the order of the sums.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
