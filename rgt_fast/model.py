@@ -78,17 +78,17 @@ class TokenLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not linear_runs_on_onednn(x, self.weight):
             return F.linear(x, self.weight, self.bias)
-        in_features = x.shape[-1]
-        rows = x.reshape(1, 1, -1, in_features).permute(0, 3, 1, 2)  # (1, K, 1, M), channels-last: a view
+        rows = x.reshape(1, -1, x.shape[-1])
+        image = tokens_as_image(rows, 1, rows.shape[1])  # (1, K, 1, M)
         kernel = self.weight.view(*self.weight.shape, 1, 1)
         if torch.compiler.is_compiling():
-            out = F.conv2d(rows, kernel, self.bias)  # mkldnn_convolution has no fake-tensor implementation
+            out = F.conv2d(image, kernel, self.bias)  # mkldnn_convolution has no fake-tensor implementation
         else:
             # Called directly in eager mode: F.conv2d hands 1x1 convolutions of a single image to its native
             # (MKL) path when PyTorch runs on one thread, 2x slower here.
-            out = torch.mkldnn_convolution(rows, kernel, self.bias, (0, 0), (1, 1), (1, 1), 1)
+            out = torch.mkldnn_convolution(image, kernel, self.bias, (0, 0), (1, 1), (1, 1), 1)
         # Contiguous like F.linear's result; a no-op unless rows stored features-first made oneDNN choose NCHW.
-        return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], self.out_features).contiguous()
+        return image_as_tokens(out).reshape(*x.shape[:-1], self.out_features).contiguous()
 
 
 class FusedSpatialGate(ChannelsLastLayout, reference.SpatialGate):
