@@ -6,6 +6,7 @@ from typing import Any
 from . import reference
 from .checkpoint import CheckpointError, load_model, read_state_dict, save_state_dict
 from .config import PRESETS, infer_hyperparameters, preset_kwargs
+from .cpu_allocator import retain_freed_cpu_memory
 from .inference import upscale
 from .matlab_resize import imresize
 from .model import RGT, accelerate
@@ -13,7 +14,7 @@ from .model import RGT, accelerate
 __version__ = "0.1.0"
 __all__ = ["RGT", "accelerate", "create_model", "create_model_from_kwargs", "load_model", "upscale", "imresize",
            "read_state_dict", "save_state_dict", "infer_hyperparameters", "preset_kwargs", "CheckpointError",
-           "PRESETS", "reference"]
+           "PRESETS", "reference", "retain_freed_cpu_memory"]
 
 
 def create_model_from_kwargs(kwargs: dict[str, Any], *, fused: bool = True, backend: str = "auto") -> reference.RGT:

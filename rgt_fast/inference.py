@@ -154,6 +154,8 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     in tiles of 512, then 256, 128 px.
     Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped.
     ``dtype`` "bf16"/"fp16" runs the model under autocast. ``self_ensemble`` averages the 8 flips/transposes.
+    On a Linux CPU, call :func:`rgt_fast.retain_freed_cpu_memory` once beforehand, as ``rgt-fast upscale`` does:
+    large images then run up to 2x faster.
     """
     scale, channels, device = _model_properties(model)
     autocast_dtype = _resolve_dtype(dtype)

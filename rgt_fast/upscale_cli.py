@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import load_model
+from .cpu_allocator import retain_freed_cpu_memory
 from .files import encode_png, read_image, write_atomically
 from .inference import DTYPES, upscale
 from .model import BACKENDS
@@ -170,6 +171,8 @@ def run_upscale(args: argparse.Namespace) -> int:
     except UsageError as err:
         print(f"rgt-fast upscale: error: {err}", file=sys.stderr)
         return 2
+    if next(model.parameters()).device.type == "cpu":
+        retain_freed_cpu_memory()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     options = dict(tile=args.tile, tile_overlap=args.tile_overlap, dtype=args.dtype,
                    self_ensemble=args.self_ensemble)

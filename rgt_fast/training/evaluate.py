@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import load_model
+from ..cpu_allocator import retain_freed_cpu_memory
 from ..inference import DTYPES, upscale
 from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
@@ -165,6 +166,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
     """``rgt-fast eval``: 0 when every image was scored, 1 when any failed."""
     configure_console_logging()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cpu":
+        retain_freed_cpu_memory()
     if args.opt:
         given = [f"--{name.replace('_', '-')}" for name in _FLAG_ONLY if getattr(args, name) not in (None, False)]
         if given:
