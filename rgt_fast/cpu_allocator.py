@@ -3,8 +3,9 @@
 With glibc's defaults, a block above the mmap threshold (128 KiB, raised as such blocks are freed up to 32 MiB; a
 256x256 feature map of 180 float32 channels is 47 MiB) is mapped from the system when allocated and unmapped when
 freed, and freed memory at the top of the heap is returned to the system. Layers then pay page faults on fresh
-zeroed pages for their outputs. On the 2-core development machine
-that made an RGT-S x4 forward at 256x256 take 19.5 s instead of 9.0 s, and at 128x128 2.9 s instead of 2.1 s.
+zeroed pages for their outputs. On the 2-core development machine that made an RGT-S x4 forward at 256x256 take
+19.1 s instead of 9.1 s, and at 128x128 2.9 s instead of 2.1 s. Retaining costs memory: the 256x256 peak was
+1166 MB instead of 690 MB (``benchmarks/results/cpu-2026-11-27-256x256*.json``).
 """
 from __future__ import annotations
 
