@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .config import preset_kwargs
-from .inference import DTYPES
+from .inference import DTYPES, parse_device
 from .model import accelerate
 from .reference import RGT as ReferenceRGT
 from .reference.rgt import recursion_count
@@ -329,7 +329,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["fp32"])
     parser.add_argument("--train", action="store_true", help="also time a training step (Adam, L1)")
-    parser.add_argument("--device", help="default: cuda if available, else cpu")
+    parser.add_argument("--device", type=parse_device, help="default: cuda if available, else cpu")
     parser.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
     parser.add_argument("--json", help="write the results here")
 

@@ -1,6 +1,7 @@
 """Whole-image and tiled super-resolution with any RGT-structured model."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 from typing import Union
 
@@ -13,6 +14,23 @@ from .reference.rgt import MIN_EVAL_SIZE
 
 Image = Union[np.ndarray, torch.Tensor]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def parse_device(text: str) -> torch.device:
+    """A ``--device`` argument checked against this machine, so a typo or a missing GPU is a usage error and not a
+    traceback from deep inside model loading."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a torch device; use cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        available = torch.cuda.device_count()
+        if available == 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= available:
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {available} CUDA device(s), "
+                                             f"cuda:0 to cuda:{available - 1}")
+    return device
 
 
 def _model_properties(model: nn.Module) -> tuple[int, int, torch.device]:

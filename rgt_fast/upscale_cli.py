@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .checkpoint import load_model
 from .cpu_allocator import retain_freed_cpu_memory
 from .files import encode_png, read_image, write_atomically
-from .inference import DTYPES, upscale
+from .inference import DTYPES, parse_device, upscale
 from .model import BACKENDS
 from .reference.rgt import MIN_EVAL_SIZE
 from .training.data import list_images
@@ -64,7 +64,7 @@ def add_upscale_arguments(parser: argparse.ArgumentParser) -> None:
                                                  "(default: whole images, tiles only when the GPU runs out)")
     parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles in input pixels")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="inference precision")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=parse_device, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="attention kernels: triton on CUDA with auto, plain PyTorch elsewhere")
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes (8x slower)")

@@ -74,3 +74,20 @@ def test_unknown_arguments_are_refused(capsys):
         main(["inspect", "w.pth", "--frobnicate"])
     assert info.value.code == 2
     assert "--frobnicate" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["upscale", "in.png", "-o", "out"], ["eval", "--weights", "w.pth"], ["bench"]])
+@pytest.mark.parametrize("device, message", [
+    ("gpu0", "is not a torch device; use cpu, cuda or cuda:N"),
+    # One past the last CUDA device: on a CPU-only machine that is cuda:0, which is refused as unavailable.
+    (f"cuda:{torch.cuda.device_count()}",
+     "no CUDA device is available here" if torch.cuda.device_count() == 0 else "CUDA device(s), cuda:0 to"),
+])
+def test_a_device_this_machine_lacks_is_a_usage_error(command, device, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        main([*command, "--device", device])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device" in err and message in err
+    assert not any(tmp_path.iterdir())  # refused before anything was read or written

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..cpu_allocator import retain_freed_cpu_memory
-from ..inference import DTYPES, upscale
+from ..inference import DTYPES, parse_device, upscale
 from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
 from ..reference.rgt import MIN_EVAL_SIZE
@@ -148,7 +148,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--self-ensemble", action="store_true", help="average the 8 flips/transposes")
     parser.add_argument("--json", type=Path, help="write per-image and per-set scores as JSON")
     parser.add_argument("--csv", type=Path, help="write per-image and per-set scores as CSV")
-    parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--device", type=parse_device, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="inference precision")
 
 
