@@ -320,13 +320,23 @@ def parse_size(text: str) -> tuple[int, int]:
     return h, w
 
 
+def parse_batch(text: str) -> int:
+    try:
+        batch = int(text)
+    except ValueError:
+        batch = 0
+    if batch < 1:
+        raise argparse.ArgumentTypeError(f"batch must be a positive whole number, got {text!r}")
+    return batch
+
+
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="one size, few repetitions (about a minute on CPU)")
     parser.add_argument("--model", choices=["RGT", "RGT-S"], default="RGT-S")
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--size", type=parse_size, nargs="+", help="input sizes HxW (default 64x64 on CPU, "
                         "128x128 on CUDA)")
-    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch", type=parse_batch, default=1)
     parser.add_argument("--dtype", choices=list(DTYPES), nargs="+", default=["fp32"])
     parser.add_argument("--train", action="store_true", help="also time a training step (Adam, L1)")
     parser.add_argument("--device", type=parse_device, help="default: cuda if available, else cpu")

@@ -91,3 +91,11 @@ def test_a_device_this_machine_lacks_is_a_usage_error(command, device, message, 
     err = capsys.readouterr().err
     assert "--device" in err and message in err
     assert not any(tmp_path.iterdir())  # refused before anything was read or written
+
+
+@pytest.mark.parametrize("batch", ["0", "-2", "two"])
+def test_bench_refuses_a_batch_that_is_not_a_positive_number(batch, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["bench", "--quick", "--batch", batch])
+    assert info.value.code == 2
+    assert "batch must be a positive whole number" in capsys.readouterr().err
