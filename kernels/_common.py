@@ -94,8 +94,16 @@ def on_device_of(t: torch.Tensor):
 
 def cached_outside_compile(build):
     """``functools.cache`` for eager calls; under torch.compile the plain function, which Dynamo traces into the
-    graph (it ignores cache wrappers, with a warning that users would see)."""
-    cached = functools.cache(build)
+    graph (it ignores cache wrappers, with a warning that users would see).
+
+    Cached tensors are built outside inference mode: one first built under ``torch.inference_mode`` (as
+    ``rgt-fast upscale`` runs) would be an inference tensor, and a later training step in the same process would
+    fail when autograd saves it.
+    """
+    @functools.cache
+    def cached(*args):
+        with torch.inference_mode(False):
+            return build(*args)
 
     @functools.wraps(build)
     def call(*args):

@@ -219,3 +219,14 @@ def test_compile_has_no_graph_breaks_inside_a_block(backend):
         assert explanation.graph_break_count == 0, explanation.break_reasons
         compiled = torch.compile(module, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x, 18, 20), module(x, 18, 20))
+
+
+def test_training_after_inference_mode_in_the_same_process():
+    """The fused ops cache window geometry (index tables, masks) per window shape; the first use here is under
+    torch.inference_mode, as in ``rgt-fast upscale``, and must not leave inference tensors for training to save."""
+    fused = rgt_fast.RGT(**tiny_kwargs(split_size=[6, 12], img_size=36), backend="torch")  # windows no other test uses
+    x = torch.rand(2, 3, 20, 26)
+    with torch.inference_mode():
+        fused.eval()(x)
+    fused.train()(x).mean().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters() if p.requires_grad)
