@@ -14,6 +14,9 @@ from .reference.rgt import MIN_EVAL_SIZE
 
 Image = Union[np.ndarray, torch.Tensor]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# How far float inputs may stray outside [0, 1] (resampling and sharpening overshoot a little) before they are
+# refused as data on another scale.
+FLOAT_RANGE_SLACK = 0.5
 
 
 def parse_device(text: str) -> torch.device:
@@ -199,6 +202,11 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
         raise ValueError(f"empty image of size {H}x{W}")
     if not torch.isfinite(x).all():
         raise ValueError("the image contains NaN or infinite values")
+    low, high = torch.aminmax(x)
+    if low < -FLOAT_RANGE_SLACK or high > 1 + FLOAT_RANGE_SLACK:
+        # Most often 8-bit data converted to float without dividing by 255: the output would be clipped to white.
+        raise ValueError(f"float image values must lie in [0, 1], got values from {low.item():.4g} to "
+                         f"{high.item():.4g}; divide 8-bit data by 255 (or pass the uint8 array as it is)")
 
     model.eval()
     x = _reflect_to_minimum(x.to(device=device, dtype=next(model.parameters()).dtype), MIN_EVAL_SIZE)

@@ -158,10 +158,18 @@ def test_bf16_autocast_stays_close(model):
     (np.full((8, 8, 3), 2, np.int32), TypeError, "unsupported image dtype"),
     (torch.rand(2, 20, 20), ValueError, "tensor"),
     ([1, 2, 3], TypeError, "numpy array or a torch tensor"),
+    (np.random.default_rng(0).random((8, 8, 3), np.float32) * 255, ValueError, r"must lie in \[0, 1\]"),
+    (torch.rand(3, 20, 20) * 255, ValueError, "divide 8-bit data by 255"),
+    (torch.rand(3, 20, 20) - 0.75, ValueError, "from -0.7"),
 ])
 def test_bad_inputs_get_clear_errors(model, bad, error, match):
     with pytest.raises(error, match=match):
         upscale(model, bad)
+
+
+def test_float_values_a_little_outside_0_1_are_accepted(model):
+    x = torch.rand(3, 20, 20, dtype=torch.float64) * 1.4 - 0.2  # as resampling or sharpening can overshoot
+    assert upscale(model, x).shape == (3, 40, 40)
 
 
 def test_bad_options_get_clear_errors(model):
