@@ -169,8 +169,9 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
 
     ``image``: a numpy HWC array as OpenCV reads it (BGR for 3 channels; uint8, uint16 or float in [0, 1]),
     returned in the same layout and dtype; or a tensor (C, H, W) / (B, C, H, W) in [0, 1], RGB, returned as a
-    float tensor of the same rank. Whole image by default; ``tile`` processes overlapping tiles of that size
-    blended linearly (RG-SA attends over the whole image, so tiled results differ slightly from whole-image
+    float tensor of the same rank. Float values more than ``FLOAT_RANGE_SLACK`` outside [0, 1] are refused (they
+    are usually 8-bit data not divided by 255). Whole image by default; ``tile`` processes overlapping tiles of
+    that size blended linearly (RG-SA attends over the whole image, so tiled results differ slightly from whole-image
     ones). A whole image that runs out of memory (GPU, or CPU where the allocation is refused) is retried
     in tiles of 512, then 256, 128 px.
     Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped.
