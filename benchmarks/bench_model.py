@@ -20,6 +20,7 @@ import torch
 
 from rgt_fast import accelerate, load_model
 from rgt_fast.bench import build_pair, device_name, format_table, guarded, inference_row, training_row
+from rgt_fast.inference import default_device
 from rgt_fast.upscale_cli import default_weights
 
 # Dense bf16 tensor-core peak of an H100 SXM, for the achieved-fraction column.
@@ -63,7 +64,7 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here (after every row, so that a run stopped early "
                                        "keeps the rows it measured)")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     warmup, iters = (1, 3) if args.quick else (3, 10)
     rows: list[dict] = []
     drift: list[dict] = []

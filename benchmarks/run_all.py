@@ -37,11 +37,10 @@ CUDA_TESTS = ("tests/test_kernel_casts.py", "tests/test_rgsa_attention.py", "tes
 
 
 def _environment() -> dict:
-    import torch
-
     from rgt_fast.bench import environment
+    from rgt_fast.inference import default_device
 
-    return environment(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    return environment(default_device())
 
 
 def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, str, float]:

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 
 from .config import preset_kwargs
-from .inference import DTYPES, parse_device
+from .inference import DTYPES, default_device, parse_device
 from .model import accelerate
 from .reference import RGT as ReferenceRGT
 from .reference.rgt import recursion_count
@@ -345,7 +345,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_bench(args: argparse.Namespace) -> int:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or default_device()
     sizes = args.size or [(128, 128) if device.type == "cuda" else (64, 64)]
     warmup, iters = (1, 2) if args.quick else (2, 5)
     if args.quick:

@@ -19,6 +19,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 FLOAT_RANGE_SLACK = 0.5
 
 
+def default_device() -> torch.device:
+    """Where the command-line tools run when no ``--device`` is given: the current GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def parse_device(text: str) -> torch.device:
     """A ``--device`` argument checked against this machine, so a typo or a missing GPU is a usage error and not a
     traceback from deep inside model loading."""

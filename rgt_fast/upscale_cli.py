@@ -22,7 +22,7 @@ from tqdm import tqdm
 from .checkpoint import load_model
 from .cpu_allocator import retain_freed_cpu_memory
 from .files import encode_png, read_image, write_atomically
-from .inference import DTYPES, parse_device, upscale
+from .inference import DTYPES, default_device, parse_device, upscale
 from .model import BACKENDS
 from .reference.rgt import MIN_EVAL_SIZE
 from .training.data import list_images
@@ -111,7 +111,7 @@ def plan_outputs(images: Sequence[Path], output_dir: Path, allow_input_dir: bool
     return [(image, output_dir / f"{image.stem}.png") for image in images]
 
 
-def load_checked_model(weights: str | Path, scale: int | None, backend: str, device: str) -> nn.Module:
+def load_checked_model(weights: str | Path, scale: int | None, backend: str, device: torch.device) -> nn.Module:
     model = load_model(weights, backend=backend, device=device)
     if scale is not None and model.upscale != scale:
         raise UsageError(f"weights in {weights} are a x{model.upscale} model, but --scale {scale} was asked")
@@ -160,7 +160,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path
     if args.tile is not None and not (args.tile >= MIN_EVAL_SIZE and 0 <= args.tile_overlap < args.tile):
         raise UsageError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
                          f"{args.tile} and {args.tile_overlap}")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or default_device()
     return load_checked_model(weights, args.scale, args.backend, device), jobs
 
 

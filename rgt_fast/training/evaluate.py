@@ -22,7 +22,7 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..cpu_allocator import retain_freed_cpu_memory
-from ..inference import DTYPES, parse_device, upscale
+from ..inference import DTYPES, default_device, parse_device, upscale
 from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
 from ..reference.rgt import MIN_EVAL_SIZE
@@ -155,7 +155,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_ONLY = ("weights", "data", "scale", "tile", "save_img", "out")  # -opt sets these (tile: use_chop)
 
 
-def _load_checked_model(weights: str | Path, scale: int, device: str, strict: bool = True) -> nn.Module:
+def _load_checked_model(weights: str | Path, scale: int, device: torch.device, strict: bool = True) -> nn.Module:
     model = load_model(weights, device=device, strict=strict)
     if model.upscale != scale:
         raise ValueError(f"{weights} holds an x{model.upscale} model, but scale {scale} was asked for")
@@ -165,8 +165,8 @@ def _load_checked_model(weights: str | Path, scale: int, device: str, strict: bo
 def run_evaluation(args: argparse.Namespace) -> int:
     """``rgt-fast eval``: 0 when every image was scored, 1 when any failed."""
     configure_console_logging()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if torch.device(device).type == "cpu":
+    device = args.device or default_device()
+    if device.type == "cpu":
         retain_freed_cpu_memory()
     if args.opt:
         given = [f"--{name.replace('_', '-')}" for name in _FLAG_ONLY if getattr(args, name) not in (None, False)]
