@@ -72,6 +72,22 @@ if INTERPRET:
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+
+def fp32_matmuls_use_tf32() -> bool:
+    """Whether PyTorch's CUDA float32 matmuls may run as TF32, as set by either of PyTorch's switches.
+
+    Since torch 2.9 the old switch (``torch.backends.cuda.matmul.allow_tf32``) raises when read after the new one
+    (``fp32_precision``) was set, so the new one is read; it follows the old one too. "none" there inherits the
+    global ``torch.backends.fp32_precision``.
+    """
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:  # torch before 2.9: only the old switch exists
+        return bool(matmul.allow_tf32)
+    if precision == "none":
+        precision = torch.backends.fp32_precision
+    return precision == "tf32"
+
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 

@@ -46,6 +46,7 @@ from ._common import (
     aot_signature,
     cached_outside_compile,
     cdiv,
+    fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
     on_device_of,
     score_elements_per_step,
@@ -435,7 +436,7 @@ def _padded(size: int, split_size) -> int:
 
 
 def _input_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and fp32_matmuls_use_tf32():
         return "tf32"
     return "ieee"
 
@@ -491,7 +492,8 @@ def _table_grad(score_grad_partials: torch.Tensor, win_rows: int, win_cols: int)
     """
     score_grad = score_grad_partials.sum(dim=1).flatten(1)
     score_grad = torch.cat([score_grad, score_grad.new_zeros(score_grad.shape[0], 1)], dim=1)
-    return score_grad[:, _pairs_by_offset(win_rows, win_cols, score_grad.device)].sum(dim=-1).t()
+    # Contiguous, as the custom op's fake implementation (empty_like the table) promises torch.compile.
+    return score_grad[:, _pairs_by_offset(win_rows, win_cols, score_grad.device)].sum(dim=-1).t().contiguous()
 
 
 def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale):
@@ -628,7 +630,8 @@ def _lsa_attention_backward_op(grad_out: torch.Tensor, qkv: torch.Tensor, out: t
 @_lsa_attention_backward_op.register_fake
 def _lsa_attention_backward_fake(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted,
                                  bias_table_0, bias_table_1, scale):
-    return (qkv.new_empty(qkv.shape), torch.empty_like(bias_table_0), torch.empty_like(bias_table_1))
+    return (qkv.new_empty(qkv.shape), bias_table_0.new_empty(bias_table_0.shape),
+            bias_table_1.new_empty(bias_table_1.shape))
 
 
 def _setup_context(ctx, inputs, output):

@@ -53,6 +53,7 @@ from ._common import (
     KernelVariant,
     aot_signature,
     cdiv,
+    fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
     on_device_of,
     score_elements_per_step,
@@ -392,7 +393,7 @@ def _operand_precision(dtype: torch.dtype) -> str:
     """How the kernels' dots run: "16bit" MMAs, "tf32" MMAs, or exact fp32 FMAs ("ieee")."""
     if dtype != torch.float32:
         return "16bit"
-    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    return "tf32" if fp32_matmuls_use_tf32() else "ieee"
 
 
 def _tiles(kernel: str, num_keys: int, operand_precision: str) -> _Tiles:
