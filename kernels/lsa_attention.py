@@ -527,6 +527,8 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
 
 def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1,
                      scale):
+    # The dots pair dO with q, k and v, and tl.dot takes operands of one dtype.
+    grad_out = grad_out.to(qkv.dtype)
     if grad_out.stride(-1) != 1:
         grad_out = grad_out.contiguous()
     batch, tokens, _ = qkv.shape

@@ -1,5 +1,5 @@
-"""The ahead-of-time kernel report: real compilation of the RG-SA, spatial-gate and (add +) LayerNorm kernels
-for sm_80 and sm_90a, and the checks that decide its exit status."""
+"""The ahead-of-time kernel report: real compilation of the RG-SA, L-SA, spatial-gate and (add +) LayerNorm
+kernels for sm_80 and sm_90a, and the checks that decide its exit status."""
 import json
 import os
 import subprocess
@@ -11,6 +11,7 @@ from rgt_fast.kernels import report, rgsa_attention
 
 ELEMENTWISE_KERNELS = {"_gate_norm_kernel", "_gate_conv_kernel", "_gate_conv_backward_kernel",
                        "_gate_norm_backward_kernel", "_add_norm_forward_kernel", "_add_norm_backward_kernel"}
+LSA_KERNELS = {"lsa_fwd", "lsa_dq", "lsa_dkdv", "lsa_score_grad_sum"}
 RGSA_KERNELS = {"_rgsa_forward_kernel", "_rgsa_backward_dq_kernel", "_rgsa_backward_dkdv_kernel",
                 "_rgsa_sum_key_partials_kernel"}
 
@@ -49,6 +50,23 @@ def test_rgsa_kernels_compile_for_both_archs_without_spills(tmp_path):
     assert any(r.hgmma > 0 for r in rows if r.arch == "sm_90a" and r.kernel == "_rgsa_forward_kernel")
     # fp32 with TF32 off is the one configuration meant to run its dots on FMA units.
     assert all("ieee" in r.config for r in rows if not r.uses_dot and r.kernel != "_rgsa_sum_key_partials_kernel")
+
+
+def test_lsa_kernels_compile_for_both_archs_without_spills(tmp_path):
+    """bf16 at RGT's split size and head dim, both branches, shifted and not; the fp32 modes and fp16 are left
+    to the full report (about a minute more)."""
+    json_path = tmp_path / "report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "rgt_fast.kernels.report", "--arch", "sm_80", "--arch", "sm_90a",
+         "--module", "lsa_attention", "--config", "bf16", "--json", str(json_path)],
+        capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    rows = [report.ReportRow(**fields) for fields in json.loads(json_path.read_text())]
+    assert {r.kernel for r in rows} == LSA_KERNELS
+    assert len(rows) == 2 * len(LSA_KERNELS) * 2 * 2  # archs x kernels x branches x shifted
+    for r in rows:
+        assert r.error is None and r.spill_bytes == 0 and 0 < r.registers <= 255 and r.uses_dot, r
+        assert (r.hgmma > 0) if r.arch == "sm_90a" else (r.hmma > 0 and r.hgmma == 0), r
 
 
 def test_elementwise_kernels_compile_for_both_archs_without_spills(tmp_path):
