@@ -30,10 +30,57 @@ def read_image(path: Path, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
 
     Read through numpy so that an unreadable file says why, and so that non-ASCII paths work on Windows.
     """
+    return _decode(path, _read_bytes(path), flags)
+
+
+# Decodes as the camera meant the image to be seen (EXIF orientation applied), with its 16-bit or float samples and
+# its single channel if gray. Unlike IMREAD_UNCHANGED, which ignores the orientation, it drops any alpha plane.
+_UPRIGHT = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+_JPEG_SIGNATURE = b"\xff\xd8\xff"
+
+
+def read_upright_image(path: Path) -> np.ndarray:
+    """``path`` decoded upright (EXIF orientation applied) with its sample type, its channel count (1 for gray) and
+    its alpha plane, oriented as the colour is; raises UnusableImage as :func:`read_image` does.
+
+    OpenCV applies the orientation only to decodes that drop alpha, so a file with alpha is decoded twice, and the
+    unchanged decode is turned as the upright decode's colour shows it was.
+    """
+    data = _read_bytes(path)
+    if data[:3].tobytes() == _JPEG_SIGNATURE:  # JPEG has no alpha plane
+        return _decode(path, data, _UPRIGHT)
+    unchanged = _decode(path, data, cv2.IMREAD_UNCHANGED)
+    if unchanged.ndim == 2 or unchanged.shape[2] != 4:
+        return _decode(path, data, _UPRIGHT)
     try:
-        data = np.fromfile(path, dtype=np.uint8)
+        upright = _decode(path, data, _UPRIGHT)
+    except UnusableImage:
+        # OpenCV 5.0 cannot drop the alpha of a float32 TIFF while decoding; its TIFF decodes come upright anyway.
+        return unchanged
+    for candidate in _orientations(unchanged):
+        if np.array_equal(candidate[..., :3], upright, equal_nan=True):
+            return np.ascontiguousarray(candidate)
+    raise UnusableImage(path, "its alpha plane cannot be oriented as its colour; save it without the EXIF "
+                              "orientation (or without alpha)")
+
+
+def _orientations(image: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``image`` as each of the 8 EXIF orientations displays it, the likeliest first: none, then the camera's
+    rotations, then mirrorings. A colour that several of them leave alike (a flat colour, say) gets the likeliest
+    one, which the alpha plane then follows."""
+    transposed = image.swapaxes(0, 1)
+    return (image, transposed[:, ::-1], image[::-1, ::-1], transposed[::-1],
+            image[:, ::-1], image[::-1], transposed, transposed[::-1, ::-1])
+
+
+def _read_bytes(path: Path) -> np.ndarray:
+    try:
+        return np.fromfile(path, dtype=np.uint8)
     except OSError as err:
         raise UnusableImage(path, f"cannot be read ({err.strerror or err})") from err
+
+
+def _decode(path: Path, data: np.ndarray, flags: int) -> np.ndarray:
     try:
         image = cv2.imdecode(data, flags) if data.size else None
     except cv2.error as err:

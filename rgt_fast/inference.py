@@ -10,13 +10,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .reference.rgt import MIN_EVAL_SIZE
+from .reference.rgt import MIN_EVAL_SIZE, recursion_count
 
 Image = Union[np.ndarray, torch.Tensor]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # How far float inputs may stray outside [0, 1] (resampling and sharpening overshoot a little) before they are
 # refused as data on another scale.
 FLOAT_RANGE_SLACK = 0.5
+# What a grayscale (2-D) array should become for a model of that many channels.
+_GRAYSCALE_ADVICE = {1: "pass a grayscale image as img[..., None]",
+                     3: "convert a grayscale image with cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)"}
 
 
 def default_device() -> torch.device:
@@ -62,8 +65,9 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 def _numpy_to_tensor(image: np.ndarray, channels: int) -> tuple[torch.Tensor, np.dtype]:
     if image.ndim != 3:
-        raise ValueError(f"expected an HWC image (as cv2.imread returns), got an array of shape {image.shape}; "
-                         f"for a grayscale model pass img[..., None]")
+        advice = f"; {_GRAYSCALE_ADVICE[channels]}" if image.ndim == 2 and channels in _GRAYSCALE_ADVICE else ""
+        raise ValueError(f"expected an HWC image (as cv2.imread returns) with {channels} channels, got an array of "
+                         f"shape {image.shape}{advice}")
     if image.shape[2] != channels:
         raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels "
                          f"(shape {image.shape})")
@@ -109,6 +113,18 @@ def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
     stride = tile - overlap
     starts = list(range(0, length - tile, stride))
     return starts + [length - tile]
+
+
+def _runs_whole(H: int, W: int) -> bool:
+    """Whether RG-SA can reduce an H x W map (H, W >= 16) as many times as its recursion rule asks."""
+    steps = recursion_count(H, W, training=False)
+    return H // 4 ** steps > 0 and W // 4 ** steps > 0
+
+
+def _largest_runnable_tile(H: int, W: int) -> int:
+    """The largest square tile whose tiles of an H x W image (H, W >= 16) all run. A square tile always runs (the
+    rule reduces it no more often than its side allows), so the search ends by the short side at the latest."""
+    return next(tile for tile in range(max(H, W), MIN_EVAL_SIZE - 1, -1) if _runs_whole(min(tile, H), min(tile, W)))
 
 
 def _blend_ramp(length: int, overlap: int, at_start: bool, at_end: bool) -> torch.Tensor:
@@ -175,11 +191,14 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     ``image``: a numpy HWC array as OpenCV reads it (BGR for 3 channels; uint8, uint16 or float in [0, 1]),
     returned in the same layout and dtype; or a tensor (C, H, W) / (B, C, H, W) in [0, 1], RGB, returned as a
     float tensor of the same rank. Float values more than ``FLOAT_RANGE_SLACK`` outside [0, 1] are refused (they
-    are usually 8-bit data not divided by 255). Whole image by default; ``tile`` processes overlapping tiles of
-    that size blended linearly (RG-SA attends over the whole image, so tiled results differ slightly from whole-image
-    ones). A whole image that runs out of memory (GPU, or CPU where the allocation is refused) is retried
-    in tiles of 512, then 256, 128 px.
-    Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped.
+    are usually 8-bit data not divided by 255). Whole image by default; ``tile`` processes tiles of that size,
+    overlapping by ``tile_overlap`` px and blended linearly (RG-SA attends over the whole image, so tiled results
+    differ slightly from whole-image ones); tiles that run out of memory raise MemoryError. A whole image that runs
+    out of memory (GPU, or CPU where the allocation is refused) is retried in tiles of 512, then 256, 128 px.
+    Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped. Images so
+    elongated that RG-SA's recursion rule, set by the long side, would reduce the short side to nothing (16x1024 px,
+    64x4096 px; the official model cannot run them either) go in the largest square tiles that run, instead of whole.
+    Tiles that upscale chooses itself overlap by at most a quarter of their size.
     ``dtype`` "bf16"/"fp16" runs the model under autocast. ``self_ensemble`` averages the 8 flips/transposes.
     On a Linux CPU, call :func:`rgt_fast.retain_freed_cpu_memory` once beforehand, as ``rgt-fast upscale`` does:
     large images then run up to 2x faster.
@@ -188,7 +207,9 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     autocast_dtype = _resolve_dtype(dtype)
     if tile is not None and tile < MIN_EVAL_SIZE:
         raise ValueError(f"tile must be at least {MIN_EVAL_SIZE} px, got {tile}")
-    if tile is not None and not 0 <= tile_overlap < tile:
+    if tile_overlap < 0:
+        raise ValueError(f"tile_overlap must be at least 0, got {tile_overlap}")
+    if tile is not None and tile_overlap >= tile:
         raise ValueError(f"tile_overlap must be in [0, tile), got {tile_overlap} for tile {tile}")
 
     if isinstance(image, np.ndarray):
@@ -216,6 +237,8 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
 
     model.eval()
     x = _reflect_to_minimum(x.to(device=device, dtype=next(model.parameters()).dtype), MIN_EVAL_SIZE)
+    # None for an image that runs whole. Flips and transposes (self_ensemble) keep this: the rule treats H and W alike.
+    elongated_tile = None if _runs_whole(*x.shape[-2:]) else _largest_runnable_tile(*x.shape[-2:])
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
@@ -223,18 +246,27 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
         with ctx:
             return model(batch).float()
 
+    def run_in_tiles(batch: torch.Tensor, size: int) -> torch.Tensor:
+        return _run_tiled(forward, batch, scale, size, min(tile_overlap, size // 4))
+
     def run_once(batch: torch.Tensor) -> torch.Tensor:
         if tile is not None:
-            return _run_tiled(forward, batch, scale, tile, tile_overlap)
+            try:
+                return _run_tiled(forward, batch, scale, tile, tile_overlap)
+            except RuntimeError as err:
+                if not _is_out_of_memory(err):
+                    raise
+                raise MemoryError(f"tiles of {tile} px do not fit in memory; pass a smaller tile (at least "
+                                  f"{MIN_EVAL_SIZE} px), use a 16-bit dtype (dtype='bf16'), or free memory") from err
         try:
-            return forward(batch)
+            return forward(batch) if elongated_tile is None else run_in_tiles(batch, elongated_tile)
         except RuntimeError as err:
             if not _is_out_of_memory(err):
                 raise
         for fallback_tile in (512, 256, 128):
             torch.cuda.empty_cache()
             try:
-                return _run_tiled(forward, batch, scale, fallback_tile, tile_overlap)
+                return run_in_tiles(batch, fallback_tile)
             except RuntimeError as err:
                 if not _is_out_of_memory(err):
                     raise

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from .checkpoint import load_model
 from .cpu_allocator import retain_freed_cpu_memory
-from .files import encode_png, read_image, write_atomically
+from .files import UnusableImage, encode_png, read_upright_image, write_atomically
 from .inference import DTYPES, default_device, parse_device, upscale
 from .model import BACKENDS
 from .reference.rgt import MIN_EVAL_SIZE
@@ -119,7 +119,7 @@ def load_checked_model(weights: str | Path, scale: int | None, backend: str, dev
 
 
 def super_resolve(model: nn.Module, image: np.ndarray, **upscale_options: Any) -> np.ndarray:
-    """``image`` (as cv2 reads it) super-resolved, in the same layout and sample type.
+    """``image`` (as :func:`read_upright_image` reads it) super-resolved, in the same layout and sample type.
 
     A grayscale image goes through a colour model as three equal channels and comes back as one; the alpha plane
     of a BGRA image is upscaled bicubically beside the super-resolved colour, since RGT was never trained on it.
@@ -147,8 +147,10 @@ def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: b
     if destination.exists() and not overwrite:
         return f"{source}: skipped, {destination} already exists (pass --overwrite to replace it)"
     try:
-        image = read_image(source, cv2.IMREAD_UNCHANGED)
+        image = read_upright_image(source)
         write_atomically(encode_png(super_resolve(model, image, **upscale_options)), destination)
+    except UnusableImage as err:  # names the source itself
+        return str(err)
     except (ValueError, MemoryError, OSError) as err:
         return f"{source}: {err}"
     return None
@@ -157,7 +159,9 @@ def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: b
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path]]]:
     jobs = plan_outputs(collect_images(args.inputs), args.output_dir, args.allow_input_dir)
     weights = args.weights or default_weights(args.scale)
-    if args.tile is not None and not (args.tile >= MIN_EVAL_SIZE and 0 <= args.tile_overlap < args.tile):
+    if args.tile_overlap < 0:
+        raise UsageError(f"--tile-overlap must be at least 0, got {args.tile_overlap}")
+    if args.tile is not None and not (args.tile >= MIN_EVAL_SIZE and args.tile_overlap < args.tile):
         raise UsageError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
                          f"{args.tile} and {args.tile_overlap}")
     device = args.device or default_device()

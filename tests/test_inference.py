@@ -1,12 +1,13 @@
 """rgt_fast.upscale on numpy and tensor images: layouts, tiling, ensembles, small and bad inputs."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 
 import rgt_fast
-from rgt_fast.inference import _dihedral, _tile_starts, upscale
+from rgt_fast.inference import _dihedral, _reflect_to_minimum, _tile_starts, upscale
 
 
 @pytest.fixture(scope="module")
@@ -84,20 +85,32 @@ def test_one_tile_covering_the_image_equals_whole_image(model):
     torch.testing.assert_close(upscale(model, x, tile=32, tile_overlap=8), upscale(model, x))
 
 
-class MemoryLimited(torch.nn.Module):
-    """``model`` on a device that fails every forward pass over ``max_pixels`` pixels with ``message``."""
+class Recorded(torch.nn.Module):
+    """``model``, noting the size of every input it is given."""
 
-    def __init__(self, model, max_pixels: int, message: str):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.max_pixels, self.message = model, max_pixels, message
+        self.model = model
         self.upscale, self.in_chans = model.upscale, model.in_chans
         self.sizes = []
 
     def forward(self, x):
         self.sizes.append(tuple(x.shape[-2:]))
-        if x.shape[-2] * x.shape[-1] > self.max_pixels:
-            raise RuntimeError(self.message)
         return self.model(x)
+
+
+class MemoryLimited(Recorded):
+    """``model`` on a device that fails every forward pass over ``max_pixels`` pixels with ``message``."""
+
+    def __init__(self, model, max_pixels: int, message: str):
+        super().__init__(model)
+        self.max_pixels, self.message = max_pixels, message
+
+    def forward(self, x):
+        if x.shape[-2] * x.shape[-1] > self.max_pixels:
+            self.sizes.append(tuple(x.shape[-2:]))
+            raise RuntimeError(self.message)
+        return super().forward(x)
 
 
 ALLOCATION_FAILURES = {
@@ -117,6 +130,21 @@ def test_whole_image_out_of_memory_is_retried_in_smaller_tiles(model, message):
     torch.testing.assert_close(out, upscale(model, x, tile=128, tile_overlap=32))
 
 
+def test_fallback_tiles_cut_an_overlap_they_cannot_take(model):
+    limited = MemoryLimited(model, 128 * 100, ALLOCATION_FAILURES["cuda"])
+    x = torch.rand(1, 3, 130, 100, dtype=torch.float64)
+    out = upscale(limited, x, tile_overlap=200)  # more than the 128 px tiles it ends up in
+    assert torch.isfinite(out).all() and limited.sizes[-2:] == [(128, 100)] * 2
+    torch.testing.assert_close(out, upscale(model, x, tile=128, tile_overlap=128 // 4))
+
+
+def test_given_tiles_that_run_out_of_memory_get_an_error_that_says_what_to_do(model):
+    limited = MemoryLimited(model, 20 * 20, ALLOCATION_FAILURES["cuda"])
+    with pytest.raises(MemoryError, match="tiles of 32 px do not fit.*smaller tile.*dtype='bf16'"):
+        upscale(limited, torch.rand(1, 3, 50, 40, dtype=torch.float64), tile=32, tile_overlap=8)
+    assert limited.sizes == [(32, 32)]  # the size asked for is not second-guessed
+
+
 def test_image_that_fits_in_no_tile_gets_an_error_that_says_what_to_do(model):
     limited = MemoryLimited(model, 100, ALLOCATION_FAILURES["cpu"])
     with pytest.raises(MemoryError, match="150x140 image does not fit.*dtype='bf16'.*smaller tile"):
@@ -128,6 +156,33 @@ def test_errors_other_than_memory_are_not_retried(model):
     with pytest.raises(RuntimeError, match="expected scalar type"):
         upscale(limited, torch.rand(1, 3, 150, 140, dtype=torch.float64))
     assert limited.sizes == [(150, 140)]
+
+
+@pytest.mark.parametrize("size,tiles", [
+    ((16, 1023), [(16, 1023)]),  # the longest 16 px high image the recursion rule reduces twice: it runs whole
+    ((16, 1024), [(16, 1023)] * 2),  # reduced three times, its height would be nothing
+    ((9, 1030), [(16, 1023)] * 2),  # reflect-padded to 16 px high first
+    ((64, 4100), [(64, 4095)] * 2),
+    ((4100, 64), [(4095, 64)] * 2),
+    ((300, 310), [(300, 310)]),
+])
+def test_images_too_elongated_to_run_whole_go_in_the_largest_square_tiles_that_run(size, tiles):
+    recorded = Recorded(LocalModel())
+    x = torch.rand(1, 3, *size, dtype=torch.float64)
+    with torch.no_grad():
+        expected = recorded.model(_reflect_to_minimum(x, 16))[..., :2 * size[0], :2 * size[1]].float()
+    torch.testing.assert_close(upscale(recorded, x), expected)
+    assert recorded.sizes == tiles
+
+
+def test_an_rgt_upscales_an_image_it_cannot_run_whole(model):
+    image = np.random.default_rng(7).integers(0, 256, (16, 1100, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="cannot reduce a 16x1100 map"):
+        model(torch.rand(1, 3, 16, 1100, dtype=torch.float64))
+    recorded = Recorded(model)
+    out = upscale(recorded, image)
+    assert out.shape == (32, 2200, 3) and recorded.sizes == [(16, 1023)] * 2
+    assert out.max(axis=(0, 2)).min() > 0  # no black columns, where tiles would have left a gap
 
 
 @pytest.mark.parametrize("k", range(8))
@@ -167,6 +222,19 @@ def test_bad_inputs_get_clear_errors(model, bad, error, match):
         upscale(model, bad)
 
 
+def test_a_grayscale_array_gets_advice_that_works_for_the_model(model):
+    gray = np.random.default_rng(5).integers(0, 256, (18, 20), dtype=np.uint8)
+    with pytest.raises(ValueError, match=r"cv2\.cvtColor\(img, cv2\.COLOR_GRAY2BGR\)") as refused:
+        upscale(model, gray)
+    assert "None]" not in str(refused.value)
+    assert upscale(model, cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)).shape == (36, 40, 3)
+
+    gray_model = rgt_fast.create_model("RGT-S", 2, fused=False, in_chans=1, depth=[2], num_heads=[2], embed_dim=16)
+    with pytest.raises(ValueError, match=r"1 channels.*pass a grayscale image as img\[\.\.\., None\]"):
+        upscale(gray_model, gray)
+    assert upscale(gray_model, gray[..., None]).shape == (36, 40, 1)
+
+
 def test_float_values_a_little_outside_0_1_are_accepted(model):
     x = torch.rand(3, 20, 20, dtype=torch.float64) * 1.4 - 0.2  # as resampling or sharpening can overshoot
     assert upscale(model, x).shape == (3, 40, 40)
@@ -178,5 +246,7 @@ def test_bad_options_get_clear_errors(model):
         upscale(model, x, tile=8)
     with pytest.raises(ValueError, match="tile_overlap"):
         upscale(model, x, tile=32, tile_overlap=32)
+    with pytest.raises(ValueError, match="tile_overlap must be at least 0"):
+        upscale(model, x, tile_overlap=-1)  # the tiles upscale falls back to would take it too
     with pytest.raises(ValueError, match="dtype"):
         upscale(model, x, dtype="int8")

@@ -1,4 +1,6 @@
 import os
+import struct
+import zlib
 
 import cv2
 import numpy as np
@@ -6,6 +8,7 @@ import pytest
 import torch
 
 import rgt_fast
+from rgt_fast import upscale_cli
 from rgt_fast.cli import main
 
 TINY = dict(depth=[2], num_heads=[2], embed_dim=16)
@@ -40,6 +43,39 @@ def _write(path, image):
 
 def _upscale(weights, *arguments):
     return main(["upscale", *map(str, arguments), "--weights", str(weights), "--backend", "torch"])
+
+
+def _exif_orientation(value):
+    """EXIF data (a big-endian TIFF structure) holding one tag: Orientation (0x0112), a SHORT."""
+    return b"MM\x00\x2a" + struct.pack(">IH", 8, 1) + struct.pack(">HHIHH", 0x0112, 3, 1, value, 0) + bytes(4)
+
+
+def _jpeg_with_orientation(image, value):
+    encoded = cv2.imencode(".jpg", image)[1].tobytes()
+    exif = b"Exif\x00\x00" + _exif_orientation(value)
+    app1 = b"\xff\xe1" + struct.pack(">H", len(exif) + 2) + exif
+    return encoded[:2] + app1 + encoded[2:]  # right after the start-of-image marker
+
+
+def _png_with_orientation(image, value):
+    encoded = cv2.imencode(".png", image)[1].tobytes()
+    exif = _exif_orientation(value)
+    chunk = struct.pack(">I", len(exif)) + b"eXIf" + exif + struct.pack(">I", zlib.crc32(b"eXIf" + exif))
+    return encoded[:33] + chunk + encoded[33:]  # after the signature (8 bytes) and the IHDR chunk (25)
+
+
+class OutOfMemoryAbove(torch.nn.Module):
+    """``model`` on a device that runs out of memory on inputs of over ``max_pixels`` pixels."""
+
+    def __init__(self, model, max_pixels):
+        super().__init__()
+        self.model, self.max_pixels = model, max_pixels
+        self.upscale, self.in_chans = model.upscale, model.in_chans
+
+    def forward(self, x):
+        if x.shape[-2] * x.shape[-1] > self.max_pixels:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB (GPU 0; 79.10 GiB total capacity)")
+        return self.model(x)
 
 
 def test_a_file_is_written_as_the_library_upscales_it(tmp_path, weights_x2, model_x2, capsys):
@@ -100,9 +136,68 @@ def test_a_corrupt_file_is_reported_by_name_and_the_others_are_written(tmp_path,
     assert _upscale(weights_x2, folder, "-o", tmp_path / "out") == 1
 
     captured = capsys.readouterr()
-    assert "broken.png" in captured.err and "good.png" not in captured.err
+    assert f"rgt-fast upscale: {folder / 'broken.png'}: cannot be decoded" in captured.err  # its name, once
+    assert captured.err.count("broken.png") == 1 and "good.png" not in captured.err
     assert os.listdir(tmp_path / "out") == ["good.png"]
     assert "1 written, 1 failed" in captured.out
+
+
+def test_a_jpeg_is_turned_as_its_exif_orientation_says(tmp_path, weights_x2, model_x2):
+    source = tmp_path / "in" / "portrait.jpg"
+    source.parent.mkdir()
+    source.write_bytes(_jpeg_with_orientation(_random_image((HEIGHT, WIDTH, 3), seed=4), 6))  # 6: 90 deg clockwise
+
+    assert _upscale(weights_x2, source, "-o", tmp_path / "out") == 0
+
+    as_stored = cv2.imread(str(source), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    written = cv2.imread(str(tmp_path / "out" / "portrait.png"), cv2.IMREAD_UNCHANGED)
+    assert written.shape == (2 * WIDTH, 2 * HEIGHT, 3)
+    np.testing.assert_array_equal(written, rgt_fast.upscale(model_x2, np.rot90(as_stored, -1)))
+
+
+def test_an_alpha_plane_is_turned_with_the_colour(tmp_path, weights_x2, model_x2):
+    bgra = _random_image((HEIGHT, WIDTH, 4), seed=5)
+    source = tmp_path / "in" / "sticker.png"
+    source.parent.mkdir()
+    source.write_bytes(_png_with_orientation(bgra, 8))  # 8: 90 degrees anticlockwise
+
+    assert _upscale(weights_x2, source, "-o", tmp_path / "out") == 0
+
+    # OpenCV 5 applies a PNG's orientation, older versions only a JPEG's: the alpha must follow the colour either way.
+    colour_turned = cv2.imread(str(source), cv2.IMREAD_COLOR).shape[:2] != bgra.shape[:2]
+    turned = np.ascontiguousarray(np.rot90(bgra, 1) if colour_turned else bgra)
+    size = (2 * turned.shape[0], 2 * turned.shape[1])
+    written = cv2.imread(str(tmp_path / "out" / "sticker.png"), cv2.IMREAD_UNCHANGED)
+    assert written.shape == (*size, 4)
+    np.testing.assert_array_equal(written[..., :3], rgt_fast.upscale(model_x2, np.ascontiguousarray(turned[..., :3])))
+    np.testing.assert_array_equal(written[..., 3],
+                                  cv2.resize(turned[..., 3], size[::-1], interpolation=cv2.INTER_CUBIC))
+
+
+def test_an_image_whose_tiles_run_out_of_memory_is_reported_and_the_others_are_written(tmp_path, weights_x2,
+                                                                                      monkeypatch, capsys):
+    monkeypatch.setattr(upscale_cli, "load_model",
+                        lambda *args, **kwargs: OutOfMemoryAbove(rgt_fast.load_model(*args, **kwargs), 24 * 24))
+    folder = tmp_path / "in"
+    _write(folder / "a_large.png", _random_image((40, 48, 3), seed=6))  # 32 px tiles: 1024 px each
+    _write(folder / "b_small.png", _random_image((HEIGHT, WIDTH, 3), seed=7))  # one tile of 480 px
+
+    assert _upscale(weights_x2, folder, "-o", tmp_path / "out", "--tile", 32, "--tile-overlap", 8) == 1
+
+    captured = capsys.readouterr()
+    assert (f"{folder / 'a_large.png'}: tiles of 32 px do not fit in memory; pass a smaller tile (at least 16 px), "
+            f"use a 16-bit dtype (dtype='bf16'), or free memory") in captured.err
+    assert os.listdir(tmp_path / "out") == ["b_small.png"]
+    assert "1 written, 1 failed" in captured.out
+
+
+def test_a_negative_tile_overlap_is_refused_before_any_work(tmp_path, weights_x2, capsys):
+    source = _write(tmp_path / "in" / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
+
+    assert _upscale(weights_x2, source, "-o", tmp_path / "out", "--tile-overlap", -1) == 2
+
+    assert "--tile-overlap must be at least 0, got -1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path, weights_x2, capsys):
