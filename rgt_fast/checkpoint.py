@@ -1,6 +1,7 @@
 """Reading and writing RGT weights: BasicSR .pth files, bare state_dicts and safetensors."""
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import zipfile
@@ -12,14 +13,19 @@ import torch
 from .config import ArchitectureMismatch, infer_hyperparameters
 from .files import atomic_destination
 
+logger = logging.getLogger(__name__)
+
 StateDict = Mapping[str, torch.Tensor]
 Source = Union[str, os.PathLike, StateDict]
+
+# What torch.load raises on a truncated or corrupt file, or one that is no PyTorch file at all.
+UNREADABLE_FILE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 # Buffers that follow from the architecture alone: a file may leave them out (the built-in demo weights do, which
 # keeps them small: two shift masks are 8 MB at img_size 64). rpe_biases stays required: it records split_size.
 DERIVED_BUFFERS = ("attn_mask_0", "attn_mask_1", "relative_position_index")
 
-# BasicSR keeps EMA weights under 'params_ema' and prefers them for evaluation.
+# Without a param_key: BasicSR keeps EMA weights under 'params_ema', and they are the ones to evaluate.
 PARAM_KEYS = ("params_ema", "params", "state_dict", "model")
 
 
@@ -27,12 +33,26 @@ class CheckpointError(ValueError):
     """A weights file that cannot be read or does not hold an RGT; the message names the file."""
 
 
-def _unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
+def _select_weights(obj: Mapping, origin: str, param_key: str | None) -> Any:
+    """The entry of a checkpoint that holds the weights; ``obj`` itself when it is a bare state_dict."""
+    if param_key is None:
+        return next((obj[key] for key in PARAM_KEYS if isinstance(obj.get(key), Mapping)), obj)
+    if isinstance(obj.get(param_key), Mapping):
+        return obj[param_key]
+    if isinstance(obj.get("params"), Mapping):
+        # BasicSR's load_network falls back the same way, and EMA-less runs save 'params' alone.
+        logger.info("%s has no %r weights; loading its 'params'", origin, param_key)
+        return obj["params"]
+    if any(isinstance(value, Mapping) for value in obj.values()):
+        wanted = "'params'" if param_key == "params" else f"{param_key!r} (or 'params')"
+        raise CheckpointError(f"{origin}: holds no {wanted} weights; choose one of its top-level keys "
+                              f"{list(obj)[:8]} as the param key (path.param_key_g in option files)")
+    return obj
+
+
+def _unwrap(obj: Any, origin: str, param_key: str | None = None) -> dict[str, torch.Tensor]:
     if isinstance(obj, Mapping):
-        for key in PARAM_KEYS:
-            if key in obj and isinstance(obj[key], Mapping):
-                obj = obj[key]
-                break
+        obj = _select_weights(obj, origin, param_key)
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{origin}: expected a state_dict (or a dict with 'params_ema'/'params'), "
                               f"got {type(obj).__name__}")
@@ -45,10 +65,12 @@ def _unwrap(obj: Any, origin: str) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(path: str | os.PathLike, *, param_key: str | None = None) -> dict[str, torch.Tensor]:
     """The RGT state_dict stored in ``path`` (.pth/.pt or .safetensors), with ``module.`` prefixes removed.
 
-    Pickled files are read with ``weights_only=True``: no code from a weights file is ever executed.
+    From a BasicSR file, ``param_key`` picks the entry (its ``'params'`` when that entry is missing, as BasicSR's
+    ``param_key_g`` does); None takes ``'params_ema'`` when present, else ``'params'``. A bare state_dict is read
+    as it is. Pickled files are read with ``weights_only=True``: no code from a weights file is ever executed.
     """
     path = Path(path)
     if not path.is_file():
@@ -59,10 +81,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             obj = load_file(str(path))
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as err:
+    except UNREADABLE_FILE_ERRORS as err:
         raise CheckpointError(f"{path}: cannot read weights ({type(err).__name__}: {err}); the file may be "
                               f"truncated, corrupt, or not a PyTorch/safetensors checkpoint") from err
-    return _unwrap(obj, str(path))
+    return _unwrap(obj, str(path), param_key)
 
 
 def save_state_dict(state_dict: StateDict, path: str | os.PathLike, *, key: str = "params") -> None:
@@ -74,6 +96,12 @@ def save_state_dict(state_dict: StateDict, path: str | os.PathLike, *, key: str 
             save_file(tensors, str(temporary))
         else:
             torch.save({key: tensors}, temporary)
+
+
+def add_derived_buffers(model: torch.nn.Module, state_dict: StateDict) -> dict[str, torch.Tensor]:
+    """``state_dict`` completed with ``model``'s own copies of the DERIVED_BUFFERS it leaves out."""
+    derived = {k: v for k, v in model.state_dict().items() if k.endswith(DERIVED_BUFFERS) and k not in state_dict}
+    return {**state_dict, **derived}
 
 
 def describe_mismatch(model: torch.nn.Module, state_dict: StateDict, limit: int = 5) -> str:
@@ -92,23 +120,24 @@ def describe_mismatch(model: torch.nn.Module, state_dict: StateDict, limit: int 
 
 
 def load_model(source: Source, *, fused: bool = True, backend: str = "auto", device: Any = None,
-               strict: bool = True) -> torch.nn.Module:
+               strict: bool = True, param_key: str | None = None) -> torch.nn.Module:
     """Build the RGT that ``source`` (a path or a state_dict) holds, load it strictly and return it in eval mode.
 
     Every hyperparameter is read back from the weights. ``fused=False`` returns ``rgt_fast.reference.RGT``.
     Buffers that the architecture determines (shift masks, relative position indices) may be absent.
+    ``param_key`` picks the entry of a BasicSR file as in ``read_state_dict``.
     """
     from . import create_model_from_kwargs
 
     origin = "state_dict" if isinstance(source, Mapping) else str(source)
-    state_dict = _unwrap(source, origin) if isinstance(source, Mapping) else read_state_dict(source)
+    state_dict = (_unwrap(source, origin, param_key) if isinstance(source, Mapping)
+                  else read_state_dict(source, param_key=param_key))
     try:
         kwargs = infer_hyperparameters(state_dict)
     except ArchitectureMismatch as err:
         raise CheckpointError(f"{origin}: {err} (keys start with {list(state_dict)[:5]})") from err
     model = create_model_from_kwargs(kwargs, fused=fused, backend=backend)
-    derived = {k: v for k, v in model.state_dict().items() if k.endswith(DERIVED_BUFFERS) and k not in state_dict}
-    state_dict = {**state_dict, **derived}
+    state_dict = add_derived_buffers(model, state_dict)
     problems = describe_mismatch(model, state_dict)
     if problems and strict:
         raise CheckpointError(f"{origin}: weights do not match the RGT they describe ({problems})")

@@ -71,6 +71,30 @@ def test_load_model_reads_every_layout(tmp_path, layout):
         torch.testing.assert_close(model(x), source.eval()(x), rtol=0, atol=0)
 
 
+def test_param_key_picks_the_entry_and_falls_back_to_params_as_basicsr(tmp_path):
+    small = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6])
+    params = small.state_dict()
+    params_ema = {k: v + 1 if v.is_floating_point() else v for k, v in params.items()}
+    torch.save({"params": params, "params_ema": params_ema}, tmp_path / "both.pth")
+    torch.save({"params": params}, tmp_path / "params.pth")
+    torch.save(params, tmp_path / "bare.pth")
+    torch.save({"state_dict": params}, tmp_path / "other.pth")
+
+    def read(name, param_key):
+        weights = rgt_fast.read_state_dict(tmp_path / name, param_key=param_key)
+        return weights["conv_first.weight"]
+
+    assert torch.equal(read("both.pth", None), params_ema["conv_first.weight"])
+    assert torch.equal(read("both.pth", "params"), params["conv_first.weight"])
+    assert torch.equal(read("both.pth", "params_ema"), params_ema["conv_first.weight"])
+    assert torch.equal(read("params.pth", "params_ema"), params["conv_first.weight"])
+    assert torch.equal(read("bare.pth", "params_ema"), params["conv_first.weight"])
+    with pytest.raises(CheckpointError, match=r"other.pth: holds no 'params_ema' \(or 'params'\).*\['state_dict'\]"):
+        read("other.pth", "params_ema")
+    model = load_model(tmp_path / "both.pth", fused=False, param_key="params")
+    assert torch.equal(model.conv_first.weight, params["conv_first.weight"])
+
+
 def test_load_model_from_a_state_dict_and_to_a_device():
     source = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6])
     model = load_model(source.state_dict(), fused=False, device="cpu")

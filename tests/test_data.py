@@ -1,6 +1,7 @@
 """Training patches, samplers and evaluation pairs of rgt_fast.training.data."""
 from __future__ import annotations
 
+import itertools
 import logging
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 from rgt_fast import imresize
 from rgt_fast.files import read_image
 from rgt_fast.training.data import (EvaluationPairs, SampleKey, TrainingPatches, TrainingSampler, augment,
-                                    downscale, to_tensor)
+                                    bicubic_lq_window, to_tensor)
 from rgt_fast.training.options import OptionError
 
 
@@ -94,33 +95,74 @@ def test_augment_without_flags_changes_nothing():
     assert out is image
 
 
+def whole_image_lq(image: np.ndarray, scale: int) -> np.ndarray:
+    """The 8-bit LQ of a whole uint8 image: cropped to whole LQ pixels, MATLAB bicubic, clipped and rounded."""
+    image = image[:image.shape[0] // scale * scale, :image.shape[1] // scale * scale]
+    return (np.clip(imresize(image.astype(np.float32) / 255, 1 / scale), 0, 1) * 255).round().astype(np.uint8)
+
+
+def as_uint8_bgr(sample) -> tuple[np.ndarray, np.ndarray]:
+    gt, lq = as_images(sample)
+    return tuple((image[..., ::-1] * 255).round().astype(np.uint8) for image in (gt, lq))
+
+
+def write_hr_only_dataset(folder: Path, image: np.ndarray, scale: int, lq_size: int, augment: bool = False):
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), image)
+    return TrainingPatches([folder / "a.png"], None, scale, lq_size * scale, use_hflip=augment, use_rot=augment)
+
+
+@pytest.mark.parametrize("scale", [2, 3, 4])
+def test_an_lq_window_equals_that_crop_of_the_whole_image_lq(scale):
+    # Sizes that are not multiples of the scale; windows at every corner, touching each border or none.
+    image = smooth_image(np.random.default_rng(scale), 15 * scale + 1, 14 * scale - 1)
+    whole = whole_image_lq(image, scale)
+    gt = image[:15 * scale, :13 * scale]
+    size = 6
+    inside = 0
+    for top, left in itertools.product(range(15 - size + 1), range(13 - size + 1)):
+        window = bicubic_lq_window(gt, scale, top, left, size)
+        np.testing.assert_array_equal(window, whole[top:top + size, left:left + size], err_msg=f"{(top, left)}")
+        inside += 2 <= min(top, left) and top + size <= 13 and left + size <= 11
+    assert inside > 0
+
+
 @pytest.mark.parametrize("scale", [2, 3])
-def test_hr_only_lq_patch_is_the_bicubic_downscale_of_the_gt_patch(tmp_path, scale):
-    (tmp_path / "hr").mkdir()
-    full = smooth_image(np.random.default_rng(1), 61, 50)
-    cv2.imwrite(str(tmp_path / "hr" / "a.png"), full)
-    options = {"type": "SingleHRDataset", "dataroot_gt": str(tmp_path / "hr"), "dataroot_lq": None,
-               "filename_tmpl": "{}", "io_backend": {"type": "disk"}, "gt_size": 12 * scale,
-               "use_hflip": False, "use_rot": False}
-    dataset = TrainingPatches.from_options(options, scale)
-    for seed in range(4):
-        gt, lq = as_images(dataset[SampleKey(0, seed)])
-        gt_bgr = gt[..., ::-1]
-        np.testing.assert_array_equal(lq[..., ::-1], np.clip(imresize(gt_bgr, 1 / scale), 0, 1))
+def test_hr_only_patches_are_crops_of_the_image_and_of_its_8bit_lq(tmp_path, scale):
+    image = smooth_image(np.random.default_rng(1), 61, 50)
+    whole = whole_image_lq(image, scale)
+    dataset = write_hr_only_dataset(tmp_path / "hr", image, scale, lq_size=12)
+    corners = set()
+    for seed in range(6):
+        gt, lq = as_uint8_bgr(dataset[SampleKey(0, seed)])
         # The GT patch is a crop of the image at a corner on the LQ grid.
-        matches = [(top, left) for top in range(0, 61 - 12 * scale + 1)
-                   for left in range(0, 50 - 12 * scale + 1)
-                   if np.array_equal(full[top:top + 12 * scale, left:left + 12 * scale], (gt_bgr * 255).round())]
-        assert matches and all(top % scale == 0 and left % scale == 0 for top, left in matches)
+        matches = [(top, left) for top in range(61 // scale - 12 + 1) for left in range(50 // scale - 12 + 1)
+                   if np.array_equal(image[top * scale:(top + 12) * scale, left * scale:(left + 12) * scale], gt)]
+        assert len(matches) == 1
+        top, left = matches[0]
+        np.testing.assert_array_equal(lq, whole[top:top + 12, left:left + 12])
+        corners.add(matches[0])
+    assert len(corners) > 2
 
 
-def test_hr_only_with_augmentation_keeps_lq_the_downscale_of_gt(tmp_path):
-    (tmp_path / "hr").mkdir()
-    cv2.imwrite(str(tmp_path / "hr" / "a.png"), smooth_image(np.random.default_rng(2), 40, 40))
-    dataset = TrainingPatches([tmp_path / "hr" / "a.png"], None, 2, 16, use_hflip=True, use_rot=True)
+def test_hr_only_augmentation_turns_gt_and_lq_alike(tmp_path):
+    image = smooth_image(np.random.default_rng(2), 40, 40)
+    whole = whole_image_lq(image, 2)
+    dataset = write_hr_only_dataset(tmp_path / "hr", image, 2, lq_size=8, augment=True)
+
+    def orientations(patch):
+        return [np.rot90(patch, turns)[:, ::flip] for turns in range(4) for flip in (1, -1)]
+
+    undone = set()
     for seed in range(8):
-        gt, lq = as_images(dataset[SampleKey(0, seed)])
-        np.testing.assert_allclose(lq, np.clip(imresize(gt, 0.5), 0, 1), atol=1e-6)
+        gt, lq = as_uint8_bgr(dataset[SampleKey(0, seed)])
+        for orientation, (gt_turned, lq_turned) in enumerate(zip(orientations(gt), orientations(lq))):
+            for top, left in itertools.product(range(20 - 8 + 1), repeat=2):
+                if np.array_equal(image[2 * top:2 * top + 16, 2 * left:2 * left + 16], gt_turned):
+                    np.testing.assert_array_equal(lq_turned, whole[top:top + 8, left:left + 8])
+                    undone.add((seed, orientation))
+        assert seed in {s for s, _ in undone}
+    assert len({orientation for _, orientation in undone}) > 2
 
 
 def test_samples_are_float32_rgb_chw_in_unit_range(tmp_path):
@@ -212,4 +254,4 @@ def test_hr_only_evaluation_pairs_downscale_the_gt(tmp_path):
     pairs = EvaluationPairs("hr", [tmp_path / "Set" / "HR" / "img00.png"], None, 2)
     lq, gt = pairs.load(0)
     assert gt.shape == (32, 40, 3) and lq.dtype == np.uint8
-    np.testing.assert_array_equal(lq, (downscale(gt.astype(np.float32) / 255, 2) * 255).round().astype(np.uint8))
+    np.testing.assert_array_equal(lq, whole_image_lq(cv2.imread(str(tmp_path / "Set" / "HR" / "img00.png")), 2))

@@ -17,6 +17,7 @@ import yaml
 import rgt_fast
 from rgt_fast.cli import main
 from rgt_fast.metrics import calculate_psnr, calculate_ssim
+from rgt_fast.training import evaluate
 from test_data import write_benchmark_set
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,16 +88,60 @@ def test_a_corrupt_image_is_reported_and_the_rest_evaluated(bench):
     assert [r["image"] for r in failed_rows] == ["img01x2"]
 
 
-def test_a_test_option_file_runs_like_basicsr(bench):
+@pytest.mark.parametrize("failure", [MemoryError("a 17x20 image does not fit in memory"),
+                                     torch.OutOfMemoryError("CUDA out of memory")])
+def test_an_image_that_does_not_fit_in_memory_is_reported_and_the_rest_scored(bench, monkeypatch, failure):
     root, weights = bench
+
+    def upscale_within_memory(model, lq, **kwargs):
+        if lq.shape[:2] == (17, 20):  # img01's LQ
+            raise failure
+        return rgt_fast.upscale(model, lq, **kwargs)
+
+    monkeypatch.setattr(evaluate, "upscale", upscale_within_memory)
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), "--scale", "2",
+                 "--json", "scores.json"]) == 1
+    (set_a,) = json.loads(Path("scores.json").read_text())["sets"]
+    assert [image["name"] for image in set_a["images"]] == ["img00x2", "img02x2"]
+    assert set_a["failed"] == [{"name": "img01x2", "error": str(failure)}]
+
+
+def write_test_options(root: Path, weights: Path, **path_options) -> Path:
+    """test_RGT_S_x2.yml for SetA and ``weights``, in tiles as use_chop asks."""
     options = yaml.safe_load((REPO / "train" / "options" / "test_RGT_S_x2.yml").read_text())
     options.update(name="test_tiny", datasets={
         "test_1": {"name": "SetA", "type": "PairedImageDataset", "dataroot_gt": str(root / "SetA" / "HR"),
                    "dataroot_lq": str(root / "SetA" / "LR_bicubic" / "X2"), "filename_tmpl": "{}x2",
                    "io_backend": {"type": "disk"}}})
-    options["path"]["pretrain_network_g"] = str(weights)
+    options["path"].update(pretrain_network_g=str(weights), **path_options)
     options["val"]["use_chop"] = True
     Path("test.yml").write_text(yaml.safe_dump(options))
+    return Path("test.yml")
+
+
+def test_a_test_option_file_loads_param_key_g_as_basicsr(bench):
+    root, weights = bench
+    params_ema = rgt_fast.create_model("RGT-S", 2, depth=[2], num_heads=[2], embed_dim=48).state_dict()
+    rgt_fast.save_state_dict(params_ema, "ema_only.pth")
+    torch.save({"params": rgt_fast.read_state_dict(weights), "params_ema": params_ema}, "both.pth")
+    scores = {}
+    for key in ("params", "params_ema"):
+        assert main(["eval", "-opt", str(write_test_options(root, Path("both.pth"), param_key_g=key)),
+                     "--json", f"{key}.json"]) == 0
+        scores[key] = json.loads(Path(f"{key}.json").read_text())["sets"][0]["images"][0]["psnr"]
+    assert scores["params"] == pytest.approx(expected_scores(weights, root / "SetA", "img00x2.png", "img00.png")[0],
+                                             abs=1e-9)
+    assert scores["params_ema"] == pytest.approx(
+        expected_scores(Path("ema_only.pth"), root / "SetA", "img00x2.png", "img00.png")[0], abs=1e-9)
+    assert scores["params"] != pytest.approx(scores["params_ema"], abs=1e-3)
+    # Without param_key_g, 'params', as BasicSR's test.py loads.
+    assert main(["eval", "-opt", str(write_test_options(root, Path("both.pth"))), "--json", "default.json"]) == 0
+    assert json.loads(Path("default.json").read_text())["sets"][0]["images"][0]["psnr"] == scores["params"]
+
+
+def test_a_test_option_file_runs_like_basicsr(bench):
+    root, weights = bench
+    write_test_options(root, weights)
     assert main(["eval", "-opt", "test.yml", "--json", "scores.json"]) == 0
     report = json.loads(Path("scores.json").read_text())
     psnr, _, sr = expected_scores(weights, root / "SetA", "img00x2.png", "img00.png")

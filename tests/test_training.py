@@ -1,7 +1,9 @@
 """Training from BasicSR option files: options, a smoke run of the fused model, exact resume, DDP on gloo."""
 from __future__ import annotations
 
+import collections
 import logging
+import math
 import os
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import torch
 import yaml
 
 import rgt_fast
+from rgt_fast.checkpoint import DERIVED_BUFFERS
 from rgt_fast.cli import main
 from rgt_fast.config import preset_kwargs
 from rgt_fast.training.checkpoints import ExperimentPaths
@@ -115,14 +118,69 @@ def test_force_yml_overrides_with_yaml_values():
         load_train_options(SMOKE, ["train.total_iter=2.5"])
 
 
+def multi_step(milestones, gamma=0.5, restarts=(0,), restart_weights=(1.0,)):
+    return {"type": "MultiStepLR", "milestones": list(milestones), "gamma": gamma, "restarts": list(restarts),
+            "restart_weights": list(restart_weights)}
+
+
 def test_learning_rate_follows_warmup_and_milestones():
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    steps = LearningRateSchedule(optimizer, [3, 5], 0.5, warmup_iter=-1)
-    assert [steps.factor(k) for k in range(1, 8)] == [1, 1, 1, 0.5, 0.5, 0.25, 0.25]
-    warm = LearningRateSchedule(optimizer, [6], 0.5, warmup_iter=4)
-    assert [warm.factor(k) for k in range(1, 8)] == [0.25, 0.5, 0.75, 1, 1, 1, 0.5]
+    steps = LearningRateSchedule(optimizer, multi_step([3, 5]), warmup_iter=-1)
+    assert [steps.learning_rate(1.0, k) for k in range(1, 8)] == [1, 1, 1, 0.5, 0.5, 0.25, 0.25]
+    warm = LearningRateSchedule(optimizer, multi_step([6]), warmup_iter=4)
+    assert [warm.learning_rate(1.0, k) for k in range(1, 8)] == [0.25, 0.5, 0.75, 1, 1, 1, 0.5]
     warm.apply(2)
     assert optimizer.param_groups[0]["lr"] == 0.5
+
+
+def test_multi_step_restarts_reset_to_their_weight_and_drop_from_there():
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    schedule = LearningRateSchedule(optimizer, multi_step([2, 5], 0.5, restarts=[0, 4], restart_weights=[1, 0.8]), -1)
+    # Iteration k is BasicSR's scheduler step k - 1: the restart at step 4 shows at iteration 5.
+    assert [schedule.learning_rate(1.0, k) for k in range(1, 8)] == [1, 1, 0.5, 0.5, 0.8, 0.4, 0.4]
+
+
+def test_cosine_annealing_restarts_by_hand():
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=1.1)
+    spec = {"type": "CosineAnnealingRestartLR", "periods": [4, 6], "restart_weights": [1.0, 0.5], "eta_min": 0.1}
+    schedule = LearningRateSchedule(optimizer, spec, warmup_iter=-1)
+    # Steps 0-4 anneal 1.1 to 0.1 (step 4 still in the first period); then from 0.1 + 0.5 * 1.0 over 6 steps.
+    expected = {1: 1.1, 2: 0.953553390593, 3: 0.6, 4: 0.246446609407, 5: 0.1, 6: 0.566506350946, 8: 0.35, 11: 0.1}
+    assert {k: schedule.learning_rate(1.1, k) for k in expected} == pytest.approx(expected, abs=1e-12)
+
+
+def cosine_options(**overrides):
+    def edit(options):
+        options["train"]["scheduler"] = {"type": "CosineAnnealingRestartLR", "periods": [250000, 250000],
+                                         "restart_weights": [1, 0.5], "eta_min": 1e-7, **overrides}
+    return edit
+
+
+def test_scheduler_keys_depend_on_its_type(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        options = load_train_options(write_options(tmp_path / "cos.yml", cosine_options()))
+    assert not caplog.records
+    assert options["train"]["scheduler"] == {"type": "CosineAnnealingRestartLR", "periods": [250000, 250000],
+                                             "restart_weights": [1.0, 0.5], "eta_min": 1e-7}
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        load_train_options(write_options(tmp_path / "mixed.yml", cosine_options(milestones=[3])))
+    assert "train.scheduler.milestones" in caplog.text
+    restart = load_train_options(SMOKE, ["train.scheduler.type=MultiStepRestartLR"])["train"]["scheduler"]
+    assert restart == {**multi_step([3], 0.5), "type": "MultiStepRestartLR"}
+
+
+@pytest.mark.parametrize("edit,message", [
+    (cosine_options(periods=None), "missing required option train.scheduler.periods$"),
+    (cosine_options(restart_weights=[1]), "gives 1 weight.* for 2 period"),
+    (cosine_options(periods=[1, 1]), "periods end at iteration 3, before train.total_iter 4"),
+    (cosine_options(periods=500000), "periods must be a list"),
+    (lambda options: options["train"]["scheduler"].update(restarts=[0, 2]), "gives 1 weight.* for 2 restart"),
+    (lambda options: options["train"]["scheduler"].update(type="StepLR"),
+     r"train.scheduler.type: 'StepLR' is not supported; use one of \['MultiStepLR'"),
+])
+def test_scheduler_errors_say_what_to_change(tmp_path, edit, message):
+    with pytest.raises(OptionError, match=message):
+        load_train_options(write_options(tmp_path / "o.yml", edit))
 
 
 # ------------------------------------------------------------------------------------------------ training
@@ -177,6 +235,94 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(smoke_dir):
     assert torch.equal(expected["rng"][0]["torch"], resumed["rng"][0]["torch"])
 
 
+def test_a_cosine_schedule_resumes_exactly(smoke_dir):
+    cosine = ("train.scheduler={type: CosineAnnealingRestartLR, periods: [2, 4], restart_weights: [1, 0.5], "
+              "eta_min: 1.0e-5}")
+    schedule = [cosine, "train.total_iter=6", "val=null"]
+    assert train("name=full", *schedule) == 0
+    assert train("name=part", *schedule, "train.total_iter=3") == 0
+    assert train("name=part", *schedule, auto_resume=True) == 0
+    base, eta_min = 2e-4, 1e-5
+    for iteration in range(1, 7):
+        step = iteration - 1
+        start, period, weight = (0, 2, 1.0) if step <= 2 else (2, 4, 0.5)
+        lr = eta_min + weight * 0.5 * (base - eta_min) * (1 + math.cos(math.pi * (step - start) / period))
+        assert f"iter {iteration}/6, lr {lr:.3e}" in log_text("full")
+        assert f"iter {iteration}/{3 if iteration <= 3 else 6}, lr {lr:.3e}" in log_text("part")
+    expected, resumed = (torch.load(f"experiments/{name}/models/net_g_6.pth", weights_only=True)["params"]
+                         for name in ("full", "part"))
+    assert all(torch.equal(expected[key], resumed[key]) for key in expected)
+    assert "schedule differs" not in log_text("part")
+
+
+def basicsr_state(state_path: Path, scheduler_state: dict) -> dict:
+    """A training state as BasicSR writes it, from one of ours: epoch, iteration, optimizers, schedulers only."""
+    ours = torch.load(state_path, weights_only=True)
+    return {"epoch": ours["epoch"], "iter": ours["iter"], "optimizers": ours["optimizers"],
+            "schedulers": [scheduler_state]}
+
+
+def test_a_basicsr_state_resumes_with_its_optimizer_and_a_warning(smoke_dir):
+    assert train("train.total_iter=2", "val=null") == 0
+    paths = ExperimentPaths(Path("experiments/smoke_cpu"))
+    # What BasicSR's MultiStepRestartLR saves for smoke_cpu.yml's schedule (milestones [3], gamma 0.5).
+    scheduler_state = {"milestones": collections.Counter([3]), "gamma": 0.5, "restarts": [0], "restart_weights": [1],
+                       "base_lrs": [2e-4], "last_epoch": 1, "_step_count": 2, "_last_lr": [2e-4]}
+    torch.save(basicsr_state(paths.state_file(2), scheduler_state), paths.state_file(2))
+    saved = torch.load(paths.state_file(2), weights_only=True)
+    trainer = Trainer(load_train_options(SMOKE, ["train.total_iter=4", "val=null",
+                                                 f"path.resume_state={paths.state_file(2)}"]))
+    try:
+        assert saved["epoch"] == 0
+        assert (trainer.iteration, trainer.epoch, trainer.samples_into_epoch, trainer.best) == (2, 1, 0, {})
+        restored = trainer.optimizer.state_dict()["state"]
+        for index, values in saved["optimizers"][0]["state"].items():
+            assert all(torch.equal(tensor, restored[index][key]) for key, tensor in values.items())
+        assert restored[0]["step"] == 2
+        trainer.fit()
+    finally:
+        trainer.close()
+    log = log_text("smoke_cpu")
+    assert "(a BasicSR state): resuming at iteration 2" in log and "from the start of epoch 1" in log
+    assert "iterations 3 to 4" in log and "iter 4/4, lr 1.000e-04" in log
+    assert "schedule differs" not in log
+    assert paths.net_file(4).is_file()
+
+
+def test_a_changed_schedule_is_named_when_resuming_a_basicsr_state(smoke_dir, caplog):
+    assert train("train.total_iter=2", "val=null") == 0
+    paths = ExperimentPaths(Path("experiments/smoke_cpu"))
+    scheduler_state = {"milestones": collections.Counter([3, 3]), "gamma": 0.5, "base_lrs": [2e-4]}
+    torch.save(basicsr_state(paths.state_file(2), scheduler_state), paths.state_file(2))
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        Trainer(load_train_options(SMOKE, ["val=null", f"path.resume_state={paths.state_file(2)}"])).close()
+    assert "schedule differs from the saved run's (milestones Counter({3: 2}) -> [3])" in caplog.text
+
+
+def test_auto_resume_falls_back_from_an_unreadable_state(smoke_dir):
+    assert train("train.total_iter=4", "val=null") == 0
+    paths = ExperimentPaths(Path("experiments/smoke_cpu"))
+    latest = paths.state_file(4)
+    latest.write_bytes(latest.read_bytes()[:100])
+    # The warnings come before the run's log file is opened, and still reach it.
+    assert train("train.total_iter=5", "val=null", "train.unknown_key=1", auto_resume=True) == 0
+    log = log_text("smoke_cpu")
+    assert f"auto_resume: {latest}: cannot read it" in log and "trying the state before it" in log
+    assert "ignoring unknown option(s): train.unknown_key" in log
+    assert "resuming from iteration 2 " in log and "iterations 3 to 5" in log
+    for state in paths.training_states.iterdir():
+        state.write_bytes(b"")
+    with pytest.raises(rgt_fast.CheckpointError, match="none of the 3 training state"):
+        Trainer(load_train_options(SMOKE, ["val=null"]), auto_resume=True)
+
+
+def test_resume_state_must_name_a_training_state(smoke_dir):
+    assert train("train.total_iter=2", "val=null") == 0
+    net_file = "experiments/smoke_cpu/models/net_g_2.pth"
+    with pytest.raises(rgt_fast.CheckpointError, match=f"{net_file}: not a training state"):
+        Trainer(load_train_options(SMOKE, ["val=null", f"path.resume_state={net_file}"]))
+
+
 def test_amp_fp16_with_gradient_checkpointing_and_warmup(smoke_dir):
     assert train("train.total_iter=2", "train.amp=fp16", "network_g.use_chk=true", "train.warmup_iter=2",
                  "val=null") == 0
@@ -218,6 +364,43 @@ def test_finetuning_from_another_scale_skips_mismatched_weights(smoke_dir, caplo
     trainer.close()
     assert "different shape" in caplog.text and "upsample.0.weight" in caplog.text
     assert torch.equal(trainer.net.conv_first.weight, source.conv_first.weight)
+
+
+def state_dicts_equal(module: torch.nn.Module, expected: dict[str, torch.Tensor]) -> bool:
+    actual = module.state_dict()
+    return all(torch.equal(actual[key], value) for key, value in expected.items())
+
+
+def test_pretrained_weights_follow_param_key_g_and_seed_the_ema(smoke_dir, caplog):
+    kwargs = network_kwargs(load_train_options(SMOKE)["network_g"])
+    params, params_ema = (rgt_fast.create_model_from_kwargs(kwargs, fused=False).state_dict() for _ in range(2))
+    torch.save({"params": params, "params_ema": params_ema}, "both.pth")
+    rgt_fast.save_state_dict(params, "params_only.pth")
+
+    def pretrained(name, *overrides):
+        trainer = Trainer(load_train_options(SMOKE, ["val=null", f"name={name}", *overrides]))
+        trainer.close()
+        return trainer.net, trainer.ema.model
+
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        net, ema = pretrained("default", "path.pretrain_network_g=both.pth")
+    assert not caplog.records  # param_key_g is a known option
+    assert state_dicts_equal(net, params) and state_dicts_equal(ema, params_ema)
+    net, ema = pretrained("ema", "path.pretrain_network_g=both.pth", "path.param_key_g=params_ema")
+    assert state_dicts_equal(net, params_ema) and state_dicts_equal(ema, params_ema)
+    net, ema = pretrained("fallback", "path.pretrain_network_g=params_only.pth", "path.param_key_g=params_ema")
+    assert state_dicts_equal(net, params) and state_dicts_equal(ema, params)
+
+
+def test_strict_finetuning_from_exported_weights_fills_the_derived_buffers(smoke_dir):
+    demo = REPO / "rgt_fast" / "weights" / "demo_RGT_x2.safetensors"
+    weights = rgt_fast.read_state_dict(demo)
+    assert not any(key.endswith(DERIVED_BUFFERS) for key in weights)
+    demo_network = yaml.safe_load((OPTIONS / "demo_RGT_x2.yml").read_text())["network_g"]
+    trainer = Trainer(load_train_options(SMOKE, ["val=null", f"path.pretrain_network_g={demo}",
+                                                 f"network_g={yaml.safe_dump(demo_network, default_flow_style=True)}"]))
+    trainer.close()
+    assert state_dicts_equal(trainer.net, weights) and state_dicts_equal(trainer.ema.model, weights)
 
 
 def test_a_second_run_of_the_same_name_archives_the_first(smoke_dir):

@@ -2,8 +2,9 @@
 
 ``experiments/<name>/models/net_g_<iter>.pth`` holds {'params': ..., 'params_ema': ...} (``net_g_latest.pth`` a
 copy of the newest); ``training_states/<iter>.state`` holds the rest of the run: iteration, epoch, optimizer,
-schedule, RNG states. Every file is written to a temporary name in its folder, synced and renamed, so a run
-killed mid-save leaves the previous checkpoint intact and never a truncated one.
+schedule, and what BasicSR's states lack for an exact resume (seed, position in the epoch, RNG states, best
+metrics). Every file is written to a temporary name in its folder, synced and renamed, so a run killed mid-save
+leaves the previous checkpoint intact and never a truncated one.
 
 The RNG states are stored as plain lists and tensors, so state files load with ``torch.load(weights_only=True)``
 like the weights: no file this package reads can execute code.
@@ -16,14 +17,18 @@ import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from ..checkpoint import UNREADABLE_FILE_ERRORS, CheckpointError
 from ..files import atomic_destination
 
 _STATE_NAME = re.compile(r"^(\d+)\.state$")
+# Every training state, BasicSR's included, has these; BasicSR's have nothing else.
+_STATE_KEYS = ("iter", "epoch", "optimizers", "schedulers")
+_EXACT_RESUME_KEYS = ("seed", "samples_into_epoch", "rng", "best_metrics")
 
 
 @dataclass(frozen=True)
@@ -48,12 +53,12 @@ class ExperimentPaths:
     def state_file(self, iteration: int) -> Path:
         return self.training_states / f"{iteration}.state"
 
-    def latest_state(self) -> Path | None:
-        """The training state with the highest iteration, or None."""
+    def states_newest_first(self) -> list[Path]:
+        """The training states, highest iteration first."""
         if not self.training_states.is_dir():
-            return None
+            return []
         found = [(int(m.group(1)), p) for p in self.training_states.iterdir() if (m := _STATE_NAME.match(p.name))]
-        return max(found)[1] if found else None
+        return [path for _, path in sorted(found, reverse=True)]
 
     def archive_existing(self) -> Path | None:
         """Move a previous experiment of the same name aside (as BasicSR does) rather than mix files into it."""
@@ -81,8 +86,28 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.fsync(handle.fileno())
 
 
-def load_file(path: Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_file(path: Path) -> Any:
+    """A file of a training run (weights or state); CheckpointError naming it when it cannot be read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE_FILE_ERRORS as err:
+        raise CheckpointError(f"{path}: cannot read it ({type(err).__name__}: {err}); the file may be missing, "
+                              f"truncated or corrupt") from err
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    """A ``.state`` file written by this package or by BasicSR; CheckpointError naming anything else."""
+    state = load_file(path)
+    missing = [key for key in _STATE_KEYS if not (isinstance(state, Mapping) and key in state)]
+    if missing:
+        raise CheckpointError(f"{path}: not a training state (no {', '.join(missing)}); resume from a .state file "
+                              f"in experiments/<name>/training_states")
+    return state
+
+
+def resumes_exactly(state: Mapping[str, Any]) -> bool:
+    """Whether ``state`` records where in the epoch and in the random streams the run stopped (BasicSR's do not)."""
+    return all(key in state for key in _EXACT_RESUME_KEYS)
 
 
 def capture_rng() -> dict[str, Any]:

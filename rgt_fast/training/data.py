@@ -2,8 +2,8 @@
 
 Images are read with OpenCV (BGR uint8) and reach the model as float32 RGB CHW in [0, 1], as BasicSR's
 ``img2tensor(bgr2rgb=True)`` gives them. Training pairs come from paired GT/LQ folders (``PairedImageDataset``) or
-from GT alone (``SingleHRDataset``, or no ``dataroot_lq``), in which case the LQ patch is the MATLAB-bicubic
-downscale of the GT patch.
+from GT alone (``SingleHRDataset``, or no ``dataroot_lq``), in which case the LQ patch is cut from the MATLAB-bicubic
+downscale of the whole GT image, rounded to 8 bits as the benchmarks' LR image files are.
 
 Every random choice of a training sample (crop corner, flips, a replacement for an unusable image) comes from a
 generator seeded by the sampler for that sample alone, so a batch depends only on (seed, epoch, position): the
@@ -61,9 +61,25 @@ def as_unit_float(image: np.ndarray) -> np.ndarray:
     return image.astype(np.float32) / 255.0
 
 
-def downscale(gt: np.ndarray, scale: int) -> np.ndarray:
-    """MATLAB-bicubic LQ of a float GT in [0, 1], clipped to [0, 1] as an image file would be."""
-    return np.clip(imresize(gt, 1 / scale), 0.0, 1.0)
+def bicubic_lq(gt: np.ndarray, scale: int) -> np.ndarray:
+    """The MATLAB-bicubic LQ of a uint8 GT as an 8-bit image file stores it: clipped and rounded to uint8."""
+    return (np.clip(imresize(as_unit_float(gt), 1 / scale), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def bicubic_lq_window(gt: np.ndarray, scale: int, top: int, left: int, size: int) -> np.ndarray:
+    """``bicubic_lq(gt, scale)[top:top + size, left:left + size]`` computed from the GT around that window only.
+
+    ``gt``'s height and width must be multiples of ``scale``. The antialiased cubic kernel reads GT pixels less than
+    2 * scale from an LQ pixel's centre, so a margin of 2 LQ pixels gives every LQ pixel of the window the GT it
+    reads in the whole image; where the margin reaches past the image, the window's edge is the image's, and the
+    resize mirrors it as it mirrors the image's.
+    """
+    margin = 2
+    lq_height, lq_width = gt.shape[0] // scale, gt.shape[1] // scale
+    first_row, first_col = max(top - margin, 0), max(left - margin, 0)
+    last_row, last_col = min(top + size + margin, lq_height), min(left + size + margin, lq_width)
+    context = gt[first_row * scale:last_row * scale, first_col * scale:last_col * scale]
+    return bicubic_lq(context, scale)[top - first_row:top - first_row + size, left - first_col:left - first_col + size]
 
 
 def random_corner(lq_height: int, lq_width: int, lq_size: int, rng: np.random.Generator) -> tuple[int, int]:
@@ -167,13 +183,15 @@ class TrainingPatches(Dataset):
     def _hr_only_patch(self, index: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         gt_path = self.gt_paths[index]
         gt = read_image(gt_path)
-        lq_height, lq_width = gt.shape[0] // self.scale, gt.shape[1] // self.scale
+        s = self.scale
+        lq_height, lq_width = gt.shape[0] // s, gt.shape[1] // s
         if min(lq_height, lq_width) < self.lq_size:
             raise self._too_small(gt_path, lq_height, lq_width)
         top, left = random_corner(lq_height, lq_width, self.lq_size, rng)
-        s = self.scale
-        gt = as_unit_float(gt[top * s:top * s + self.gt_size, left * s:left * s + self.gt_size])
-        return gt, downscale(gt, self.scale)
+        # The LQ of the GT cropped to whole LQ pixels, as the benchmarks' LR images are made.
+        lq = bicubic_lq_window(gt[:lq_height * s, :lq_width * s], s, top, left, self.lq_size)
+        gt = gt[top * s:top * s + self.gt_size, left * s:left * s + self.gt_size]
+        return as_unit_float(gt), as_unit_float(lq)
 
     def __getitem__(self, key: SampleKey) -> dict[str, torch.Tensor]:
         index, seed = key
@@ -258,7 +276,7 @@ class EvaluationPairs:
     """Whole (LQ, GT) image pairs of one validation/test set, as uint8 BGR arrays.
 
     The GT is cropped to LQ x scale. Without LQ files (``lq_paths`` None) the GT is cropped to a multiple of the
-    scale and the LQ is its MATLAB-bicubic downscale rounded to uint8, like the benchmark files.
+    scale and the LQ is its ``bicubic_lq``, like the benchmark files.
     """
 
     def __init__(self, name: str, gt_paths: Sequence[Path], lq_paths: Sequence[Path] | None, scale: int):
@@ -296,8 +314,7 @@ class EvaluationPairs:
             gt = gt[:gt.shape[0] - gt.shape[0] % s, :gt.shape[1] - gt.shape[1] % s]
             if gt.size == 0:
                 raise UnusableImage(gt_path, f"it is smaller than the scale {s}")
-            lq = (downscale(as_unit_float(gt), s) * 255.0).round().astype(np.uint8)
-            return lq, gt
+            return bicubic_lq(gt, s), gt
         lq_path = self.lq_paths[index]
         if not lq_path.is_file():
             raise UnusableImage(lq_path, f"file not found (the LQ of {gt_path.name})")

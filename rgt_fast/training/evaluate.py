@@ -1,8 +1,9 @@
 """PSNR/SSIM of an RGT on benchmark sets, from a BasicSR test option file or from command-line flags.
 
 Scores follow BasicSR (``rgt_fast.metrics``: crop ``crop_border`` pixels, Y channel); the model runs through
-``rgt_fast.upscale`` on whole images unless tiling is asked for. An image that cannot be read or scored is
-reported by name and the rest of the set is still evaluated; the exit status says whether anything failed.
+``rgt_fast.upscale`` on whole images unless tiling is asked for. An image that cannot be read, scored or fitted in
+memory is reported by name and the rest of the set is still evaluated; the exit status says whether anything
+failed.
 """
 from __future__ import annotations
 
@@ -86,7 +87,8 @@ def evaluate_set(model: nn.Module, pairs: EvaluationPairs, metrics: Mapping[str,
             lq, gt = pairs.load(index)
             sr = upscale(model, lq, tile=tile, tile_overlap=tile_overlap, dtype=dtype, self_ensemble=self_ensemble)
             scores = {metric: float(function(sr, gt)) for metric, function in metrics.items()}
-        except ValueError as err:  # an UnusableImage, or an image the model cannot take
+        # An UnusableImage, an image the model cannot take, or one too large for memory even in upscale()'s tiles.
+        except (ValueError, MemoryError, torch.OutOfMemoryError) as err:
             logger.warning("%s: cannot evaluate %s: %s", pairs.name, name, err)
             result.failures.append((name, str(err)))
             continue
@@ -155,8 +157,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_ONLY = ("weights", "data", "scale", "tile", "save_img", "out")  # -opt sets these (tile: use_chop)
 
 
-def _load_checked_model(weights: str | Path, scale: int, device: torch.device, strict: bool = True) -> nn.Module:
-    model = load_model(weights, device=device, strict=strict)
+def _load_checked_model(weights: str | Path, scale: int, device: torch.device, strict: bool = True,
+                        param_key: str | None = None) -> nn.Module:
+    model = load_model(weights, device=device, strict=strict, param_key=param_key)
     if model.upscale != scale:
         raise ValueError(f"{weights} holds an x{model.upscale} model, but scale {scale} was asked for")
     return model
@@ -174,7 +177,8 @@ def run_evaluation(args: argparse.Namespace) -> int:
             raise OptionError(f"{', '.join(given)} cannot be combined with -opt; the option file sets them")
         options = load_test_options(args.opt, args.force_yml)
         scale, weights = options["scale"], options["path"]["pretrain_network_g"]
-        model = _load_checked_model(weights, scale, device, options["path"]["strict_load_g"])
+        model = _load_checked_model(weights, scale, device, options["path"]["strict_load_g"],
+                                    options["path"]["param_key_g"])
         sets = [EvaluationPairs.from_options(spec, scale, f"datasets.{key}")
                 for key, spec in sorted(options["datasets"].items())]
         metrics = build_metrics(options["val"]["metrics"])

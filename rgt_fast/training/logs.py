@@ -1,12 +1,28 @@
 """Where training and evaluation messages go: the console (set up by entry points) and a run's log file."""
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
+from typing import Iterator
 
 PACKAGE_LOGGER = logging.getLogger("rgt_fast")
 _FORMAT = logging.Formatter("%(asctime)s %(levelname)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 _console: logging.Handler | None = None
+
+
+class _HeldRecords(logging.Handler):
+    """Keeps what is logged until the run's log file exists."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+_held: _HeldRecords | None = None
 
 
 def configure_console_logging(rank: int = 0) -> None:
@@ -20,14 +36,37 @@ def configure_console_logging(rank: int = 0) -> None:
     _console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+@contextlib.contextmanager
+def hold_records_for_log_file() -> Iterator[None]:
+    """Inside, messages are kept for the log file that ``attach_log_file`` opens, and written into it first.
+
+    A run's log file is named from its options, so what is logged while reading them (unknown options) and while
+    choosing the device and the state to resume comes before the file exists.
+    """
+    global _held
+    _held = _HeldRecords()
+    PACKAGE_LOGGER.addHandler(_held)
+    try:
+        yield
+    finally:
+        PACKAGE_LOGGER.removeHandler(_held)
+        _held = None
+
+
 def attach_log_file(path: Path) -> logging.Handler:
     """Messages from INFO up, from every module of the package (data warnings included), appended to ``path``."""
+    global _held
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(_FORMAT)
     handler.setLevel(logging.INFO)
     if PACKAGE_LOGGER.getEffectiveLevel() > logging.INFO:
         PACKAGE_LOGGER.setLevel(logging.INFO)
+    if _held is not None:
+        PACKAGE_LOGGER.removeHandler(_held)
+        for record in _held.records:
+            handler.handle(record)
+        _held = None
     PACKAGE_LOGGER.addHandler(handler)
     return handler
 

@@ -3,7 +3,7 @@
 The files are BasicSR's YAML; the authors' ``options/train/*.yml`` and ``options/test/*.yml`` load unchanged.
 Every key this package reads is declared below with its default. A missing required key is an error naming its
 dotted path; keys nothing reads are reported in one warning, so a typo such as ``use_hfilp`` cannot pass
-unnoticed while BasicSR-only extras (``pbar``, ``param_key_g``...) stay harmless.
+unnoticed while BasicSR-only extras (``pbar``, ``find_unused_parameters``...) stay harmless.
 """
 from __future__ import annotations
 
@@ -32,17 +32,20 @@ class Section:
     """A mapping of known keys (each a default, ``REQUIRED`` or a nested Section).
 
     ``optional`` sections that are absent read as None; others are filled with their defaults. Keys that start
-    with ``each_prefix`` and are not listed follow the ``each`` schema (dataset phases, metric names).
+    with ``each_prefix`` and are not listed follow the ``each`` schema (dataset phases, metric names). A section
+    with ``variants`` follows the one its ``type`` names (scheduler types, each with its own keys).
     """
 
     fields: Mapping[str, Any] = field(default_factory=dict)
     optional: bool = False
     each: "Section | None" = None
     each_prefix: str = ""
+    variants: "Mapping[str, Section] | None" = None
 
     def has_required(self) -> bool:
-        return any(value is REQUIRED or (isinstance(value, Section) and not value.optional and value.has_required())
-                   for value in self.fields.values())
+        return self.variants is not None or any(
+            value is REQUIRED or (isinstance(value, Section) and not value.optional and value.has_required())
+            for value in self.fields.values())
 
 
 # Constructor arguments of RGT; None leaves the constructor's default, as BasicSR passes only the keys given.
@@ -61,18 +64,27 @@ _TRAIN_DATASET = Section({
     # BasicSR's prefetchers; pinned memory and non-blocking copies play their part here.
     "prefetch_mode": None,
 })
+_MULTI_STEP = Section({"type": REQUIRED, "milestones": REQUIRED, "gamma": 0.1, "restarts": [0],
+                       "restart_weights": [1]})
+_SCHEDULER = Section(variants={
+    # BasicSR runs MultiStepLR as MultiStepRestartLR, whose default restart (weight 1 at step 0) changes nothing.
+    "MultiStepLR": _MULTI_STEP,
+    "MultiStepRestartLR": _MULTI_STEP,
+    "CosineAnnealingRestartLR": Section({"type": REQUIRED, "periods": REQUIRED, "restart_weights": [1],
+                                         "eta_min": 0.0}),
+})
 _GENERAL = {"name": REQUIRED, "model_type": "RGTModel", "scale": REQUIRED, "num_gpu": "auto", "manual_seed": None}
 
 TRAIN_SCHEMA = Section({
     **_GENERAL,
     "datasets": Section({"train": _TRAIN_DATASET}, each=_EVAL_DATASET, each_prefix="val"),
     "network_g": _NETWORK,
-    "path": Section({"pretrain_network_g": None, "strict_load_g": True, "resume_state": None,
-                     "experiments_root": None}),
+    "path": Section({"pretrain_network_g": None, "param_key_g": "params", "strict_load_g": True,
+                     "resume_state": None, "experiments_root": None}),
     "train": Section({
         "optim_g": Section({"type": REQUIRED, "lr": REQUIRED, "weight_decay": 0.0, "betas": [0.9, 0.999],
                             "eps": 1e-8, "amsgrad": False}),
-        "scheduler": Section({"type": REQUIRED, "milestones": REQUIRED, "gamma": 0.1}),
+        "scheduler": _SCHEDULER,
         "total_iter": REQUIRED,
         "warmup_iter": -1,
         "pixel_opt": Section({"type": REQUIRED, "loss_weight": 1.0, "reduction": "mean"}),
@@ -90,7 +102,7 @@ TEST_SCHEMA = Section({
     **_GENERAL,
     "datasets": Section(each=_EVAL_DATASET),
     "network_g": _NETWORK,
-    "path": Section({"pretrain_network_g": REQUIRED, "strict_load_g": True}),
+    "path": Section({"pretrain_network_g": REQUIRED, "param_key_g": "params", "strict_load_g": True}),
     "val": Section({"save_img": False, "suffix": None, "use_chop": False, "metrics": Section(each=_METRIC)}),
 })
 
@@ -102,6 +114,11 @@ def _join(path: str, key: Any) -> str:
 def _check(schema: Section, values: Any, path: str, unknown: list[str]) -> dict[str, Any]:
     if not isinstance(values, Mapping):
         raise OptionError(f"option {path or '(top level)'} must be a mapping, got {values!r}")
+    if schema.variants is not None:
+        kind = values.get("type")
+        if kind is None:
+            raise OptionError(f"missing required option {_join(path, 'type')}")
+        schema = schema.variants[require_choice(kind, _join(path, "type"), schema.variants)]
     checked: dict[str, Any] = {}
     for key, spec in schema.fields.items():
         dotted = _join(path, key)
@@ -167,6 +184,8 @@ _TRAIN_NUMBERS = (
     ("datasets.train.batch_size_per_gpu", int), ("datasets.train.dataset_enlarge_ratio", int),
     ("train.optim_g.lr", float), ("train.optim_g.weight_decay", float), ("train.optim_g.betas", float),
     ("train.optim_g.eps", float), ("train.scheduler.milestones", int), ("train.scheduler.gamma", float),
+    ("train.scheduler.restarts", int), ("train.scheduler.restart_weights", float), ("train.scheduler.periods", int),
+    ("train.scheduler.eta_min", float),
     ("train.total_iter", int), ("train.warmup_iter", int), ("train.pixel_opt.loss_weight", float),
     ("train.ema_decay", float), ("val.val_freq", int), ("logger.print_freq", int),
     ("logger.save_checkpoint_freq", int),
@@ -218,10 +237,36 @@ def check_options(raw: Mapping[str, Any], schema: Section, origin: str) -> dict[
     return options
 
 
+def _check_scheduler(train: Mapping[str, Any]) -> None:
+    """What BasicSR's schedulers assert, said before training starts rather than at the iteration it fails."""
+    scheduler = train["scheduler"]
+    for key in ("milestones", "restarts", "restart_weights", "periods"):
+        if key in scheduler and not isinstance(scheduler[key], list):
+            raise OptionError(f"option train.scheduler.{key} must be a list, e.g. [{scheduler[key]}], got "
+                              f"{scheduler[key]!r}")
+    weights = scheduler["restart_weights"]
+    if scheduler["type"] != "CosineAnnealingRestartLR":
+        if len(scheduler["restarts"]) != len(weights):
+            raise OptionError(f"option train.scheduler.restart_weights gives {len(weights)} weight(s) for "
+                              f"{len(scheduler['restarts'])} restart(s); give one per restart")
+        return
+    periods = scheduler["periods"]
+    if len(periods) != len(weights):
+        raise OptionError(f"option train.scheduler.restart_weights gives {len(weights)} weight(s) for "
+                          f"{len(periods)} period(s); give one per period")
+    if not periods or min(periods) < 1:
+        raise OptionError(f"option train.scheduler.periods must list periods of at least 1 iteration, got {periods}")
+    # Iteration k trains at scheduler step k - 1, and the schedule ends with the step sum(periods).
+    if sum(periods) + 1 < train["total_iter"]:
+        raise OptionError(f"option train.scheduler.periods end at iteration {sum(periods) + 1}, before "
+                          f"train.total_iter {train['total_iter']}; lengthen the periods or add one")
+
+
 def load_train_options(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """A training option file, checked, with ``--force_yml`` overrides applied and defaults filled in."""
     options = check_options(read_option_file(path, overrides), TRAIN_SCHEMA, str(path))
     _convert(options, _TRAIN_NUMBERS)
+    _check_scheduler(options["train"])
     return options
 
 

@@ -1,16 +1,22 @@
 """Training RGT from BasicSR option files: ``rgt-fast train -opt FILE.yml`` or ``python train/train.py -opt ...``.
 
 One process trains on one device; ``--launcher pytorch`` under torchrun runs one process per GPU with
-DistributedDataParallel. Runs resume exactly: a resumed run computes the same iterations, bit for bit, as one
-that was never interrupted (see ``checkpoints`` for what is saved and ``data`` for how batches are reproduced).
+DistributedDataParallel. Runs resume exactly: a resumed run computes the same iterations as one that was never
+interrupted (see ``checkpoints`` for what is saved and ``data`` for how batches are reproduced), bit for bit on the
+CPU; on CUDA, cuDNN picks its convolution algorithms by timing them (as in BasicSR), so the last bits may differ.
+A state written by BasicSR resumes at its iteration, learning rate and optimizer state, but with fresh data order
+and random streams.
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import collections
 import copy
 import functools
+import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -26,12 +32,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from .. import create_model_from_kwargs
-from ..checkpoint import CheckpointError, describe_mismatch, read_state_dict
-from .checkpoints import (ExperimentPaths, atomic_save, capture_rng, load_file, net_file_of_state, restore_rng,
-                          seed_everything)
+from ..checkpoint import CheckpointError, add_derived_buffers, describe_mismatch, read_state_dict
+from .checkpoints import (ExperimentPaths, atomic_save, capture_rng, load_file, load_training_state, net_file_of_state,
+                          restore_rng, resumes_exactly, seed_everything)
 from .data import EvaluationPairs, build_training_loader
 from .evaluate import build_metrics, evaluate_set
-from .logs import attach_log_file, configure_console_logging, detach_log_file
+from .logs import attach_log_file, configure_console_logging, detach_log_file, hold_records_for_log_file
 from .options import OptionError, load_train_options, network_kwargs, require_choice
 
 logger = logging.getLogger(__name__)
@@ -88,34 +94,74 @@ def setup_processes(launcher: str, dist_params: Mapping[str, Any], num_gpu: Any)
 
 
 class LearningRateSchedule:
-    """BasicSR's MultiStepLR, after an optional linear warmup, as a function of the 1-based iteration.
+    """BasicSR's schedulers, after an optional linear warmup, as functions of the 1-based iteration.
 
-    Iteration k trains with base_lr * k / warmup_iter while k < warmup_iter, then with
-    base_lr * gamma ** (number of milestones below k): the drop at milestone m shows from iteration m + 1, where
-    BasicSR's scheduler, stepped before each iteration, puts it. The learning rate follows from the iteration
-    alone, so a resumed run continues with exactly the learning rate it would have had.
+    ``scheduler`` is the checked ``train.scheduler`` section. BasicSR steps its scheduler before every iteration but
+    the first, so iteration k trains with the learning rate of scheduler step k - 1:
+
+    - MultiStepLR / MultiStepRestartLR: from the last restart at or before the step, base_lr * its weight, times
+      gamma for each milestone after that restart, up to the step (without a restart, from step 0 on). A
+      milestone m drops the learning rate from iteration m + 1.
+    - CosineAnnealingRestartLR: in the period i that the step falls in (a step at the end of a period is in it),
+      starting at step c, eta_min + restart_weights[i] * (base_lr - eta_min) * (1 + cos(pi * (step - c) /
+      periods[i])) / 2.
+
+    Iterations below warmup_iter train with base_lr * k / warmup_iter. (BasicSR's multi-step scheduler, which
+    multiplies the optimizer's current rate, then keeps the last warmup rate, (warmup_iter - 1) / warmup_iter of
+    base_lr; here the schedule continues from base_lr.) The learning rate follows from the iteration alone, so a
+    resumed run continues with exactly the learning rate it would have had.
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, milestones: list[int], gamma: float, warmup_iter: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Mapping[str, Any], warmup_iter: int):
         self.optimizer = optimizer
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
-        self.milestones = sorted(milestones)
-        self.gamma = gamma
+        self.scheduler = dict(scheduler)
         self.warmup_iter = warmup_iter
+        self._period_ends = list(itertools.accumulate(self.scheduler.get("periods", [])))
 
-    def factor(self, iteration: int) -> float:
+    def learning_rate(self, base_lr: float, iteration: int) -> float:
         if iteration < self.warmup_iter:
-            return iteration / self.warmup_iter
-        return self.gamma ** bisect.bisect_right(self.milestones, iteration - 1)
+            return base_lr * iteration / self.warmup_iter
+        step = iteration - 1
+        if self.scheduler["type"] == "CosineAnnealingRestartLR":
+            return self._cosine_annealing(base_lr, step)
+        return self._multi_step(base_lr, step)
+
+    def _multi_step(self, base_lr: float, step: int) -> float:
+        restarts, milestones = self.scheduler["restarts"], self.scheduler["milestones"]
+        past_restarts = [restart for restart in restarts if restart <= step]
+        if past_restarts:
+            restart = max(past_restarts)
+            weight = self.scheduler["restart_weights"][restarts.index(restart)]
+            drops = sum(restart < milestone <= step for milestone in milestones)
+        else:
+            weight, drops = 1.0, sum(milestone <= step for milestone in milestones)
+        return base_lr * weight * self.scheduler["gamma"] ** drops
+
+    def _cosine_annealing(self, base_lr: float, step: int) -> float:
+        period = bisect.bisect_left(self._period_ends, step)
+        start = self._period_ends[period - 1] if period else 0
+        eta_min, weight = self.scheduler["eta_min"], self.scheduler["restart_weights"][period]
+        progress = (step - start) / self.scheduler["periods"][period]
+        return eta_min + weight * 0.5 * (base_lr - eta_min) * (1 + math.cos(math.pi * progress))
 
     def apply(self, iteration: int) -> None:
-        factor = self.factor(iteration)
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = base_lr * factor
+            group["lr"] = self.learning_rate(base_lr, iteration)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"type": "MultiStepLR", "milestones": self.milestones, "gamma": self.gamma,
-                "warmup_iter": self.warmup_iter, "base_lrs": self.base_lrs}
+        return {**self.scheduler, "warmup_iter": self.warmup_iter, "base_lrs": self.base_lrs}
+
+
+def schedule_differences(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """The settings of ``current`` that a saved schedule (this package's, or the state_dict of a BasicSR scheduler,
+    which has other entries besides) records otherwise, as "key saved -> current"."""
+    def comparable(key: str, value: Any) -> Any:
+        # BasicSR keeps the milestones as a Counter.
+        return sorted(collections.Counter(value).elements()) if key == "milestones" else value
+
+    return [f"{key} {saved[key]} -> {value}" for key, value in current.items()
+            if key in saved and comparable(key, saved[key]) != comparable(key, value)]
 
 
 class GeneratorEMA:
@@ -179,8 +225,7 @@ class Trainer:
             if value < 1:
                 raise OptionError(f"option {dotted} must be at least 1, got {value}")
         self.paths = ExperimentPaths(Path(options["path"]["experiments_root"] or Path("experiments") / options["name"]))
-        state_path = self._state_to_resume(auto_resume)
-        state = load_file(state_path) if state_path is not None else None
+        state_path, state = self._state_to_resume(auto_resume)
 
         if self.is_main:
             archived = self.paths.archive_existing() if state is None else None
@@ -191,12 +236,16 @@ class Trainer:
                 logger.info("moved the previous experiment %s to %s", self.paths.root, archived)
             logger.info("options:\n%s", yaml.safe_dump(options, sort_keys=False).rstrip())
 
+        if self.device.type == "cuda":
+            # As BasicSR's train.py: training patches have one size, so the fastest algorithms are timed once.
+            torch.backends.cudnn.benchmark = True
         self.seed = self._choose_seed(state)
         # Each rank draws its own drop-path masks; DDP gives every rank rank 0's initial weights.
         seed_everything(self.seed + self.process.rank)
         self.net = self._build_network()
-        if state is None:
-            self._load_pretrained()
+        pretrained = options["path"]["pretrain_network_g"] if state is None else None
+        if pretrained:
+            self._load_pretrained(self.net, "net_g", pretrained, options["path"]["param_key_g"])
         self.model: nn.Module = self.net
         if self.process.world_size > 1:
             self.model = DistributedDataParallel(
@@ -208,11 +257,11 @@ class Trainer:
         if train_options["compile"]:
             self.model = torch.compile(self.model)
         self.ema = GeneratorEMA(self.net, train_options["ema_decay"]) if train_options["ema_decay"] > 0 else None
+        if self.ema is not None and pretrained:
+            # As BasicSR: the EMA starts from the file's EMA weights (its 'params' when it has none).
+            self._load_pretrained(self.ema.model, "net_g_ema", pretrained, "params_ema")
         self.optimizer = build_optimizer(self.net, train_options["optim_g"])
-        scheduler = train_options["scheduler"]
-        require_choice(scheduler["type"], "train.scheduler.type", ["MultiStepLR"])
-        self.schedule = LearningRateSchedule(self.optimizer, scheduler["milestones"], scheduler["gamma"],
-                                             train_options["warmup_iter"])
+        self.schedule = LearningRateSchedule(self.optimizer, train_options["scheduler"], train_options["warmup_iter"])
         self.pixel_loss = build_pixel_loss(train_options["pixel_opt"])
         self.amp_dtype = AMP_DTYPES[require_choice(train_options["amp"], "train.amp", AMP_DTYPES)]
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
@@ -234,18 +283,25 @@ class Trainer:
         if state is not None:
             self._resume(state, state_path)
 
-    def _state_to_resume(self, auto_resume: bool) -> Path | None:
+    def _state_to_resume(self, auto_resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
         if auto_resume:
-            latest = self.paths.latest_state()
-            if latest is not None:
-                return latest
+            states = self.paths.states_newest_first()
+            for path in states:
+                try:
+                    return path, load_training_state(path)
+                except CheckpointError as err:
+                    logger.warning("auto_resume: %s; trying the state before it", err)
+            if states:
+                raise CheckpointError(f"auto_resume: none of the {len(states)} training state(s) in "
+                                      f"{self.paths.training_states} can be read (see the warnings); set "
+                                      f"path.resume_state to another state, or remove them to start afresh")
             logger.info("auto_resume: no training state in %s; starting from scratch", self.paths.training_states)
         explicit = self.options["path"]["resume_state"]
-        return Path(explicit) if explicit else None
+        return (Path(explicit), load_training_state(Path(explicit))) if explicit else (None, None)
 
     def _choose_seed(self, state: Mapping[str, Any] | None) -> int:
         # A resumed run keeps its seed: the data order of the interrupted epoch depends on it.
-        if state is not None:
+        if state is not None and resumes_exactly(state):
             return int(state["seed"])
         seed = self.options["manual_seed"]
         if seed is None:
@@ -268,27 +324,26 @@ class Trainer:
                     f"{sum(p.numel() for p in net.parameters()):,}")
         return net.to(self.device)
 
-    def _load_pretrained(self) -> None:
-        path = self.options["path"]["pretrain_network_g"]
-        if not path:
-            return
-        weights = read_state_dict(path)
+    def _load_pretrained(self, net: nn.Module, name: str, path: str, param_key: str) -> None:
+        # Exported weights (train/export_weights.py, the demo models) leave out the buffers the architecture fixes.
+        weights = add_derived_buffers(net, read_state_dict(path, param_key=param_key))
         if self.options["path"]["strict_load_g"]:
-            problems = describe_mismatch(self.net, weights)
+            problems = describe_mismatch(net, weights)
             if problems:
                 raise CheckpointError(f"{path}: does not fit network_g ({problems}); set path.strict_load_g: "
                                       f"false to load only the matching weights")
-            self.net.load_state_dict(weights)
+            net.load_state_dict(weights)
         else:
             # As BasicSR: weights whose shape differs (another scale's upsampler) are skipped, not an error.
-            expected = self.net.state_dict()
+            expected = net.state_dict()
             resized = sorted(k for k, v in weights.items() if k in expected and v.shape != expected[k].shape)
-            result = self.net.load_state_dict({k: v for k, v in weights.items() if k not in resized}, strict=False)
+            result = net.load_state_dict({k: v for k, v in weights.items() if k not in resized}, strict=False)
             for label, keys in (("different shape", resized), ("missing", result.missing_keys),
                                 ("unexpected", result.unexpected_keys)):
                 if keys:
-                    logger.warning("%s: %d weight(s) not loaded (%s): %s", path, len(keys), label, ", ".join(keys))
-        logger.info("loaded pretrained weights %s", path)
+                    logger.warning("%s: %d weight(s) not loaded into %s (%s): %s", path, len(keys), name, label,
+                                   ", ".join(keys))
+        logger.info("loaded %s from %s (param key %s)", name, path, param_key)
 
     def _validation_setup(self) -> tuple[list[EvaluationPairs], dict[str, Callable]]:
         val = self.options["val"]
@@ -329,23 +384,30 @@ class Trainer:
         elif "ema" in state:
             logger.warning("the run being resumed kept an EMA; train.ema_decay is now 0, so it is dropped")
         self.optimizer.load_state_dict(state["optimizers"][0])
-        saved_schedule, schedule = state["schedulers"][0], self.schedule.state_dict()
-        if saved_schedule != schedule:
-            logger.warning("the option file's learning-rate schedule %s differs from the saved one %s; following "
-                           "the option file", schedule, saved_schedule)
+        changes = schedule_differences(state["schedulers"][0], self.schedule.state_dict())
+        if changes:
+            logger.warning("the option file's learning-rate schedule differs from the saved run's (%s); following "
+                           "the option file", ", ".join(changes))
         if self.grad_scaler is not None and state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
-        self.iteration, self.epoch = iteration, int(state["epoch"])
-        self.samples_into_epoch = int(state["samples_into_epoch"])
-        self.best = state["best_metrics"]
-        self._saved_at = iteration
-        rng_states = state["rng"]
-        if self.process.rank < len(rng_states):
-            # Last: everything built above (network initialisation included) has drawn from the generators.
-            restore_rng(rng_states[self.process.rank])
+        self.iteration = self._saved_at = iteration
+        if resumes_exactly(state):
+            self.epoch, self.samples_into_epoch = int(state["epoch"]), int(state["samples_into_epoch"])
+            self.best = state["best_metrics"]
+            rng_states = state["rng"]
+            if self.process.rank < len(rng_states):
+                # Last: everything built above (network initialisation included) has drawn from the generators.
+                restore_rng(rng_states[self.process.rank])
+            else:
+                logger.warning("the saved run had %d process(es); rank %d starts from a fresh random state",
+                               len(rng_states), self.process.rank)
         else:
-            logger.warning("the saved run had %d process(es); rank %d starts from a fresh random state",
-                           len(rng_states), self.process.rank)
+            # Where BasicSR's run stood in its epoch and in its random streams is not saved: start the next epoch.
+            self.epoch, self.samples_into_epoch = int(state["epoch"]) + 1, 0
+            logger.warning("%s holds no data position or random state (a BasicSR state): resuming at iteration %d "
+                           "with its weights, optimizer and learning rate, but from the start of epoch %d, with "
+                           "random streams from seed %d and no best metrics, so the run will not match an "
+                           "uninterrupted one", state_path, iteration, self.epoch, self.seed)
         logger.info("resuming from iteration %d (epoch %d) of %s", iteration, self.epoch, state_path)
 
     # -------------------------------------------------------------------------------------------- training
@@ -499,8 +561,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 def run_training(args: argparse.Namespace) -> int:
     """``rgt-fast train``: train until ``train.total_iter``; 0 on success."""
     configure_console_logging(int(os.environ.get("RANK", 0)) if args.launcher == "pytorch" else 0)
-    options = load_train_options(args.opt, args.force_yml)
-    trainer = Trainer(options, auto_resume=args.auto_resume, launcher=args.launcher)
+    with hold_records_for_log_file():
+        options = load_train_options(args.opt, args.force_yml)
+        trainer = Trainer(options, auto_resume=args.auto_resume, launcher=args.launcher)
     try:
         trainer.fit()
     finally:
