@@ -19,7 +19,7 @@ from kernel_timing import write_rows  # first: it turns Triton's interpreter off
 import torch
 
 from rgt_fast import accelerate, load_model
-from rgt_fast.bench import build_pair, device_name, format_table, guarded, inference_row, training_row
+from rgt_fast.bench import build_pair, device_name, failures, format_table, guarded, inference_row, training_row
 from rgt_fast.inference import default_device
 from rgt_fast.upscale_cli import default_weights
 
@@ -74,6 +74,13 @@ def main() -> int:
             write_rows(args.json, {"device": device_name(device), "torch": torch.__version__, "results": rows,
                                    "low_precision_drift": drift})
 
+    def measure_drift() -> None:
+        try:
+            drift.extend(low_precision_drift(device))
+        except Exception as error:  # the timed rows still count
+            drift.append({"error": f"{type(error).__name__}: {str(error)[:300]}"})
+        save()
+
     def measure(row_fn, name, *row_args) -> None:
         guarded(rows, row_fn, name, *row_args)
         if rows[-1].get("dtype") == "bfloat16" and "fused_tflops" in rows[-1] and device.type == "cuda":
@@ -86,6 +93,7 @@ def main() -> int:
         x = torch.rand(8, 3, 128, 128, device=device)
         measure(inference_row, INFERENCE_ROWS["fp32"], *upscale_x4, x, None, warmup, iters)
         measure(inference_row, INFERENCE_ROWS["bf16"], *upscale_x4, x, torch.bfloat16, warmup, iters)
+        measure_drift()  # before the long rows, which a device's time limit may cut
         reference, fused = build_pair("RGT", 2, device)
         x = torch.rand(8, 3, 64, 64, device=device)
         # The official RGT x2 option's step (batch 8 per GPU, 64x64 LR patches, Adam), bf16 autocast and fp32.
@@ -99,13 +107,15 @@ def main() -> int:
         reference, fused = build_pair("RGT-S", 4, device)
         x = torch.rand(1, 3, 64, 64)
         measure(inference_row, "RGT-S x4 64x64 b1 fp32", reference, fused, x, None, 1, 2 if args.quick else 5)
-    drift.extend(low_precision_drift(device))
-    save()
+        measure_drift()
     print(format_table(rows))
     for row in drift:
+        if "error" in row:
+            print(f"drift: {row['error']}")
+            continue
         print(f"drift {row['model']:<9} {row['dtype']:<8} max {row['max_levels']:.2f} levels, mean "
               f"{row['mean_levels']:.4f}, PSNR vs fp32 {row['psnr_vs_fp32_db']:.1f} dB, finite {row['finite']}")
-    return 0
+    return 1 if any(failures(row) for row in rows) or any("error" in row for row in drift) else 0
 
 
 if __name__ == "__main__":

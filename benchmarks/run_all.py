@@ -3,10 +3,12 @@
     python benchmarks/run_all.py [--tests [--tests-budget SECONDS]] [--quick] [--budget SECONDS] [--out DIR]
                                  [--results-dir DIR]
 
-Each benchmark script is run in its own process with ``--json``, within its share of the time left (see
-SHARE_WEIGHTS); a script that fails or times out is recorded with its exit code, the rows it wrote before it
-stopped, and the tail of its output, and the others still run. The result file is
-``benchmarks/results/<device>-<date>.json`` (and a copy in ``--out``), with device, versions and commit.
+With ``--tests``, the CUDA test files run first, several at once (compiling kernels keeps a CPU core busy per
+process), until ``--tests-budget``. Each benchmark script is then run in its own process with ``--json``, within
+its share of the time left (see SHARE_WEIGHTS); a script that fails or times out is recorded with its exit code, the
+rows it wrote before it stopped, and the tail of its output, and the others still run. The result file is
+``benchmarks/results/<device>-<date>.json`` (and a copy in ``--out``), with device, versions and commit; ``--out``
+also gets every step's whole output, as ``<device>-<date>-logs.tar.gz``.
 """
 from __future__ import annotations
 
@@ -14,8 +16,11 @@ import argparse
 import json
 import os
 import re
+import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 from pathlib import Path
@@ -31,9 +36,15 @@ BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.
 SHARE_WEIGHTS = {"bench_rgsa_attention.py": 3, "bench_lsa_attention.py": 3, "bench_model.py": 3}
 # A benchmark given less than this would only record its own timeout.
 _MIN_SCRIPT_SECONDS = 30
-CUDA_TESTS = ("tests/test_kernel_casts.py", "tests/test_rgsa_attention.py", "tests/test_lsa_attention.py",
-              "tests/test_spatial_gate.py", "tests/test_add_layer_norm.py", "tests/test_model.py",
-              "tests/test_large_offsets.py", "tests/test_guards.py")
+# The longest first, so that they start at once; the whole model before the single kernels.
+CUDA_TESTS = ("tests/test_model.py", "tests/test_lsa_attention.py", "tests/test_rgsa_attention.py",
+              "tests/test_spatial_gate.py", "tests/test_add_layer_norm.py", "tests/test_fake_implementations.py",
+              "tests/test_kernel_casts.py", "tests/test_large_offsets.py", "tests/test_guards.py",
+              "tests/test_tf32_switch.py")
+# Test files running at once: each compiles its kernels on one CPU core, and the tests themselves are small.
+TEST_PROCESSES = max(1, min(len(CUDA_TESTS), (os.cpu_count() or 2) // 2))
+_PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed).*?)\s*=*$",
+                             flags=re.M)
 
 
 def _environment() -> dict:
@@ -55,6 +66,52 @@ def run(cmd: list[str], timeout: float, env: dict | None = None) -> tuple[int, s
     return code, output, time.perf_counter() - start
 
 
+def _test_entry(code: int, output: str, seconds: float) -> dict:
+    summary = _PYTEST_SUMMARY.findall(output)
+    return {"exit_code": code, "seconds": round(seconds, 1), "summary": summary[-1] if summary else output[-2000:],
+            "failures": re.findall(r"^(?:FAILED|ERROR) .*$", output, flags=re.M)[:50]}
+
+
+def _log_name(path: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", path) + ".log"
+
+
+def run_test_files(files: tuple[str, ...], deadline: float, env: dict, log_dir: Path, on_result) -> dict:
+    """Each test file in a pytest process of its own, TEST_PROCESSES at a time, all stopped at ``deadline``
+    (exit code 124); a file that cannot start with _MIN_SCRIPT_SECONDS left is skipped. ``on_result(file, entry)``
+    is called as each one ends."""
+    pending, running, results = list(files), {}, {}
+    while pending or running:
+        while pending and len(running) < TEST_PROCESSES:
+            test_file = pending.pop(0)
+            if deadline - time.perf_counter() < _MIN_SCRIPT_SECONDS:
+                results[test_file] = {"skipped": "the test budget ran out before it could start"}
+                on_result(test_file, results[test_file])
+                continue
+            log = log_dir / _log_name(test_file)
+            handle = log.open("w")
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", test_file],
+                cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            running[test_file] = (process, time.perf_counter(), log, handle)
+        time.sleep(0.2)
+        for test_file, (process, started, log, handle) in list(running.items()):
+            code = process.poll()
+            if code is None and time.perf_counter() >= deadline:
+                os.killpg(process.pid, signal.SIGKILL)  # with the processes a test started
+                process.wait()
+                code = 124
+            if code is None:
+                continue
+            handle.close()
+            output = log.read_text(errors="replace")
+            print(f"== {test_file} (exit {code})\n{output[-4000:]}", flush=True)
+            results[test_file] = _test_entry(code, output, time.perf_counter() - started)
+            on_result(test_file, results[test_file])
+            del running[test_file]
+    return {test_file: results[test_file] for test_file in files}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tests", action="store_true", help="run the kernel and model test files on CUDA first")
@@ -74,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     device = re.sub(r"[^A-Za-z0-9]+", "-", report["environment"]["device"]).strip("-").lower()
     name = f"{device}-{report['environment']['date'][:10]}.json"
     destinations = [args.results_dir / name] + ([args.out / name] if args.out else [])
+    log_dir = Path(tempfile.mkdtemp(prefix="run_all-logs-"))
 
     def save() -> None:
         # After every step, so that a run cut short (a device lease ending) still leaves what it measured.
         for path in destinations:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(report, indent=2) + "\n")
+        if args.out:
+            with tarfile.open(args.out / name.replace(".json", "-logs.tar.gz"), "w:gz") as archive:
+                for log in sorted(log_dir.iterdir()):
+                    archive.add(log, arcname=log.name)
 
     def budget_left() -> float:
         return float("inf") if args.budget is None else args.budget - (time.perf_counter() - start)
@@ -91,20 +153,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.tests:
         # One process per file: a file that hangs or runs out of time costs only its own result.
         report["tests"] = {}
-        tests_end = time.perf_counter() + args.tests_budget
-        for test_file in CUDA_TESTS:
-            seconds_left = min(time_left(), tests_end - time.perf_counter())
-            if seconds_left < _MIN_SCRIPT_SECONDS:
-                report["tests"][test_file] = {"skipped": "the test budget ran out before it could start"}
-                continue
-            code, output, seconds = run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test_file],
-                                        timeout=seconds_left, env=env)
-            summary = re.findall(r"^=*\s*(\d+ (?:passed|failed|skipped).*?)\s*=*$", output, flags=re.M)
-            failures = re.findall(r"^FAILED .*$", output, flags=re.M)
-            report["tests"][test_file] = {"exit_code": code, "seconds": round(seconds, 1),
-                                          "summary": summary[-1] if summary else output[-2000:],
-                                          "failures": failures[:50]}
+
+        def record(test_file: str, entry: dict) -> None:
+            report["tests"][test_file] = entry
             save()
+
+        deadline = time.perf_counter() + min(args.tests_budget, budget_left())
+        report["tests"] = run_test_files(CUDA_TESTS, deadline, env, log_dir, record)
+        save()
     for position, script in enumerate(BENCHMARKS):
         if time_left() < _MIN_SCRIPT_SECONDS:
             report["benchmarks"][script] = {"skipped": "the --budget ran out before it could start"}
@@ -117,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [sys.executable, str(ROOT / "benchmarks" / script), "--json", str(path)]
             code, output, seconds = run(cmd + (["--quick"] if args.quick else []), timeout=min(share, time_left()),
                                         env=env)
+            (log_dir / _log_name(script)).write_text(output)
             entry = {"exit_code": code, "seconds": round(seconds, 1)}
             if path.exists():
                 entry["results"] = json.loads(path.read_text())
@@ -125,6 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             report["benchmarks"][script] = entry
         save()
     save()
+    shutil.rmtree(log_dir, ignore_errors=True)
     print(f"wrote {destinations[0]}")
     failed = [s for s, e in report["benchmarks"].items() if e.get("exit_code", 0) != 0]
     failed += [f for f, e in (report["tests"] or {}).items() if e.get("exit_code", 0) != 0]

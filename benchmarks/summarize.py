@@ -156,11 +156,13 @@ def model_section(report: dict, targets: Targets) -> list[str]:
         headers = ["run", "reference ms", "fused ms", "speedup", "peak MB reference", "peak MB fused",
                    "memory ratio", "fused TFLOPS", "fraction of bf16 peak", "it/s reference / fused", "notes"]
         lines += ["## Whole model (issues 5 and 6)", "", *_table(headers, table)]
-    if drift:
+    measured_drift = [d for d in drift if "error" not in d]
+    if measured_drift:
         lines += ["", "Autocast drift against fp32 (8-bit levels, built-in x4 demo weights):", "",
                   *_table(["model", "dtype", "max levels", "mean levels", "PSNR vs fp32 dB", "finite"],
                           [[d["model"], d["dtype"], d["max_levels"], _number(d["mean_levels"], 4),
-                            _number(d["psnr_vs_fp32_db"], 1), str(d["finite"])] for d in drift])]
+                            _number(d["psnr_vs_fp32_db"], 1), str(d["finite"])] for d in measured_drift])]
+    lines += [f"Autocast drift failed: {d['error']}" for d in drift if "error" in d]
     return lines
 
 

@@ -149,12 +149,17 @@ def _out_of_memory(err: torch.cuda.OutOfMemoryError) -> str:
     return f"out of memory: {str(err).splitlines()[0][:200]}"
 
 
+def _failure(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err)[:300]}"
+
+
 def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: torch.device, warmup: int,
              iters: int) -> dict:
     """Fill ``row`` with the first result, median ms and peak MB of each of the "reference" and "fused" calls.
 
-    A model that runs out of memory gets a ``<model>_error`` entry and the other is still measured: at the largest
-    sizes the reference is expected not to fit, and the fused model's figures are the point of the row.
+    A model that runs out of memory (or fails otherwise) gets a ``<model>_error`` entry and the other is still
+    measured: at the largest sizes the reference is expected not to fit, and the fused model's figures are the point
+    of the row.
     Returns the first results of the models that ran.
     """
     firsts, fitting = {}, {}
@@ -164,6 +169,8 @@ def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: t
             fitting[label] = call
         except torch.cuda.OutOfMemoryError as err:
             row[f"{label}_error"] = _out_of_memory(err)
+        except Exception as err:  # a kernel that fails on this device: the other model's figures still count
+            row[f"{label}_error"] = _failure(err)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     medians = interleaved_median_ms(list(fitting.values()), warmup, iters, device)
@@ -238,12 +245,14 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
 
 
 def guarded(rows: list, row_fn: Callable[..., dict], name: str, *args) -> None:
-    """Run one row; an out-of-memory error outside the models' own runs (building inputs, say) becomes a row that
-    says so, and the other rows still run."""
+    """Run one row; an error outside the models' own runs (running out of memory while building inputs, say)
+    becomes a row that says so, and the other rows still run."""
     try:
         rows.append(row_fn(name, *args))
     except torch.cuda.OutOfMemoryError as err:
         rows.append({"name": name, "error": _out_of_memory(err)})
+    except Exception as err:
+        rows.append({"name": name, "error": _failure(err)})
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -365,7 +374,14 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
-    return 0
+    return 1 if any(failures(row) for row in rows) else 0
+
+
+def failures(row: dict) -> list[str]:
+    """The errors of a row other than running out of memory (which the reference is expected to do at the
+    largest sizes)."""
+    errors = [value for key, value in row.items() if key == "error" or key.endswith("_error")]
+    return [error for error in errors if not error.startswith("out of memory")]
 
 
 def format_table(rows: list[dict]) -> str:

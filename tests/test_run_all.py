@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -99,22 +101,50 @@ FAILING_TESTS = "def test_fails():\n    assert 2 + 2 == 5\n"
 SLOW_TESTS = "import time\n\ndef test_hangs():\n    time.sleep(60)\n"
 
 
-def test_each_test_file_is_recorded_and_the_test_budget_skips_the_rest(run_all, monkeypatch, tmp_path):
-    files = write_scripts(tmp_path, test_passing=PASSING_TESTS, test_failing=FAILING_TESTS, test_slow=SLOW_TESTS,
-                          test_never=PASSING_TESTS)
+BROKEN_TESTS = "import a_module_that_is_not_there\n"
+
+
+def test_test_files_run_side_by_side_are_each_recorded_with_their_logs(run_all, monkeypatch, tmp_path):
+    files = write_scripts(tmp_path, test_slow=SLOW_TESTS, test_failing=FAILING_TESTS, test_broken=BROKEN_TESTS,
+                          test_passing=PASSING_TESTS)
     monkeypatch.setattr(run_all, "CUDA_TESTS", files)
+    monkeypatch.setattr(run_all, "TEST_PROCESSES", 2)
     monkeypatch.setattr(run_all, "BENCHMARKS", write_scripts(tmp_path, fast=FAST_SCRIPT))
     monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
-    assert run_all.main(["--tests", "--tests-budget", "20", "--results-dir", str(tmp_path / "results")]) == 1
+    out = tmp_path / "out"
+    started = time.perf_counter()
+    assert run_all.main(["--tests", "--tests-budget", "20", "--results-dir", str(tmp_path / "results"),
+                         "--out", str(out)]) == 1
+    # The slow file holds one slot until the budget ends; the others ran in the second slot meanwhile.
+    assert time.perf_counter() - started < 45
     report = read_report(tmp_path / "results")
-    passing, failing, slow, never = (report["tests"][f] for f in files)
-    assert passing["exit_code"] == 0 and "1 passed" in passing["summary"]
+    assert list(report["tests"]) == list(files)
+    slow, failing, broken, passing = (report["tests"][f] for f in files)
+    assert slow["exit_code"] == 124 and slow["seconds"] < 30
     assert failing["exit_code"] == 1 and "1 failed" in failing["summary"]
     assert any("test_fails" in line for line in failing["failures"])
-    assert slow["exit_code"] == 124 and slow["seconds"] < 30
-    assert "skipped" in never
+    assert broken["exit_code"] == 2 and "1 error" in broken["summary"]
+    assert any(line.startswith("ERROR ") for line in broken["failures"])
+    assert passing["exit_code"] == 0 and "1 passed" in passing["summary"]
     # The benchmarks still run after the tests used up their share.
     assert all(entry["exit_code"] == 0 for entry in report["benchmarks"].values())
+    (archive_path,) = out.glob("*-logs.tar.gz")
+    with tarfile.open(archive_path) as archive:
+        logs = {member.name: archive.extractfile(member).read().decode() for member in archive.getmembers()}
+    assert len(logs) == len(files) + 1
+    assert any("assert 2 + 2 == 5" in text for name, text in logs.items() if "test_failing" in name)
+
+
+def test_a_test_file_that_cannot_start_before_the_test_budget_ends_is_skipped(run_all, monkeypatch, tmp_path):
+    files = write_scripts(tmp_path, test_slow=SLOW_TESTS, test_never=PASSING_TESTS)
+    monkeypatch.setattr(run_all, "CUDA_TESTS", files)
+    monkeypatch.setattr(run_all, "TEST_PROCESSES", 1)
+    monkeypatch.setattr(run_all, "BENCHMARKS", ())
+    monkeypatch.setattr(run_all, "_MIN_SCRIPT_SECONDS", 1)
+    assert run_all.main(["--tests", "--tests-budget", "6", "--results-dir", str(tmp_path / "results")]) == 1
+    report = read_report(tmp_path / "results")
+    assert report["tests"][files[0]]["exit_code"] == 124
+    assert "skipped" in report["tests"][files[1]]
 
 
 ROW_THEN_HANG_SCRIPT = """
