@@ -283,3 +283,73 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
         return _tensor_to_numpy(output, numpy_dtype, channels)
     return output[0] if squeeze else output
 
+
+# The split of the authors' RGTModel.test with val.use_chop: an image gets size // PART_SPAN + 1 parts along each
+# axis, and each part runs with PART_CONTEXT LQ px of its neighbours on the sides where it has any.
+PART_SPAN = 200
+PART_CONTEXT = 16
+
+
+def _mirror_to_multiple(x: torch.Tensor, parts: int, dim: int) -> torch.Tensor:
+    """``x`` extended at the end of ``dim`` to a multiple of ``parts`` by mirroring with the edge pixel repeated
+    (numpy's 'symmetric', not F.pad's 'reflect'), which is what the authors' flip-and-concatenate gives. Fewer than
+    ``parts`` <= size / PART_SPAN + 1 pixels are missing, so one mirror is always enough."""
+    length = x.shape[dim]
+    missing = -length % parts
+    return torch.cat([x, x.narrow(dim, length - missing, missing).flip(dim)], dim)
+
+
+def _part_spans(length: int, parts: int) -> list[tuple[slice, slice, slice]]:
+    """(run, own, own_in_run) of each part along an axis of ``length`` (a multiple of ``parts``): the pixels the
+    part runs on (its own plus PART_CONTEXT on each side that meets another part), the pixels it fills in the
+    result, and where those lie within the pixels it runs on."""
+    size = length // parts
+    spans = []
+    for index in range(parts):
+        before = PART_CONTEXT if index > 0 else 0
+        after = PART_CONTEXT if index < parts - 1 else 0
+        own = slice(index * size, (index + 1) * size)
+        spans.append((slice(own.start - before, own.stop + after), own, slice(before, before + size)))
+    return spans
+
+
+def _scaled(span: slice, scale: int) -> slice:
+    return slice(span.start * scale, span.stop * scale)
+
+
+@torch.no_grad()
+def upscale_in_parts(model: nn.Module, image: Image, *, dtype: torch.dtype | str | None = None,
+                     self_ensemble: bool = False) -> Image:
+    """Super-resolve ``image`` split as the authors' ``RGTModel.test`` splits it when a test option file sets
+    ``val.use_chop: true``, so that the images (and scores) are theirs.
+
+    An image of h x w LQ px gets ``h // 200 + 1`` x ``w // 200 + 1`` equal parts, after mirroring its bottom and
+    right edges (edge pixel repeated) to multiples of those counts. Each part runs on its own with 16 px of its
+    neighbours' context, and its own region of the output is placed without blending; the result is cropped to
+    the image's size times the scale. An image under 200 px on both sides is one part: the whole-image result.
+
+    Each part goes through :func:`upscale`, with ``dtype`` and ``self_ensemble`` (the authors' chop has no
+    ensemble; here each part is averaged over its 8 flips/transposes) and upscale's handling of parts under
+    16 px, too elongated or too large for memory. ``image`` and the result are as for :func:`upscale`.
+    """
+    scale, channels, _ = _model_properties(model)
+    if isinstance(image, np.ndarray):
+        x, numpy_dtype = _numpy_to_tensor(image, channels)
+    elif isinstance(image, torch.Tensor):
+        # upscale() checks each part as it checks a whole tensor.
+        x, numpy_dtype = image, None
+    else:
+        raise TypeError(f"image must be a numpy array or a torch tensor, got {type(image).__name__}")
+    height, width = x.shape[-2:]
+    row_parts, col_parts = height // PART_SPAN + 1, width // PART_SPAN + 1
+    x = _mirror_to_multiple(_mirror_to_multiple(x, row_parts, -2), col_parts, -1)
+    output = None
+    for run_rows, own_rows, own_rows_in_run in _part_spans(x.shape[-2], row_parts):
+        for run_cols, own_cols, own_cols_in_run in _part_spans(x.shape[-1], col_parts):
+            part = upscale(model, x[..., run_rows, run_cols], dtype=dtype, self_ensemble=self_ensemble)
+            if output is None:
+                output = part.new_empty((*part.shape[:-2], x.shape[-2] * scale, x.shape[-1] * scale))
+            output[..., _scaled(own_rows, scale), _scaled(own_cols, scale)] = \
+                part[..., _scaled(own_rows_in_run, scale), _scaled(own_cols_in_run, scale)]
+    output = output[..., :height * scale, :width * scale]
+    return _tensor_to_numpy(output, numpy_dtype, channels) if numpy_dtype is not None else output

@@ -16,6 +16,7 @@ import yaml
 
 import rgt_fast
 from rgt_fast.cli import main
+from rgt_fast.inference import upscale_in_parts
 from rgt_fast.metrics import calculate_psnr, calculate_ssim
 from rgt_fast.training import evaluate
 from test_data import write_benchmark_set
@@ -107,7 +108,7 @@ def test_an_image_that_does_not_fit_in_memory_is_reported_and_the_rest_scored(be
 
 
 def write_test_options(root: Path, weights: Path, **path_options) -> Path:
-    """test_RGT_S_x2.yml for SetA and ``weights``, in tiles as use_chop asks."""
+    """test_RGT_S_x2.yml for SetA and ``weights``, with use_chop."""
     options = yaml.safe_load((REPO / "train" / "options" / "test_RGT_S_x2.yml").read_text())
     options.update(name="test_tiny", datasets={
         "test_1": {"name": "SetA", "type": "PairedImageDataset", "dataroot_gt": str(root / "SetA" / "HR"),
@@ -145,7 +146,9 @@ def test_a_test_option_file_runs_like_basicsr(bench):
     assert main(["eval", "-opt", "test.yml", "--json", "scores.json"]) == 0
     report = json.loads(Path("scores.json").read_text())
     psnr, _, sr = expected_scores(weights, root / "SetA", "img00x2.png", "img00.png")
-    assert report["tile"] == 256 and report["sets"][0]["images"][0]["psnr"] == pytest.approx(psnr, abs=1e-9)
+    # SetA's images are under 200 px, which the authors' use_chop runs whole.
+    assert report["use_chop"] and report["tile"] is None
+    assert report["sets"][0]["images"][0]["psnr"] == pytest.approx(psnr, abs=1e-9)
     saved = Path("results/test_tiny/visualization/SetA/img00x2_test_tiny.png")
     np.testing.assert_array_equal(cv2.imread(str(saved)), sr)
 
@@ -169,3 +172,124 @@ def test_entry_script_with_tiles_self_ensemble_and_bf16(bench):
     report = json.loads(Path("scores.json").read_text())
     assert report["tile"] == 16 and report["self_ensemble"] and report["dtype"] == "bf16"
     assert report["sets"][0]["average"]["psnr"] > 10
+
+
+def tiny_x2_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return rgt_fast.create_model("RGT-S", 2, depth=[2], num_heads=[2], embed_dim=48).eval()
+
+
+# (rows, columns) of the authors' use_chop parts, worked out by hand: (run from, run to, own from, own to) in LQ px.
+# 40 x 230: 1 x 2 parts of 40 x 115, 16 px of context where they meet. 230 x 410: 2 x 3 parts; the width is
+# mirrored to 411 (3 x 137), then cropped.
+HAND_SPLITS = {
+    (40, 230): ([(0, 40, 0, 40)], [(0, 131, 0, 115), (99, 230, 115, 230)]),
+    (230, 410): ([(0, 131, 0, 115), (99, 230, 115, 230)],
+                 [(0, 153, 0, 137), (121, 290, 137, 274), (258, 411, 274, 411)]),
+}
+
+
+@pytest.mark.parametrize("size", list(HAND_SPLITS))
+def test_use_chop_places_each_part_output_as_the_authors_do(size):
+    model = tiny_x2_model()
+    height, width = size
+    image = np.random.default_rng(3).random((height, width, 3), dtype=np.float32)
+    row_parts, col_parts = HAND_SPLITS[size]
+    padded_width = col_parts[-1][1]
+    # numpy's 'symmetric' repeats the edge pixel, as the authors' flip-and-concatenate does.
+    padded = np.pad(image, ((0, row_parts[-1][1] - height), (0, padded_width - width), (0, 0)), mode="symmetric")
+    x = torch.from_numpy(padded.transpose(2, 0, 1).copy())[None]
+    expected = torch.zeros(1, 3, row_parts[-1][1] * 2, padded_width * 2)
+    with torch.no_grad():
+        for run_top, run_bottom, top, bottom in row_parts:
+            for run_left, run_right, left, right in col_parts:
+                part = model(x[..., run_top:run_bottom, run_left:run_right])
+                expected[..., top * 2:bottom * 2, left * 2:right * 2] = part[
+                    ..., (top - run_top) * 2:(bottom - run_top) * 2, (left - run_left) * 2:(right - run_left) * 2]
+    result = upscale_in_parts(model, torch.from_numpy(image.transpose(2, 0, 1).copy())[None])
+    torch.testing.assert_close(result, expected[..., :height * 2, :width * 2], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("size, options", [((50, 70), {}), ((13, 199), {}),
+                                           ((40, 30), {"self_ensemble": True, "dtype": "bf16"})])
+def test_use_chop_runs_an_image_under_200_px_whole(size, options):
+    model = tiny_x2_model()
+    image = np.random.default_rng(4).integers(0, 256, (*size, 3), dtype=np.uint8)
+    np.testing.assert_array_equal(upscale_in_parts(model, image, **options), rgt_fast.upscale(model, image, **options))
+
+
+DEMO_WEIGHTS = REPO / "rgt_fast" / "weights" / "demo_RGT_x2.safetensors"
+
+
+def write_single_image_options(lq_folder: Path, **val_options) -> Path:
+    """The authors' test_single_x2.yml, with the demo weights and ``lq_folder``."""
+    options = {
+        "name": "test_single_x2", "model_type": "RGTModel", "scale": 2, "num_gpu": 1, "manual_seed": 10,
+        "datasets": {"test_1": {"name": "Single", "type": "SingleImageDataset", "dataroot_lq": str(lq_folder),
+                                "io_backend": {"type": "disk"}}},
+        "network_g": {"type": "RGT", "upscale": 2, "in_chans": 3, "img_size": 64, "img_range": 1.0,
+                      "depth": [6] * 8, "embed_dim": 180, "num_heads": [6] * 8, "mlp_ratio": 2,
+                      "resi_connection": "1conv", "split_size": [8, 32], "c_ratio": 0.5},
+        "path": {"pretrain_network_g": str(DEMO_WEIGHTS), "strict_load_g": True},
+        "val": {"save_img": True, "suffix": "x2", "use_chop": True, **val_options},
+    }
+    Path("test_single.yml").write_text(yaml.safe_dump(options))
+    return Path("test_single.yml")
+
+
+def write_lq_images(folder: Path, sizes: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(5)
+    images = {name: rng.integers(0, 256, (*size, 3), dtype=np.uint8) for name, size in sizes.items()}
+    for name, image in images.items():
+        cv2.imwrite(str(folder / f"{name}.png"), image)
+    return images
+
+
+@pytest.fixture
+def single_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # wide is split in 1 x 2 parts by use_chop.
+    return write_lq_images(tmp_path / "single", {"small": (24, 30), "wide": (20, 210)})
+
+
+def test_a_single_image_dataset_is_super_resolved_and_saved_without_scores(single_images, capsys):
+    code = main(["eval", "-opt", str(write_single_image_options(Path("single"))), "--json", "out.json",
+                 "--csv", "out.csv"])
+    assert code == 0
+    model = rgt_fast.load_model(DEMO_WEIGHTS)
+    for name, lq in single_images.items():
+        saved = cv2.imread(f"results/test_single_x2/visualization/Single/{name}_x2.png")
+        np.testing.assert_array_equal(saved, upscale_in_parts(model, lq))
+    assert "== Single: no GT, super-resolved without scores ==" in capsys.readouterr().out
+    (single,) = json.loads(Path("out.json").read_text())["sets"]
+    assert single == {"name": "Single", "scored": False, "average": None,
+                      "images": [{"name": "small"}, {"name": "wide"}], "failed": []}
+    rows = list(csv.DictReader(Path("out.csv").open()))
+    assert [(row["set"], row["image"], row["error"]) for row in rows] == [("Single", "small", ""),
+                                                                           ("Single", "wide", "")]
+
+
+def test_a_corrupt_image_of_a_single_image_dataset_is_reported_and_the_rest_saved(single_images, capsys):
+    Path("single/broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert main(["eval", "-opt", str(write_single_image_options(Path("single"))), "--json", "out.json"]) == 1
+    (single,) = json.loads(Path("out.json").read_text())["sets"]
+    assert [image["name"] for image in single["images"]] == ["small", "wide"]
+    assert single["failed"][0]["name"] == "broken" and "broken.png" in single["failed"][0]["error"]
+    assert "Single/broken" in capsys.readouterr().err
+    assert sorted(p.name for p in Path("results/test_single_x2/visualization/Single").iterdir()) == [
+        "small_x2.png", "wide_x2.png"]
+
+
+def test_a_single_image_dataset_without_save_img_is_an_error_before_anything_runs(single_images, capsys):
+    assert main(["eval", "-opt", str(write_single_image_options(Path("single"), save_img=False))]) == 1
+    assert "Single: no GT to score" in capsys.readouterr().err and not Path("results").exists()
+
+
+def test_each_dataset_type_names_the_folder_it_misses(single_images, capsys):
+    options = write_single_image_options(Path("single"))
+    assert main(["eval", "-opt", str(options), "--force_yml", "datasets.test_1.dataroot_lq=null"]) == 1
+    assert "missing required option datasets.test_1.dataroot_lq" in capsys.readouterr().err
+    assert main(["eval", "-opt", str(options), "--force_yml", "datasets.test_1.type=PairedImageDataset"]) == 1
+    err = capsys.readouterr().err
+    assert "missing required option datasets.test_1.dataroot_gt" in err and "SingleImageDataset" in err

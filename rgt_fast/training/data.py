@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 DATASET_TYPES = ("PairedImageDataset", "SingleHRDataset")
+# BasicSR's set of LQ images alone, which the authors' test_single_x*.yml super-resolve: a test set with nothing to
+# score, so not one for training or validation.
+LQ_ONLY_DATASET = "SingleImageDataset"
 
 
 class SampleKey(NamedTuple):
@@ -276,12 +279,15 @@ class EvaluationPairs:
     """Whole (LQ, GT) image pairs of one validation/test set, as uint8 BGR arrays.
 
     The GT is cropped to LQ x scale. Without LQ files (``lq_paths`` None) the GT is cropped to a multiple of the
-    scale and the LQ is its ``bicubic_lq``, like the benchmark files.
+    scale and the LQ is its ``bicubic_lq``, like the benchmark files. Without GT files (``gt_paths`` None, a
+    ``SingleImageDataset``) there is only the LQ, to super-resolve: ``load`` gives None for the GT.
     """
 
-    def __init__(self, name: str, gt_paths: Sequence[Path], lq_paths: Sequence[Path] | None, scale: int):
+    def __init__(self, name: str, gt_paths: Sequence[Path] | None, lq_paths: Sequence[Path] | None, scale: int):
+        if gt_paths is None and lq_paths is None:
+            raise ValueError(f"set {name}: give its GT images, its LQ images or both")
         self.name = name
-        self.gt_paths = list(gt_paths)
+        self.gt_paths = None if gt_paths is None else list(gt_paths)
         self.lq_paths = None if lq_paths is None else list(lq_paths)
         self.scale = scale
 
@@ -291,6 +297,25 @@ class EvaluationPairs:
         return cls(dataset_options["name"], gt_paths, lq_paths, scale)
 
     @classmethod
+    def from_test_options(cls, dataset_options: Mapping[str, Any], scale: int, dotted: str) -> "EvaluationPairs":
+        """A set of a test option file: as :meth:`from_options` reads it, or a ``SingleImageDataset`` of the LQ
+        images in ``dataroot_lq`` alone."""
+        kind = require_choice(dataset_options["type"], f"{dotted}.type", (*DATASET_TYPES, LQ_ONLY_DATASET))
+        if kind != LQ_ONLY_DATASET:
+            if dataset_options["dataroot_gt"] is None:
+                raise OptionError(f"missing required option {dotted}.dataroot_gt; to super-resolve LQ images "
+                                  f"without GT, set {dotted}.type: {LQ_ONLY_DATASET} and its dataroot_lq")
+            return cls.from_options(dataset_options, scale, dotted)
+        if dataset_options["dataroot_lq"] is None:
+            raise OptionError(f"missing required option {dotted}.dataroot_lq (the folder of LQ images a "
+                              f"{LQ_ONLY_DATASET} super-resolves)")
+        if dataset_options["dataroot_gt"] is not None:
+            logger.warning("%s: ignoring dataroot_gt: a %s is LQ images alone, super-resolved and not scored; use "
+                           "type PairedImageDataset to score them", dotted, LQ_ONLY_DATASET)
+        _check_io_backend(dataset_options, dotted)
+        return cls(dataset_options["name"], None, list_images(dataset_options["dataroot_lq"]), scale)
+
+    @classmethod
     def from_benchmark_folder(cls, folder: str | Path, scale: int) -> "EvaluationPairs":
         """A set in the standard ``HR/`` + ``LR_bicubic/X{s}/NAMEx{s}.png`` layout, named after its folder."""
         folder = Path(folder)
@@ -298,15 +323,22 @@ class EvaluationPairs:
         lq_folder = folder / "LR_bicubic" / f"X{scale}"
         return cls(folder.name, gt_paths, [lq_path_for(p, lq_folder, f"{{}}x{scale}") for p in gt_paths], scale)
 
+    @property
+    def has_gt(self) -> bool:
+        return self.gt_paths is not None
+
     def __len__(self) -> int:
-        return len(self.gt_paths)
+        return len(self.gt_paths if self.has_gt else self.lq_paths)
 
     def image_name(self, index: int) -> str:
         """The name results are reported and saved under: the LQ file's stem, as in BasicSR."""
         return (self.gt_paths if self.lq_paths is None else self.lq_paths)[index].stem
 
-    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(lq, gt) of image ``index``; raises UnusableImage naming the file at fault."""
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(lq, gt) of image ``index`` (gt None for a set without GT); raises UnusableImage naming the file at
+        fault."""
+        if not self.has_gt:
+            return read_image(self.lq_paths[index]), None
         gt_path = self.gt_paths[index]
         gt = read_image(gt_path)
         s = self.scale

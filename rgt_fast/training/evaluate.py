@@ -1,9 +1,10 @@
 """PSNR/SSIM of an RGT on benchmark sets, from a BasicSR test option file or from command-line flags.
 
 Scores follow BasicSR (``rgt_fast.metrics``: crop ``crop_border`` pixels, Y channel); the model runs through
-``rgt_fast.upscale`` on whole images unless tiling is asked for. An image that cannot be read, scored or fitted in
-memory is reported by name and the rest of the set is still evaluated; the exit status says whether anything
-failed.
+``rgt_fast.upscale`` on whole images unless tiling is asked for, or, for an option file's ``val.use_chop``, in the
+authors' parts (``upscale_in_parts``). A set without GT (``SingleImageDataset``) is super-resolved and saved, not
+scored. An image that cannot be read, scored or fitted in memory is reported by name and the rest of the set is
+still evaluated; the exit status says whether anything failed.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..cpu_allocator import retain_freed_cpu_memory
-from ..inference import DTYPES, default_device, parse_device, upscale
+from ..inference import DTYPES, default_device, parse_device, upscale, upscale_in_parts
 from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
 from ..reference.rgt import MIN_EVAL_SIZE
@@ -35,9 +36,6 @@ logger = logging.getLogger(__name__)
 
 Metric = Callable[[np.ndarray, np.ndarray], float]
 METRIC_FUNCTIONS = {"calculate_psnr": calculate_psnr, "calculate_ssim": calculate_ssim}
-# use_chop in the authors' test files asks for a memory-saving split without a size; this is one of the tile sizes
-# upscale() itself falls back to when a whole image does not fit.
-CHOP_TILE = 256
 DEFAULT_SUFFIX = "RGT"
 
 
@@ -59,10 +57,13 @@ def benchmark_metrics(scale: int) -> dict[str, Metric]:
 
 @dataclass
 class SetScores:
+    """Per-image scores of a set; a set without GT (``scored`` False) lists its images with no metrics."""
+
     name: str
     metric_names: list[str]
     images: list[tuple[str, dict[str, float]]] = field(default_factory=list)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    scored: bool = True
 
     def averages(self) -> dict[str, float]:
         """Mean of each metric over the scored images; NaN for a set where nothing could be scored."""
@@ -70,22 +71,33 @@ class SetScores:
                 for m in self.metric_names}
 
     def as_dict(self) -> dict[str, Any]:
-        averages = {m: None if math.isnan(v) else v for m, v in self.averages().items()}
-        return {"name": self.name, "average": averages,
+        averages = {m: None if math.isnan(v) else v for m, v in self.averages().items()} if self.scored else None
+        return {"name": self.name, "scored": self.scored, "average": averages,
                 "images": [{"name": name, **scores} for name, scores in self.images],
                 "failed": [{"name": name, "error": error} for name, error in self.failures]}
 
 
 def evaluate_set(model: nn.Module, pairs: EvaluationPairs, metrics: Mapping[str, Metric], *, tile: int | None = None,
-                 tile_overlap: int = 32, self_ensemble: bool = False, dtype: str | None = None,
-                 save_dir: Path | None = None, image_suffix: str = DEFAULT_SUFFIX) -> SetScores:
-    """Scores of every image of ``pairs``; SR images saved as ``save_dir/<name>_<image_suffix>.png`` if asked."""
-    result = SetScores(pairs.name, list(metrics))
+                 tile_overlap: int = 32, use_chop: bool = False, self_ensemble: bool = False,
+                 dtype: str | None = None, save_dir: Path | None = None,
+                 image_suffix: str = DEFAULT_SUFFIX) -> SetScores:
+    """Scores of every image of ``pairs`` (none for a set without GT); SR images saved as
+    ``save_dir/<name>_<image_suffix>.png`` if asked. ``use_chop`` runs the authors' split (``upscale_in_parts``)
+    instead of whole images or ``tile``s."""
+    if use_chop and tile is not None:
+        raise ValueError("use_chop splits images its own way; give tile or use_chop, not both")
+    if not pairs.has_gt:
+        metrics = {}
+    result = SetScores(pairs.name, list(metrics), scored=pairs.has_gt)
     for index in range(len(pairs)):
         name = pairs.image_name(index)
         try:
             lq, gt = pairs.load(index)
-            sr = upscale(model, lq, tile=tile, tile_overlap=tile_overlap, dtype=dtype, self_ensemble=self_ensemble)
+            if use_chop:
+                sr = upscale_in_parts(model, lq, dtype=dtype, self_ensemble=self_ensemble)
+            else:
+                sr = upscale(model, lq, tile=tile, tile_overlap=tile_overlap, dtype=dtype,
+                             self_ensemble=self_ensemble)
             scores = {metric: float(function(sr, gt)) for metric, function in metrics.items()}
         # An UnusableImage, an image the model cannot take, or one too large for memory even in upscale()'s tiles.
         except (ValueError, MemoryError, torch.OutOfMemoryError) as err:
@@ -104,12 +116,14 @@ def format_table(sets: Sequence[SetScores]) -> str:
         width = max([len("average"), *(len(name) for name, _ in scores.images),
                      *(len(name) for name, _ in scores.failures)])
         header = "  ".join(f"{m:>9}" for m in scores.metric_names)
-        lines += [f"== {scores.name} ==", f"{'image':<{width}}  {header}"]
-        lines += [f"{name:<{width}}  " + "  ".join(f"{values[m]:9.4f}" for m in scores.metric_names)
+        title = scores.name if scores.scored else f"{scores.name}: no GT, super-resolved without scores"
+        lines += [f"== {title} ==", f"{'image':<{width}}  {header}".rstrip()]
+        lines += [(f"{name:<{width}}  " + "  ".join(f"{values[m]:9.4f}" for m in scores.metric_names)).rstrip()
                   for name, values in scores.images]
         lines += [f"{name:<{width}}  FAILED: {error}" for name, error in scores.failures]
-        averages = scores.averages()
-        lines.append(f"{'average':<{width}}  " + "  ".join(f"{averages[m]:9.4f}" for m in scores.metric_names))
+        if scores.scored:
+            averages = scores.averages()
+            lines.append(f"{'average':<{width}}  " + "  ".join(f"{averages[m]:9.4f}" for m in scores.metric_names))
         lines.append("")
     return "\n".join(lines)
 
@@ -120,7 +134,8 @@ def write_json(path: Path, sets: Sequence[SetScores], info: Mapping[str, Any]) -
 
 
 def write_csv(path: Path, sets: Sequence[SetScores]) -> None:
-    """One row per image and one per set average (image "(average)"); failed images have an error column."""
+    """One row per image and one per scored set's average (image "(average)"); failed images have an error
+    column."""
     metric_names = list(dict.fromkeys(m for s in sets for m in s.metric_names))
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
@@ -131,8 +146,9 @@ def write_csv(path: Path, sets: Sequence[SetScores]) -> None:
                 writer.writerow([scores.name, name, *(values.get(m, "") for m in metric_names), ""])
             for name, error in scores.failures:
                 writer.writerow([scores.name, name, *([""] * len(metric_names)), error])
-            averages = scores.averages()
-            writer.writerow([scores.name, "(average)", *(averages.get(m, "") for m in metric_names), ""])
+            if scores.scored:
+                averages = scores.averages()
+                writer.writerow([scores.name, "(average)", *(averages.get(m, "") for m in metric_names), ""])
 
 
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -177,12 +193,17 @@ def run_evaluation(args: argparse.Namespace) -> int:
             raise OptionError(f"{', '.join(given)} cannot be combined with -opt; the option file sets them")
         options = load_test_options(args.opt, args.force_yml)
         scale, weights = options["scale"], options["path"]["pretrain_network_g"]
+        sets = [EvaluationPairs.from_test_options(spec, scale, f"datasets.{key}")
+                for key, spec in sorted(options["datasets"].items())]
+        without_gt = [pairs.name for pairs in sets if not pairs.has_gt]
+        # A set without GT has only its SR images to give; not saving them would spend the run on nothing.
+        if without_gt and not options["val"]["save_img"]:
+            raise OptionError(f"{', '.join(without_gt)}: no GT to score, so with val.save_img false nothing "
+                              f"would be produced for it; set val.save_img: true")
         model = _load_checked_model(weights, scale, device, options["path"]["strict_load_g"],
                                     options["path"]["param_key_g"])
-        sets = [EvaluationPairs.from_options(spec, scale, f"datasets.{key}")
-                for key, spec in sorted(options["datasets"].items())]
         metrics = build_metrics(options["val"]["metrics"])
-        tile = CHOP_TILE if options["val"]["use_chop"] else None
+        tile, use_chop = None, bool(options["val"]["use_chop"])
         save_root = Path("results") / options["name"] / "visualization" if options["val"]["save_img"] else None
         # As BasicSR: the suffix, else the experiment name.
         suffix = options["val"]["suffix"] or options["name"]
@@ -197,7 +218,7 @@ def run_evaluation(args: argparse.Namespace) -> int:
         model = _load_checked_model(weights, scale, device)
         sets = [EvaluationPairs.from_benchmark_folder(folder, scale) for folder in args.data]
         metrics = benchmark_metrics(scale)
-        tile = args.tile
+        tile, use_chop = args.tile, False
         if tile is not None and not (tile >= MIN_EVAL_SIZE and 0 <= args.tile_overlap < tile):
             raise OptionError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
                               f"{tile} and {args.tile_overlap}")
@@ -208,11 +229,13 @@ def run_evaluation(args: argparse.Namespace) -> int:
     for pairs in sets:
         save_dir = save_root / pairs.name if save_root is not None else None
         results.append(evaluate_set(model, pairs, metrics, tile=tile, tile_overlap=args.tile_overlap,
-                                    self_ensemble=args.self_ensemble, dtype=args.dtype, save_dir=save_dir,
-                                    image_suffix=suffix))
+                                    use_chop=use_chop, self_ensemble=args.self_ensemble, dtype=args.dtype,
+                                    save_dir=save_dir, image_suffix=suffix))
+        if not pairs.has_gt:
+            logger.info("%s: %d SR image(s) saved in %s", pairs.name, len(results[-1].images), save_dir)
     print(format_table(results))
     info = {"weights": str(weights), "scale": scale, "self_ensemble": args.self_ensemble, "tile": tile,
-            "tile_overlap": args.tile_overlap if tile else None, "dtype": args.dtype}
+            "tile_overlap": args.tile_overlap if tile else None, "use_chop": use_chop, "dtype": args.dtype}
     if args.json:
         write_json(args.json, results, info)
     if args.csv:

@@ -58,6 +58,9 @@ _METRIC = Section({"type": REQUIRED, "crop_border": REQUIRED, "test_y_channel": 
 # ``task`` appears in the authors' dataset entries; nothing reads it.
 _EVAL_DATASET = Section({"task": None, "name": REQUIRED, "type": REQUIRED, "dataroot_gt": REQUIRED,
                          "dataroot_lq": None, "filename_tmpl": "{}", "io_backend": _IO_BACKEND})
+# A test set can be LQ images alone (SingleImageDataset), so which roots it needs depends on its type; data.py
+# checks them.
+_TEST_DATASET = Section({**_EVAL_DATASET.fields, "dataroot_gt": None})
 _TRAIN_DATASET = Section({
     **_EVAL_DATASET.fields, "gt_size": REQUIRED, "use_hflip": False, "use_rot": False, "use_shuffle": True,
     "num_worker_per_gpu": REQUIRED, "batch_size_per_gpu": REQUIRED, "dataset_enlarge_ratio": 1,
@@ -100,7 +103,7 @@ TRAIN_SCHEMA = Section({
 
 TEST_SCHEMA = Section({
     **_GENERAL,
-    "datasets": Section(each=_EVAL_DATASET),
+    "datasets": Section(each=_TEST_DATASET),
     "network_g": _NETWORK,
     "path": Section({"pretrain_network_g": REQUIRED, "param_key_g": "params", "strict_load_g": True}),
     "val": Section({"save_img": False, "suffix": None, "use_chop": False, "metrics": Section(each=_METRIC)}),
