@@ -22,7 +22,8 @@ Source = Union[str, os.PathLike, StateDict]
 UNREADABLE_FILE_ERRORS = (RuntimeError, OSError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError)
 
 # Buffers that follow from the architecture alone: a file may leave them out (the built-in demo weights do, which
-# keeps them small: two shift masks are 8 MB at img_size 64). rpe_biases stays required: it records split_size.
+# keeps them small: a shifted block's two masks are 8 MB at split size [8, 32]). rpe_biases stays required: it
+# records split_size.
 DERIVED_BUFFERS = ("attn_mask_0", "attn_mask_1", "relative_position_index")
 
 # Without a param_key: BasicSR keeps EMA weights under 'params_ema', and they are the ones to evaluate.
@@ -99,8 +100,11 @@ def save_state_dict(state_dict: StateDict, path: str | os.PathLike, *, key: str 
 
 
 def add_derived_buffers(model: torch.nn.Module, state_dict: StateDict) -> dict[str, torch.Tensor]:
-    """``state_dict`` completed with ``model``'s own copies of the DERIVED_BUFFERS it leaves out."""
-    derived = {k: v for k, v in model.state_dict().items() if k.endswith(DERIVED_BUFFERS) and k not in state_dict}
+    """``state_dict`` completed with ``model``'s own copies of the DERIVED_BUFFERS it leaves out or holds in another
+    shape: files this project wrote while img_size still sized the shift masks (img_size 32 in
+    train/options/smoke_cpu.yml) load like official ones. Outputs do not depend on the masks' size."""
+    derived = {k: v for k, v in model.state_dict().items()
+               if k.endswith(DERIVED_BUFFERS) and (k not in state_dict or state_dict[k].shape != v.shape)}
     return {**state_dict, **derived}
 
 
@@ -123,7 +127,10 @@ def load_model(source: Source, *, fused: bool = True, backend: str = "auto", dev
                strict: bool = True, param_key: str | None = None) -> torch.nn.Module:
     """Build the RGT that ``source`` (a path or a state_dict) holds, load it strictly and return it in eval mode.
 
-    Every hyperparameter is read back from the weights. ``fused=False`` returns ``rgt_fast.reference.RGT``.
+    Every hyperparameter is read back from the weights, as ``infer_hyperparameters`` says: those the weights cannot
+    tell take the official values. So an odd ``num_heads``, which has the weights of the even count below it, comes
+    back even (official checkpoints use even counts); convert such a model with ``rgt_fast.accelerate`` instead,
+    which reads the count from the modules. ``fused=False`` returns ``rgt_fast.reference.RGT``.
     Buffers that the architecture determines (shift masks, relative position indices) may be absent.
     ``param_key`` picks the entry of a BasicSR file as in ``read_state_dict``.
     """

@@ -56,11 +56,24 @@ def _require(state_dict: Mapping[str, torch.Tensor], key: str) -> torch.Tensor:
     return state_dict[key]
 
 
+def _ratio_rebuilding(size: int, dim: int) -> float:
+    """A ratio r for which the constructor's ``int(dim * r)`` gives back ``size``: size / dim where floating point
+    allows (the presets' 2.0 and 0.5), else the middle of the interval that truncates to ``size`` (124 / 312 gives
+    int(312 * r) = 123)."""
+    return next(r for r in (size / dim, (size + 0.5) / dim) if int(dim * r) == size)
+
+
 def infer_hyperparameters(state_dict: Mapping[str, torch.Tensor]) -> dict[str, Any]:
     """RGT constructor arguments read back from the weights alone.
 
-    ``img_range`` and ``qk_scale`` leave no trace in the weights; official models use the defaults (1.0, None).
-    ``img_size`` is read from the cached shift masks when a shifted block exists.
+    Some arguments leave no trace in the weights, and official models use the defaults: ``img_range`` (1.0),
+    ``qk_scale`` (None), ``act_layer`` and ``norm_layer`` (GELU, LayerNorm) and the dropout rates. ``img_size``
+    shapes nothing (the official code caches its shift masks for 64 whatever it is) and comes back as 64.
+    ``num_heads`` comes back even: an odd count 2k+1 has the weights of 2k (each L-SA branch has k heads, and RG-SA's
+    head count shapes no weight), but not its outputs. Official checkpoints use even counts; for another model, read
+    the count from its modules (``rgt_fast.accelerate`` does). ``c_ratio`` and ``mlp_ratio`` come back as ratios
+    that rebuild the stored sizes; RG-SA's attention scale depends on the float ``c_ratio`` itself, which matches
+    only where size / embed_dim is exact (the official 0.5).
     """
     for key in REQUIRED_KEYS:
         _require(state_dict, key)
@@ -83,7 +96,7 @@ def infer_hyperparameters(state_dict: Mapping[str, torch.Tensor]) -> dict[str, A
     split_size = [int(offsets[:, 0].max().item()) + 1, int(offsets[:, 1].max().item()) + 1]
     if any(depth_i > 1 for depth_i in depth):
         reduced_channels = _require(state_dict, "layers.0.blocks.1.attn.conv.weight").shape[0]
-        c_ratio = reduced_channels / embed_dim
+        c_ratio = _ratio_rebuilding(reduced_channels, embed_dim)
     else:
         c_ratio = COMMON_DEFAULTS["c_ratio"]
 
@@ -108,14 +121,9 @@ def infer_hyperparameters(state_dict: Mapping[str, torch.Tensor]) -> dict[str, A
         raise ArchitectureMismatch("not an RGT state_dict: neither conv_after_body.weight nor "
                                    "conv_after_body.0.weight is present")
 
-    img_size = COMMON_DEFAULTS["img_size"]
-    mask = next((v for k, v in state_dict.items() if k.endswith("attn.attn_mask_0")), None)
-    if mask is not None:
-        img_size = int(round((mask.shape[0] * mask.shape[1]) ** 0.5))
-
     return dict(
-        upscale=upscale, in_chans=int(in_chans), img_size=img_size, img_range=1.0, depth=depth,
-        embed_dim=int(embed_dim), num_heads=num_heads, mlp_ratio=mlp_hidden / embed_dim,
+        upscale=upscale, in_chans=int(in_chans), img_size=COMMON_DEFAULTS["img_size"], img_range=1.0, depth=depth,
+        embed_dim=int(embed_dim), num_heads=num_heads, mlp_ratio=_ratio_rebuilding(mlp_hidden, embed_dim),
         qkv_bias="layers.0.blocks.0.attn.qkv.bias" in state_dict, qk_scale=None, drop_rate=0.0,
         attn_drop_rate=0.0, drop_path_rate=COMMON_DEFAULTS["drop_path_rate"], use_chk=False,
         resi_connection=resi_connection, split_size=split_size, c_ratio=c_ratio,

@@ -8,6 +8,7 @@ and ``accelerate`` can convert any RGT-structured module in place of a copy.
 """
 from __future__ import annotations
 
+import copy
 import platform
 from typing import Any
 
@@ -112,8 +113,10 @@ class FusedLSA(ChannelsLastLayout, reference.LSA):
     backend = "auto"
 
     def attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if self.training and self.attns[0].attn_drop.p > 0:
-            return super().attend(qkv, H, W)  # the fused op has no dropout on attention probabilities
+        # The fused op has no dropout on attention probabilities, and it splits C into num_heads equal heads: with
+        # an odd num_heads the official branches have num_heads // 2 heads of (C/2) // (num_heads // 2) channels.
+        if self.num_heads % 2 or (self.training and self.attns[0].attn_drop.p > 0):
+            return super().attend(qkv, H, W)
         op = lsa_attention if uses_triton(self.backend, qkv) else lsa_attention_torch
         return op(qkv, H, W, self.num_heads, self.split_size, self.shifted, self.attns[0].position_bias_table(),
                   self.attns[1].position_bias_table(), self.attns[0].scale)
@@ -136,17 +139,29 @@ class FusedRGSA(ChannelsLastLayout, reference.RGSA):
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
 
 
+def is_exact_gelu(act: nn.Module) -> bool:
+    """Whether ``act`` is the activation the spatial-gate kernel computes (the default act_layer)."""
+    return type(act) is nn.GELU and act.approximate == "none"
+
+
+def is_affine_layer_norm(norm: nn.Module) -> bool:
+    """Whether ``norm`` is what the fused LayerNorm ops compute: nn.LayerNorm with weight and bias, of any eps
+    (they take it as an argument)."""
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+
+
 class FusedMLP(reference.MLP):
     """MLP whose GELU, spatial gate (LayerNorm, depthwise conv) and product are one fused op between fc1 and fc2.
 
     The torch backend runs the reference's ops in the reference's order, with the gate's conv on a channels-last
-    view (``FusedSpatialGate``): that is what PyTorch ran fastest on CPU.
+    view (``FusedSpatialGate``): that is what PyTorch ran fastest on CPU. So does an ``act_layer`` other than exact
+    GELU, on both backends.
     """
 
     backend = "auto"
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if (self.training and self.drop.p > 0) or not uses_triton(self.backend, x):
+        if (self.training and self.drop.p > 0) or not uses_triton(self.backend, x) or not is_exact_gelu(self.act):
             return super().forward(x, H, W)  # the fused op has no dropout
         gate = self.sg
         return self.fc2(spatial_gate(self.fc1(x), H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight,
@@ -155,12 +170,14 @@ class FusedMLP(reference.MLP):
 
 class FusedBlock(reference.Block):
     """Block whose norms write what the next matmul reads (the autocast dtype under autocast), whose residual add
-    and ``norm2`` are one op, and whose HAI residual is one multiply-add."""
+    and ``norm2`` are one op, and whose HAI residual is one multiply-add. A ``norm_layer`` other than an affine
+    nn.LayerNorm takes the reference's path."""
 
     backend = "auto"
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if not uses_triton(self.backend, x):
+        if not (uses_triton(self.backend, x) and is_affine_layer_norm(self.norm1)
+                and is_affine_layer_norm(self.norm2)):
             return super().forward(x, H, W)
         normed = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
         attended = self.drop_path(self.attn(normed, H, W))
@@ -203,23 +220,68 @@ def _drop_path_rate(model: nn.Module) -> float:
     return max(rates, default=0.0)
 
 
-def accelerate(model: nn.Module, *, backend: str = "auto") -> RGT:
-    """The fused RGT with the weights, device, dtype and train/eval mode of any RGT-structured ``model``.
+def _network(model: Any) -> nn.Module:
+    """The network itself: spandrel's ModelDescriptor (and wrappers like it) hold it in ``.model``."""
+    inner = getattr(model, "model", None)
+    network = inner if isinstance(inner, nn.Module) else model
+    if not isinstance(network, nn.Module):
+        raise TypeError(f"accelerate() needs an RGT nn.Module, or an object holding one in .model (spandrel's "
+                        f"ModelDescriptor), got {type(model).__name__}")
+    return network
 
-    Works for ``rgt_fast.reference.RGT``, the official BasicSR class and spandrel's copy: the architecture is
-    read back from the state_dict, ``img_range``, ``qk_scale`` and the drop-path rate from the module.
+
+def _refuse_hooks(network: nn.Module) -> None:
+    # Carried over, hooks would silently misbehave: the fused path skips some modules' forward (L-SA's branches).
+    hooked = [name or "the model itself" for name, m in network.named_modules()
+              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise ValueError(f"accelerate() does not carry forward/backward hooks, and {len(hooked)} module(s) have "
+                         f"some ({hooked[:5]}); remove them (handle.remove()) and register them on the returned "
+                         f"model instead")
+
+
+def accelerate(model: Any, *, backend: str = "auto") -> RGT:
+    """The fused RGT with the weights, settings and train/eval mode of any RGT-structured ``model``.
+
+    Works for ``rgt_fast.reference.RGT``, the official BasicSR class and spandrel's copy, and for spandrel's
+    ModelDescriptor (anything holding the network in ``.model``). The architecture is read back from the
+    state_dict, except what the weights cannot tell, which comes from the modules: ``num_heads`` (an odd count has
+    the weights of the even count below it), ``img_range`` and the drop-path rate. Module by module, it then copies
+    the attention scales (``qk_scale``; RG-SA's also depends on the float ``c_ratio``), the dropout rates,
+    ``use_chk``, the ``act_layer`` and ``norm_layer`` modules, the train/eval mode and each parameter's
+    ``requires_grad``. Every tensor keeps its own dtype and device. Modules with forward or backward hooks are
+    refused: register the hooks on the returned model.
     """
-    from .config import infer_hyperparameters
+    from .config import ArchitectureMismatch, infer_hyperparameters
 
-    state_dict = model.state_dict()
-    kwargs = infer_hyperparameters(state_dict)
-    kwargs["img_range"] = float(getattr(model, "img_range", kwargs["img_range"]))
-    kwargs["drop_path_rate"] = _drop_path_rate(model)
-    lsa_branch = model.layers[0].blocks[0].attn.attns[0]
-    default_scale = (kwargs["embed_dim"] // kwargs["num_heads"][0]) ** -0.5
-    if abs(lsa_branch.scale - default_scale) > 1e-12:
-        kwargs["qk_scale"] = lsa_branch.scale
-    parameter = next(model.parameters())
+    network = _network(model)
+    _refuse_hooks(network)
+    state_dict = network.state_dict()
+    try:
+        kwargs = infer_hyperparameters(state_dict)
+    except ArchitectureMismatch as err:
+        raise TypeError(f"accelerate() needs an RGT-structured module (rgt_fast.reference.RGT, the official class "
+                        f"or spandrel's); {type(network).__name__}: {err}") from err
+    kwargs.update(img_range=float(getattr(network, "img_range", kwargs["img_range"])),
+                  drop_path_rate=_drop_path_rate(network),
+                  num_heads=[group.blocks[0].attn.num_heads for group in network.layers])
     fused = RGT(**kwargs, backend=backend)
-    fused.load_state_dict(state_dict, strict=True)
-    return fused.to(device=parameter.device, dtype=parameter.dtype).train(model.training)
+    for name, module in network.named_modules():
+        if name == "norm" or name.endswith((".norm1", ".norm2", ".mlp.act")):
+            # The act_layer and norm_layer modules, whole: any class and setting (eps, approximate) carries over.
+            fused.set_submodule(name, copy.deepcopy(module))
+    # assign=True keeps each tensor's dtype and device; the clones share no storage with ``model``.
+    fused.load_state_dict({key: value.clone() for key, value in state_dict.items()}, strict=True, assign=True)
+    fused_modules = dict(fused.named_modules())
+    for name, module in network.named_modules():
+        target = fused_modules[name]
+        target.training = module.training
+        if isinstance(target, nn.Dropout):
+            target.p = module.p
+        elif isinstance(target, (reference.WindowAttention, reference.RGSA)):
+            target.scale = module.scale
+        elif isinstance(target, reference.ResidualGroup):
+            target.use_chk = module.use_chk
+    for name, parameter in network.named_parameters():
+        fused.get_parameter(name).requires_grad_(parameter.requires_grad)
+    return fused

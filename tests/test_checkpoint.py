@@ -11,6 +11,7 @@ from safetensors.torch import save_file
 import rgt_fast
 from rgt_fast import CheckpointError, infer_hyperparameters, load_model
 from rgt_fast.config import preset_name
+from rgt_fast.reference.rgt import shift_mask
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +32,33 @@ def test_every_preset_and_scale_is_detected_from_weights_alone(official_state_di
 def test_custom_configurations_are_detected():
     kwargs = rgt_fast.preset_kwargs("RGT-S", 1, depth=[2, 3], num_heads=[4, 4], embed_dim=64, mlp_ratio=4.0,
                                     split_size=[4, 16], c_ratio=0.25, resi_connection="3conv", in_chans=1,
-                                    img_size=32, qkv_bias=False)
+                                    qkv_bias=False)
     state_dict = rgt_fast.reference.RGT(**kwargs).state_dict()
     assert infer_hyperparameters(state_dict) == kwargs
     assert preset_name(kwargs) is None
+
+
+def test_ratios_that_do_not_divide_back_exactly_rebuild_the_stored_sizes():
+    """int(44 * 0.7) = 30 and int(44 * 1.37) = 60, but int(44 * (30 / 44)) = 29 and int(44 * (60 / 44)) = 59."""
+    kwargs = rgt_fast.preset_kwargs("RGT-S", 2, depth=[2], num_heads=[2], embed_dim=44, c_ratio=0.7, mlp_ratio=1.37)
+    state_dict = rgt_fast.reference.RGT(**kwargs).state_dict()
+    inferred = infer_hyperparameters(state_dict)
+    assert int(44 * inferred["c_ratio"]) == 30 and int(44 * inferred["mlp_ratio"]) == 60
+    load_model(state_dict, fused=False)
+
+
+def test_img_size_shapes_nothing_and_masks_cached_for_another_size_still_load():
+    """The official code caches every shift mask for 64 whatever img_size is; files this project wrote while
+    img_size sized them (32 in train/options/smoke_cpu.yml) still load."""
+    kwargs = rgt_fast.preset_kwargs("RGT-S", 2, depth=[3], num_heads=[2], embed_dim=32, split_size=[4, 8])
+    state_dict = rgt_fast.reference.RGT(**{**kwargs, "img_size": 32}).state_dict()
+    assert {k: v.shape for k, v in state_dict.items()} == {
+        k: v.shape for k, v in rgt_fast.reference.RGT(**kwargs).state_dict().items()}
+    assert infer_hyperparameters(state_dict)["img_size"] == 64
+    mask_key = "layers.0.blocks.2.attn.attn_mask_0"
+    written_at_32 = {**state_dict, mask_key: shift_mask(32, 32, 4, 8, 2, 4)}
+    model = load_model(written_at_32, fused=False)
+    assert torch.equal(model.state_dict()[mask_key], state_dict[mask_key])
 
 
 def _save_variants(state_dict, tmp_path):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
+from torch import nn
 
 import rgt_fast
 from rgt_fast.kernels._common import INTERPRET
@@ -45,7 +47,9 @@ def perturbed_reference(**overrides) -> ReferenceRGT:
 def compare(reference, fused, x, training, atol, rtol):
     reference.train(training)
     fused.train(training)
+    torch.manual_seed(1)  # the same dropout draws for both
     out_ref = reference(x)
+    torch.manual_seed(1)
     out_fused = fused(x)
     torch.testing.assert_close(out_fused, out_ref, atol=atol, rtol=rtol)
     assert out_fused.is_contiguous(), "the fused model returns contiguous NCHW images, whatever layout it ran in"
@@ -78,6 +82,47 @@ def test_torch_backend_matches_reference_in_float64(size, training):
     fused = accelerate(reference, backend="torch")
     x = torch.rand(2, 3, *size, dtype=torch.float64)
     compare(reference, fused, x, training, atol=1e-10, rtol=1e-9)
+
+
+# Constructor arguments whose blocks leave some fused op for the reference's path, or that once broke the fused model.
+VARIANTS = {
+    "act_layer=ReLU": dict(act_layer=nn.ReLU),
+    "norm_layer eps 1e-2": dict(norm_layer=functools.partial(nn.LayerNorm, eps=1e-2)),
+    "odd num_heads": dict(num_heads=[3, 3]),
+    "drop_rate": dict(drop_rate=0.3, attn_drop_rate=0.2),
+    "img_size 48": dict(img_size=48),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_torch_backend_matches_reference_for_constructor_variants(variant):
+    reference = perturbed_reference(**VARIANTS[variant]).double()
+    fused = RGT(**tiny_kwargs(**VARIANTS[variant]), backend="torch").double()
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    compare(reference, fused, torch.rand(2, 3, 17, 22, dtype=torch.float64), True, atol=1e-10, rtol=1e-9)
+
+
+@needs_triton_device
+def test_triton_backend_with_relu_eps_and_odd_heads_matches_reference(monkeypatch):
+    """The fused add + LayerNorm takes the norm's own eps; ReLU and odd heads take the reference's MLP and L-SA."""
+    variant = dict(depth=[2], num_heads=[3], act_layer=nn.ReLU, norm_layer=functools.partial(nn.LayerNorm, eps=1e-2))
+    reference = perturbed_reference(**variant).to(TRITON_DEVICE).eval()
+    fused = RGT(**tiny_kwargs(**variant), backend="triton").to(TRITON_DEVICE)
+    fused.load_state_dict(reference.state_dict(), strict=True)
+    fused_calls = []
+
+    def counted(name, op):
+        def call(*args, **kwargs):
+            fused_calls.append(name)
+            return op(*args, **kwargs)
+        return call
+
+    for name in ("add_layer_norm", "spatial_gate", "lsa_attention", "rgsa_attention"):
+        monkeypatch.setattr(rgt_fast.model, name, counted(name, getattr(rgt_fast.model, name)))
+    x = torch.rand(1, 3, 16, 20, device=TRITON_DEVICE)
+    with torch.no_grad():
+        compare(reference, fused, x, False, atol=2e-4, rtol=1e-3)
+    assert sorted(set(fused_calls)) == ["add_layer_norm", "rgsa_attention"]
 
 
 @pytest.mark.skipif(not ONEDNN_ON_X86, reason="TokenLinear takes the oneDNN path only on x86 builds with oneDNN")
@@ -177,21 +222,86 @@ def test_unknown_backend_is_rejected():
 
 
 def test_accelerate_keeps_weights_dtype_mode_and_settings():
-    reference = perturbed_reference(img_range=255.0, qk_scale=0.3, drop_path_rate=0.2).double().train()
+    reference = perturbed_reference(img_range=255.0, qk_scale=0.3, drop_path_rate=0.2, drop_rate=0.1,
+                                    attn_drop_rate=0.2, use_chk=True).double().train()
+    reference.layers[1].blocks[0].attn.attns[0].attn_drop.p = 0.4  # set on one module after construction
+    reference.conv_first.requires_grad_(False)
+    reference.layers[0].blocks[1].eval()
     fused = accelerate(reference)
     assert fused.training and next(fused.parameters()).dtype == torch.float64
     assert fused.img_range == 255.0
-    assert fused.layers[0].blocks[0].attn.attns[1].scale == 0.3
+    assert fused.layers[0].blocks[0].attn.attns[1].scale == fused.layers[1].blocks[1].attn.scale == 0.3
     assert fused.layers[1].blocks[1].drop_path.drop_prob == pytest.approx(0.2)
+    assert all(group.use_chk for group in fused.layers)
+    fused_modules = dict(fused.named_modules())
+    for name, module in reference.named_modules():
+        assert fused_modules[name].training == module.training, name
+        if isinstance(module, nn.Dropout):
+            assert fused_modules[name].p == module.p, name
+    assert fused.layers[0].blocks[0].attn.proj_drop.p == 0.1
+    assert {name for name, p in fused.named_parameters() if not p.requires_grad} == {"conv_first.weight",
+                                                                                        "conv_first.bias"}
     for key, value in reference.state_dict().items():
         assert torch.equal(fused.state_dict()[key], value), key
 
 
-def test_accelerate_converts_the_official_class():
+def test_accelerate_copies_the_scales_that_weights_cannot_tell():
+    """RG-SA's scale follows the float c_ratio (0.34 here), of which the weights keep int(72 * 0.34) = 24."""
+    reference = perturbed_reference(c_ratio=0.34).double().eval()
+    fused = accelerate(reference, backend="torch")
+    assert fused.layers[0].blocks[1].attn.scale == reference.layers[0].blocks[1].attn.scale == (18 * 0.34) ** -0.5
+    x = torch.rand(1, 3, 20, 17, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), atol=1e-10, rtol=1e-9)
+
+
+def test_accelerate_keeps_the_dtype_and_device_of_each_tensor():
+    reference = perturbed_reference()
+    reference.norm.double()
+    fused = accelerate(reference, backend="torch")
+    assert {k: (v.dtype, v.device) for k, v in fused.state_dict().items()} == {
+        k: (v.dtype, v.device) for k, v in reference.state_dict().items()}
+
+
+def test_accelerate_refuses_hooks_it_cannot_carry():
+    reference = perturbed_reference()
+    reference.layers[0].blocks[0].attn.attns[0].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match=r"layers\.0\.blocks\.0\.attn\.attns\.0.*register them on the returned"):
+        accelerate(reference)
+
+
+class ModelDescriptor:
+    """What spandrel's loaders return: not an nn.Module, with the network in ``.model``."""
+
+    def __init__(self, model):
+        self.model = model
+
+
+def test_accelerate_unwraps_a_model_descriptor_and_refuses_other_objects():
+    reference = perturbed_reference().double().eval()
+    fused = accelerate(ModelDescriptor(reference), backend="torch")
+    x = torch.rand(1, 3, 16, 20, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), atol=1e-10, rtol=1e-9)
+    with pytest.raises(TypeError, match="needs an RGT nn.Module"):
+        accelerate(ModelDescriptor("not a network"))
+    with pytest.raises(TypeError, match="RGT-structured module"):
+        accelerate(nn.Linear(2, 2))
+
+
+@pytest.mark.parametrize("variant", ["defaults", "act_layer and norm_layer", "odd num_heads, c_ratio 0.34"])
+def test_accelerate_converts_the_official_class(variant):
     official_class = load_official_rgt_class()
     if official_class is None:
         pytest.skip("spandrel + einops (the official-code oracle) are not installed; .ci/run installs them")
-    official = official_class(**tiny_kwargs()).double().eval()
+    overrides = {"defaults": {},
+                 "act_layer and norm_layer": dict(act_layer=nn.ReLU,
+                                                  norm_layer=functools.partial(nn.LayerNorm, eps=1e-2)),
+                 "odd num_heads, c_ratio 0.34": dict(num_heads=[3, 3], c_ratio=0.34)}[variant]
+    official = official_class(**tiny_kwargs(**overrides)).double().eval()
+    with torch.no_grad():
+        for p in official.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
     fused = accelerate(official, backend="torch")
     x = torch.rand(1, 3, 24, 20, dtype=torch.float64)
     with torch.no_grad():
@@ -224,7 +334,7 @@ def test_compile_has_no_graph_breaks_inside_a_block(backend):
 def test_training_after_inference_mode_in_the_same_process():
     """The fused ops cache window geometry (index tables, masks) per window shape; the first use here is under
     torch.inference_mode, as in ``rgt-fast upscale``, and must not leave inference tensors for training to save."""
-    fused = rgt_fast.RGT(**tiny_kwargs(split_size=[6, 12], img_size=36), backend="torch")  # windows no other test uses
+    fused = rgt_fast.RGT(**tiny_kwargs(split_size=[6, 12]), backend="torch")  # windows no other test uses
     x = torch.rand(2, 3, 20, 26)
     with torch.inference_mode():
         fused.eval()(x)

@@ -1,12 +1,15 @@
 """The reference RGT against the official architecture (spandrel's copy) and the spec's contract."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
+from torch import nn
 
 import rgt_fast
 from rgt_fast.reference import RGT
-from rgt_fast.reference.rgt import recursion_count, shift_mask
+from rgt_fast.reference.rgt import LSA, recursion_count, shift_mask
 
 from official_oracle import load_official_rgt_class
 
@@ -173,3 +176,91 @@ def test_too_elongated_input_is_a_clear_error():
     model = RGT(**small_kwargs()).eval()
     with pytest.raises(ValueError, match="aspect ratio"):
         model(torch.rand(1, 3, 16, 1100))
+
+
+@needs_oracle
+@pytest.mark.parametrize("img_size", [32, 48, 96])
+def test_shift_masks_are_built_for_64_whatever_img_size_as_official(img_size):
+    """The official ResidualGroup does not pass img_size to its blocks: every shifted L-SA caches masks for 64."""
+    kwargs = rgt_fast.preset_kwargs("RGT-S", 2, depth=[3], num_heads=[2], embed_dim=32, img_size=img_size)
+    official = perturbed(OfficialRGT(**kwargs))
+    ours = RGT(**kwargs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in official.state_dict().items()}
+    assert ours.state_dict()["layers.0.blocks.2.attn.attn_mask_0"].shape == (16, 256, 256)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    for key, value in official.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+
+
+def test_split_sizes_that_do_not_tile_64_cache_masks_that_change_no_output():
+    """Windows of 6x12 do not tile 64 (the official model cannot be built with them): the masks are cached for 72,
+    the next multiple. The cache is read only for a padded map of that size, and holds what would be rebuilt."""
+    model = perturbed(RGT(**small_kwargs(depth=[3], num_heads=[2], embed_dim=32, split_size=[6, 12])))
+    shifted = model.layers[0].blocks[2].attn
+    assert shifted.patches_resolution == 72
+    assert shifted.attn_mask_0.shape == (12 * 6, 6 * 12, 6 * 12)  # 12 x 6 windows of 6 x 12 tokens
+    x = torch.rand(1, 3, 70, 65)  # padded to 72 x 72: the cached masks are used
+    with torch.no_grad():
+        cached = model.eval()(x)
+        shifted.patches_resolution = 0  # no padded map has this size: the masks are rebuilt
+        rebuilt = model(x)
+    assert torch.equal(cached, rebuilt)
+
+
+def test_lsa_mask_cache_size_is_rounded_up_to_a_multiple_of_both_windows():
+    assert LSA(64, 2, split_size=[8, 32], shift_size=[4, 16], idx=2, reso=48).patches_resolution == 64
+    assert LSA(64, 2, split_size=[4, 8], shift_size=[2, 4], idx=2, reso=64).patches_resolution == 64
+    assert LSA(64, 2, split_size=[6, 12], shift_size=[3, 6], idx=2, reso=64).patches_resolution == 72
+
+
+@needs_oracle
+@pytest.mark.parametrize("training", [False, True])
+def test_act_layer_and_norm_layer_match_official_in_float64(training):
+    norm_layer = functools.partial(nn.LayerNorm, eps=1e-2)
+    kwargs = small_kwargs(depth=[3], num_heads=[2], embed_dim=32, split_size=[4, 8], act_layer=nn.ReLU,
+                          norm_layer=norm_layer)
+    official = perturbed(OfficialRGT(**kwargs)).double().train(training)
+    ours = RGT(**kwargs).double().train(training)
+    ours.load_state_dict(official.state_dict(), strict=True)
+    official_modules = dict(official.named_modules())
+    for name, module in ours.named_modules():
+        if isinstance(module, (nn.LayerNorm, nn.GELU, nn.ReLU)):
+            assert type(module) is type(official_modules[name]), name
+            assert getattr(module, "eps", None) == getattr(official_modules[name], "eps", None), name
+    assert isinstance(ours.layers[0].blocks[0].mlp.act, nn.ReLU)
+    assert ours.norm.eps == ours.layers[0].blocks[1].norm2.eps == 1e-2
+    assert ours.before_RG[1].eps == 1e-5  # a plain LayerNorm in the official code
+    x = torch.rand(2, 3, 20, 28, dtype=torch.float64)
+    out_ours, out_official = ours(x), official(x)
+    torch.testing.assert_close(out_ours, out_official, rtol=1e-10, atol=1e-10)
+    if training:
+        grad = torch.randn_like(out_ours)
+        out_ours.backward(grad)
+        out_official.backward(grad)
+        official_params = dict(official.named_parameters())
+        for name, p in ours.named_parameters():
+            torch.testing.assert_close(p.grad, official_params[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+
+
+@needs_oracle
+def test_drop_rate_reaches_the_attention_projections_only_as_official():
+    kwargs = small_kwargs(depth=[2], num_heads=[2], embed_dim=32, split_size=[4, 8], drop_rate=0.3,
+                          attn_drop_rate=0.2)
+    official = perturbed(OfficialRGT(**kwargs)).double().train()
+    ours = RGT(**kwargs).double().train()
+    ours.load_state_dict(official.state_dict(), strict=True)
+    official_modules = dict(official.named_modules())
+    rates = {name: module.p for name, module in ours.named_modules() if isinstance(module, nn.Dropout)}
+    assert rates == {name: official_modules[name].p for name in rates}
+    assert rates["layers.0.blocks.0.mlp.drop"] == 0.0 and rates["layers.0.blocks.1.attn.proj_drop"] == 0.3
+    x = torch.rand(1, 3, 16, 20, dtype=torch.float64)
+    torch.manual_seed(3)
+    out_official = official(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(ours(x), out_official, rtol=1e-10, atol=1e-10)
+
+
+def test_unknown_constructor_arguments_are_ignored_as_official():
+    """The authors' option files pass arguments the class does not use (upsampler)."""
+    kwargs = small_kwargs(depth=[2], num_heads=[2], embed_dim=32)
+    assert list(RGT(**kwargs, upsampler="pixelshuffle").state_dict()) == list(RGT(**kwargs).state_dict())

@@ -7,7 +7,7 @@ RG-SA computed with ``math.log(x, 4)``. Blocks work on tokens (B, H*W, C) with `
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -83,13 +83,15 @@ class SpatialGate(TokenImageLayout, nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0):
+    def __init__(self, in_features: int, hidden_features: int, act_layer: Callable[[], nn.Module] = nn.GELU):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
+        self.act = act_layer()
         self.sg = SpatialGate(hidden_features // 2)
         self.fc2 = nn.Linear(hidden_features // 2, in_features)
-        self.drop = nn.Dropout(drop)
+        # The official MLP has this dropout, but its Block never gives it a rate (drop_rate reaches the attention
+        # projections only).
+        self.drop = nn.Dropout(0.0)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         x = self.drop(self.act(self.fc1(x)))
@@ -221,7 +223,12 @@ class LSA(TokenImageLayout, nn.Module):
         self.shift_size = list(shift_size)
         self.idx = idx
         self.rs_id = rs_id
-        self.patches_resolution = reso
+        # The shift masks are cached for a reso x reso map, rounded up to a multiple of both window sides: split
+        # sizes whose windows do not tile 64 (e.g. [6, 12], which the official code cannot build) still construct.
+        # Outputs do not depend on the size: ``attend`` reads the cache only for a padded map of exactly this size,
+        # and the cache then holds what calculate_mask would rebuild for it.
+        window_multiple = math.lcm(*self.split_size)
+        self.patches_resolution = -(-reso // window_multiple) * window_multiple
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(drop)
@@ -233,7 +240,7 @@ class LSA(TokenImageLayout, nn.Module):
         self.get_v = nn.Conv2d(dim, dim, kernel_size=3, stride=1, padding=1, groups=dim)
         self.shifted = is_shifted_block(rs_id, idx)
         if self.shifted:
-            mask_0, mask_1 = self.calculate_mask(reso, reso)
+            mask_0, mask_1 = self.calculate_mask(self.patches_resolution, self.patches_resolution)
             self.register_buffer("attn_mask_0", mask_0)
             self.register_buffer("attn_mask_1", mask_1)
         else:
@@ -363,11 +370,12 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
                  qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
                  idx: int = 0, rs_id: int = 0, split_size: Sequence[int] = (8, 32),
                  shift_size: Sequence[int] = (4, 16), reso: int = 64, c_ratio: float = 0.5,
                  layerscale_value: float = 1e-4):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = norm_layer(dim)
         if idx % 2 == 0:
             self.attn = LSA(dim, num_heads=num_heads, split_size=split_size, shift_size=shift_size,
                             qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop, attn_drop=attn_drop, idx=idx,
@@ -376,8 +384,8 @@ class Block(nn.Module):
             self.attn = RGSA(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
                              attn_drop=attn_drop, proj_drop=drop, c_ratio=c_ratio)
         self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.mlp = MLP(dim, int(dim * mlp_ratio), drop=drop)
-        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act_layer=act_layer)
+        self.norm2 = norm_layer(dim)
         self.gamma = nn.Parameter(layerscale_value * torch.ones(dim))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -400,16 +408,20 @@ def residual_conv(dim: int, resi_connection: str) -> nn.Module:
 
 class ResidualGroup(TokenImageLayout, nn.Module):
     def __init__(self, dim: int, reso: int, num_heads: int, mlp_ratio: float, qkv_bias: bool,
-                 qk_scale: float | None, drop: float, attn_drop: float, drop_paths: Sequence[float], depth: int,
+                 qk_scale: float | None, drop: float, attn_drop: float, drop_paths: Sequence[float],
+                 act_layer: Callable[[], nn.Module], norm_layer: Callable[[int], nn.Module], depth: int,
                  use_chk: bool, resi_connection: str, rs_id: int, split_size: Sequence[int], c_ratio: float):
         super().__init__()
         self.use_chk = use_chk
         self.reso = reso
         shift_size = [split_size[0] // 2, split_size[1] // 2]
+        # reso (img_size) does not reach the blocks, as in the official code (both copies agree): every shifted
+        # L-SA caches its masks for the Block default of 64, and img_size shapes nothing. RGT_SPEC.md says the
+        # masks are built for img_size; official state_dicts follow the code, so this does too.
         self.blocks = nn.ModuleList([
             Block(dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, drop=drop,
-                  attn_drop=attn_drop, drop_path=drop_paths[i], idx=i, rs_id=rs_id, split_size=split_size,
-                  shift_size=shift_size, reso=reso, c_ratio=c_ratio)
+                  attn_drop=attn_drop, drop_path=drop_paths[i], act_layer=act_layer, norm_layer=norm_layer, idx=i,
+                  rs_id=rs_id, split_size=split_size, shift_size=shift_size, c_ratio=c_ratio)
             for i in range(depth)
         ])
         self.conv = residual_conv(dim, resi_connection)
@@ -447,9 +459,12 @@ class RGT(TokenImageLayout, nn.Module):
     def __init__(self, upscale: int = 2, in_chans: int = 3, img_size: int = 64, img_range: float = 1.0,
                  depth: Sequence[int] = (2, 2, 2, 2), embed_dim: int = 180, num_heads: Sequence[int] = (2, 2, 2, 2),
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, qk_scale: float | None = None, drop_rate: float = 0.0,
-                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1, use_chk: bool = False,
-                 resi_connection: str = "1conv", split_size: Sequence[int] = (8, 8), c_ratio: float = 0.5,
-                 **unused_kwargs):
+                 attn_drop_rate: float = 0.0, drop_path_rate: float = 0.1,
+                 act_layer: Callable[[], nn.Module] = nn.GELU, norm_layer: Callable[[int], nn.Module] = nn.LayerNorm,
+                 use_chk: bool = False, resi_connection: str = "1conv", split_size: Sequence[int] = (8, 8),
+                 c_ratio: float = 0.5, **unused_kwargs):
+        # Unknown arguments are ignored, as the official class does: the authors' option files pass some
+        # (upsampler='pixelshuffle').
         super().__init__()
         depth = list(depth)
         num_heads = list(num_heads) if isinstance(num_heads, (list, tuple)) else [num_heads] * len(depth)
@@ -467,11 +482,12 @@ class RGT(TokenImageLayout, nn.Module):
         self.layers = nn.ModuleList([
             ResidualGroup(embed_dim, reso=img_size, num_heads=num_heads[i], mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                           qk_scale=qk_scale, drop=drop_rate, attn_drop=attn_drop_rate,
-                          drop_paths=rates[sum(depth[:i]):sum(depth[:i + 1])], depth=depth[i], use_chk=use_chk,
-                          resi_connection=resi_connection, rs_id=i, split_size=split_size, c_ratio=c_ratio)
+                          drop_paths=rates[sum(depth[:i]):sum(depth[:i + 1])], act_layer=act_layer,
+                          norm_layer=norm_layer, depth=depth[i], use_chk=use_chk, resi_connection=resi_connection,
+                          rs_id=i, split_size=split_size, c_ratio=c_ratio)
             for i in range(len(depth))
         ])
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = norm_layer(embed_dim)
         self.conv_after_body = residual_conv(embed_dim, resi_connection)
         self.conv_before_upsample = nn.Sequential(nn.Conv2d(embed_dim, self.num_feat, 3, 1, 1),
                                                   nn.LeakyReLU(inplace=True))
