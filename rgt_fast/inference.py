@@ -71,6 +71,8 @@ def _numpy_to_tensor(image: np.ndarray, channels: int) -> tuple[torch.Tensor, np
     if image.shape[2] != channels:
         raise ValueError(f"the model takes {channels}-channel images, got {image.shape[2]} channels "
                          f"(shape {image.shape})")
+    if not image.dtype.isnative:  # big-endian samples, as some TIFF readers give them
+        image = image.astype(image.dtype.newbyteorder("="))
     if image.dtype == np.uint8:
         array = image.astype(np.float32) / 255.0
     elif image.dtype == np.uint16:

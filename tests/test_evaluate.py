@@ -70,6 +70,37 @@ def test_flags_mode_scores_every_image_and_writes_every_output(bench, capsys):
     assert float(rows[1]["psnr"]) == pytest.approx(psnr)
 
 
+def test_an_exact_match_writes_strict_json(bench):
+    """An SR image equal to its GT has an infinite PSNR, which json.dumps would write as Infinity."""
+    root, weights = bench
+    sr = rgt_fast.upscale(rgt_fast.load_model(weights), cv2.imread(str(root / "SetB/LR_bicubic/X2/img00x2.png")))
+    cv2.imwrite(str(root / "SetB/HR/img00.png"), sr)
+
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetB"), "--scale", "2", "--json",
+                 "scores.json"]) == 0
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    report = json.loads(Path("scores.json").read_text(), parse_constant=refuse)
+    (image,) = report["sets"][0]["images"]
+    assert image["psnr"] == "inf" and report["sets"][0]["average"]["psnr"] == "inf" and image["ssim"] == 1.0
+
+
+def test_a_set_whose_lr_files_are_named_otherwise_is_refused_before_any_work(bench, capsys):
+    root, weights = bench
+    lr_folder = root / "SetB" / "LR_bicubic" / "X2"
+    (lr_folder / "img00x2.png").rename(lr_folder / "img00_LRBI_x2.png")  # Manga109's naming
+
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), str(root / "SetB"), "--scale",
+                 "2", "--out", "sr"]) == 1
+
+    error = capsys.readouterr().err
+    assert "SetB: none of its LR files is named as --data expects (img00x2.png" in error
+    assert "img00_LRBI_x2.png" in error and "filename_tmpl" in error
+    assert not Path("sr").exists()
+
+
 def test_weights_of_another_scale_are_an_error_naming_it(bench, capsys):
     root, weights = bench
     assert main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), "--scale", "4"]) == 1

@@ -30,6 +30,18 @@ def test_numpy_bgr_uint8_round_trip_matches_the_model_on_rgb(model):
     assert np.abs(out.astype(np.float64) - np.round(expected * 255)).max() <= 1
 
 
+def test_16_bit_images_come_back_16_bit_whatever_their_byte_order(model):
+    image = np.random.default_rng(1).integers(0, 65536, (19, 22, 3), dtype=np.uint16)
+    out = upscale(model, image)
+    assert out.shape == (38, 44, 3) and out.dtype == np.uint16
+    rgb = torch.from_numpy(image[..., ::-1].astype(np.float64).transpose(2, 0, 1).copy())[None] / 65535
+    with torch.no_grad():
+        expected = model(rgb)[0].clamp(0, 1).permute(1, 2, 0).numpy()[..., ::-1]
+    assert np.abs(out.astype(np.float64) - np.round(expected * 65535)).max() <= 1
+    # Big-endian samples, as some TIFF readers return them.
+    np.testing.assert_array_equal(upscale(model, image.astype(">u2")), out)
+
+
 def test_tensor_in_tensor_out(model):
     x = torch.rand(2, 3, 20, 24, dtype=torch.float64)
     torch.testing.assert_close(upscale(model, x), model(x).float())

@@ -321,7 +321,14 @@ class EvaluationPairs:
         folder = Path(folder)
         gt_paths = list_images(folder / "HR")
         lq_folder = folder / "LR_bicubic" / f"X{scale}"
-        return cls(folder.name, gt_paths, [lq_path_for(p, lq_folder, f"{{}}x{scale}") for p in gt_paths], scale)
+        lq_paths = [lq_path_for(p, lq_folder, f"{{}}x{scale}") for p in gt_paths]
+        if lq_folder.is_dir() and gt_paths and not any(p.is_file() for p in lq_paths):
+            # A whole set named otherwise (Manga109's NAME_LRBI_x4.png): one error before any work, not one per image.
+            found = sorted(p.name for p in lq_folder.iterdir())[:3]
+            raise ValueError(f"{folder.name}: none of its LR files is named as --data expects ({lq_paths[0].name} "
+                             f"in {lq_folder}; the folder holds {found or 'nothing'}); for other names, evaluate "
+                             f"with a test option file (-opt) whose dataset sets filename_tmpl")
+        return cls(folder.name, gt_paths, lq_paths, scale)
 
     @property
     def has_gt(self) -> bool:

@@ -71,7 +71,7 @@ class SetScores:
                 for m in self.metric_names}
 
     def as_dict(self) -> dict[str, Any]:
-        averages = {m: None if math.isnan(v) else v for m, v in self.averages().items()} if self.scored else None
+        averages = self.averages() if self.scored else None
         return {"name": self.name, "scored": self.scored, "average": averages,
                 "images": [{"name": name, **scores} for name, scores in self.images],
                 "failed": [{"name": name, "error": error} for name, error in self.failures]}
@@ -128,9 +128,24 @@ def format_table(sets: Sequence[SetScores]) -> str:
     return "\n".join(lines)
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with infinite floats as "inf" / "-inf" and NaN as null: a PSNR of an exact match is infinite, and
+    strict JSON readers refuse the Infinity and NaN that json.dumps writes."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, float) and math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    if isinstance(value, dict):
+        return {key: _strict_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(item) for item in value]
+    return value
+
+
 def write_json(path: Path, sets: Sequence[SetScores], info: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**info, "sets": [s.as_dict() for s in sets]}, indent=2) + "\n")
+    report = _strict_json({**info, "sets": [s.as_dict() for s in sets]})
+    path.write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, sets: Sequence[SetScores]) -> None:
