@@ -67,6 +67,19 @@ def test_load_state_dict_both_ways_strict():
         assert torch.equal(value, official.state_dict()[key])
 
 
+def assert_same_outputs_and_gradients(ours, official, x):
+    """Float64 outputs of both models on ``x``, and every parameter's gradient of a random projection of them."""
+    out_ours, out_official = ours(x), official(x)
+    torch.testing.assert_close(out_ours, out_official, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out_ours)
+    out_ours.backward(grad)
+    out_official.backward(grad)
+    official_params = dict(official.named_parameters())
+    for name, p in ours.named_parameters():
+        torch.testing.assert_close(p.grad, official_params[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+    return out_ours
+
+
 @needs_oracle
 @pytest.mark.parametrize("size", [(62, 66), (40, 97), (64, 64)])
 @pytest.mark.parametrize("training", [False, True])
@@ -75,16 +88,8 @@ def test_outputs_and_gradients_match_official_in_float64(size, training):
     official = perturbed(OfficialRGT(**kwargs)).double().train(training)
     ours = RGT(**kwargs).double().train(training)
     ours.load_state_dict(official.state_dict())
-    x = torch.rand(2, 3, *size, dtype=torch.float64)
-    out_ours, out_official = ours(x), official(x)
+    out_ours = assert_same_outputs_and_gradients(ours, official, torch.rand(2, 3, *size, dtype=torch.float64))
     assert out_ours.shape == (2, 3, 2 * size[0], 2 * size[1])
-    torch.testing.assert_close(out_ours, out_official, rtol=1e-10, atol=1e-10)
-    grad = torch.randn_like(out_ours)
-    out_ours.backward(grad)
-    out_official.backward(grad)
-    official_params = dict(official.named_parameters())
-    for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, official_params[name].grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
 @needs_oracle
@@ -230,16 +235,7 @@ def test_act_layer_and_norm_layer_match_official_in_float64(training):
     assert isinstance(ours.layers[0].blocks[0].mlp.act, nn.ReLU)
     assert ours.norm.eps == ours.layers[0].blocks[1].norm2.eps == 1e-2
     assert ours.before_RG[1].eps == 1e-5  # a plain LayerNorm in the official code
-    x = torch.rand(2, 3, 20, 28, dtype=torch.float64)
-    out_ours, out_official = ours(x), official(x)
-    torch.testing.assert_close(out_ours, out_official, rtol=1e-10, atol=1e-10)
-    if training:
-        grad = torch.randn_like(out_ours)
-        out_ours.backward(grad)
-        out_official.backward(grad)
-        official_params = dict(official.named_parameters())
-        for name, p in ours.named_parameters():
-            torch.testing.assert_close(p.grad, official_params[name].grad, rtol=1e-9, atol=1e-12, msg=name)
+    assert_same_outputs_and_gradients(ours, official, torch.rand(2, 3, 20, 28, dtype=torch.float64))
 
 
 @needs_oracle
