@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -89,6 +91,23 @@ def fp32_matmuls_use_tf32() -> bool:
     return precision == "tf32"
 
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# The attention kernels take scale * log2(e) as a float32 argument (their softmax runs in base 2).
+LARGEST_ATTENTION_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)
+
+
+def check_attention_scale(op: str, scale) -> None:
+    """Reject an attention ``scale`` that is not a real number (Python or NumPy), not finite, or so large that the
+    kernels' float32 ``scale * log2(e)`` would be inf (every output NaN). Both paths of both attentions apply it."""
+    if isinstance(scale, (torch.SymFloat, torch.SymInt)):
+        return  # a value torch.compile traces symbolically: there is nothing to compare yet
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
+        raise TypeError(f"{op}: scale must be a real number such as head_dim ** -0.5, got {scale!r} "
+                        f"({type(scale).__name__})")
+    if not (math.isfinite(scale) and abs(scale) <= LARGEST_ATTENTION_SCALE):
+        raise ValueError(f"{op}: scale must be a finite real number of magnitude at most "
+                         f"{LARGEST_ATTENTION_SCALE:.4g} (the kernels take scale * log2(e) as a float32), "
+                         f"got {scale!r}")
 
 
 def kernel_buffer(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -125,8 +125,9 @@ def _add_norm_backward_kernel(
 
 
 def _normed_dtype(summed_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype the next matmul reads: autocast's when it is on for this device, else the sum's."""
-    if torch.is_autocast_enabled(device.type):
+    """The dtype the next matmul reads: autocast's when it is on for this device (it leaves float64 alone), else
+    the sum's."""
+    if summed_dtype != torch.float64 and torch.is_autocast_enabled(device.type):
         return torch.get_autocast_dtype(device.type)
     return summed_dtype
 
@@ -258,33 +259,51 @@ class _AddLayerNorm(torch.autograd.Function):
         return _input_gradients(_triton_backward, ctx, dsummed, dnormed)
 
 
+def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """Plain-PyTorch :func:`layer_norm` with its dtype rules (any float dtypes, any device): computed in float32
+    (float64 for float64 ``x``) whatever the parameters' dtypes, as the kernels compute; the output in the
+    autocast dtype under autocast, else ``x``'s; each parameter's gradient in its own dtype."""
+    compute_dtype = torch.promote_types(x.dtype, torch.float32)
+    normed = torch.nn.functional.layer_norm(x.to(compute_dtype), (x.shape[-1],), weight.to(compute_dtype),
+                                            bias.to(compute_dtype), eps)
+    return normed.to(_normed_dtype(x.dtype, x.device))
+
+
 def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Plain-PyTorch ``(x + delta, LayerNorm(x + delta))`` (any dtype, any device)."""
+    """Plain-PyTorch :func:`add_layer_norm` with its dtype rules (any float dtypes, any device): the sum in the
+    promoted dtype of ``x`` and ``delta``, its LayerNorm as :func:`layer_norm_torch` computes it."""
     summed = x + delta
-    return summed, torch.nn.functional.layer_norm(summed, (summed.shape[-1],), weight, bias, eps)
+    return summed, layer_norm_torch(summed, weight, bias, eps)
 
 
 def _check_inputs(x, delta, weight, bias, eps) -> None:
-    for name, t in (("x", x), ("delta", delta), ("weight", weight), ("bias", bias)):
+    """The input checks of :func:`add_layer_norm`, and of :func:`layer_norm` when ``delta`` is None."""
+    op = "layer_norm" if delta is None else "add_layer_norm"
+    rows = {"x": x} if delta is None else {"x": x, "delta": delta}
+    tensors = {**rows, "weight": weight, "bias": bias}
+    for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"add_layer_norm: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if x.dim() != 3 or delta.shape != x.shape:
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if delta is None and x.dim() != 3:
+        raise ValueError(f"layer_norm: x must be (B, N, C), got {tuple(x.shape)}")
+    if delta is not None and (x.dim() != 3 or delta.shape != x.shape):
         raise ValueError(f"add_layer_norm: x and delta must both be (B, N, C), got {tuple(x.shape)} and "
                          f"{tuple(delta.shape)}")
-    for name, t in (("x", x), ("delta", delta)):
+    for name, t in rows.items():
         if t.dtype not in SUPPORTED_DTYPES + (torch.float64,):
-            raise TypeError(f"add_layer_norm: {name} has unsupported dtype {t.dtype}; use float32, bfloat16 or "
-                            f"float16 (float64 runs on the PyTorch fallback)")
+            raise TypeError(f"{op}: {name} has unsupported dtype {t.dtype}; use float32, bfloat16 or float16 "
+                            f"(float64 runs on the PyTorch fallback)")
     for name, t in (("weight", weight), ("bias", bias)):
         if tuple(t.shape) != (x.shape[2],):
-            raise ValueError(f"add_layer_norm: {name} must have shape ({x.shape[2]},), got {tuple(t.shape)}")
-    for name, t in (("delta", delta), ("weight", weight), ("bias", bias)):
+            raise ValueError(f"{op}: {name} must have shape ({x.shape[2]},), got {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}; convert it with .float()")
+    for name, t in tensors.items():
         if t.device != x.device:
-            raise ValueError(f"add_layer_norm: {name} is on {t.device} but x is on {x.device}; move them to one "
-                             f"device")
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}; move them to one device")
     if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not eps > 0 or not math.isfinite(eps):
-        raise ValueError(f"add_layer_norm: eps must be a positive finite number, got {eps!r}")
+        raise ValueError(f"{op}: eps must be a positive finite number, got {eps!r}")
 
 
 def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -294,7 +313,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
     Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
     :func:`add_layer_norm_torch` otherwise. The sum has the promoted dtype of ``x`` and ``delta``; the
     normalised tensor has the autocast dtype when autocast is on (what the next matmul would cast it to),
-    else the sum's.
+    else the sum's. ``weight`` and ``bias`` may be in another float dtype than the sum.
     """
     _check_inputs(x, delta, weight, bias, eps)
     summed_dtype = torch.promote_types(x.dtype, delta.dtype)
@@ -374,20 +393,20 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
     Under autocast that is the autocast dtype (the value autocast would have cast the fp32 LayerNorm output
     to), which saves the cast's extra pass; otherwise ``x``'s dtype. Triton kernels where they can run, else
-    ``torch.nn.functional.layer_norm``.
+    :func:`layer_norm_torch`. Parameters may be in another float dtype than ``x``.
     """
-    _check_inputs(x, x, weight, bias, eps)
+    _check_inputs(x, None, weight, bias, eps)
     if x.dtype in SUPPORTED_DTYPES and triton_runs_on(x):
         if x.shape[2] > _MAX_CHANNELS:
             raise ValueError(f"layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
-                             f"{x.shape[2]}; use torch.nn.functional.layer_norm")
+                             f"{x.shape[2]}; use layer_norm_torch")
         x = x.contiguous()  # the backward reads the saved rows contiguously
         weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         normed_dtype = _normed_dtype(x.dtype, x.device)
         if torch.compiler.is_compiling():
             return _layer_norm_forward_op(x, weight, bias, float(eps), normed_dtype)[0]
         return _LayerNorm.apply(x, weight, bias, float(eps), normed_dtype)
-    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return layer_norm_torch(x, weight, bias, eps)
 
 
 # Embed dims of the models: 180 (RGT, RGT-S), 60, 64 (the built-in demo models).

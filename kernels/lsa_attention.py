@@ -46,6 +46,7 @@ from ._common import (
     aot_signature,
     cached_outside_compile,
     cdiv,
+    check_attention_scale,
     fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
     on_device_of,
@@ -508,6 +509,8 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
         "fwd", _dot_class(qkv.dtype, input_precision), split_size)
     out = _common.kernel_buffer((batch, tokens, embed_dim), dtype=qkv.dtype, device=qkv.device)
     lse = _common.kernel_buffer((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
+    if batch == 0:  # no windows to attend
+        return out, lse
     tables = _log2_tables(bias_table_0, bias_table_1)
     for branch in (0, 1):
         win_rows, win_cols = _branch_window(split_size, branch)
@@ -542,6 +545,8 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
     dot_class = _dot_class(qkv.dtype, input_precision)
     tables = _log2_tables(bias_table_0, bias_table_1)
     grad_qkv = _common.kernel_buffer((batch, tokens, 3 * embed_dim), dtype=qkv.dtype, device=qkv.device)
+    if batch == 0:  # no windows, no scores: the tables get zero gradients (contiguous, as the fake promises)
+        return grad_qkv, bias_table_0.new_zeros(bias_table_0.shape), bias_table_1.new_zeros(bias_table_1.shape)
     delta = _common.kernel_buffer((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     shared = dict(SHIFTED=shifted, EMBED_DIM=embed_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision)
@@ -906,8 +911,9 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
         bias = table.t()[:, _relative_position_index(win_rows, win_cols, qkv.device)].to(qkv.dtype)
         biases = bias + _shift_masks(win_rows, win_cols, qkv.device)[:, None].to(qkv.dtype) if shifted else bias[None]
         kinds = _window_bias_kinds(batch, *geometry.grid, geometry.columns_outer) if shifted else [0] * q.shape[0]
-        if torch.compiler.is_compiling():
-            out_t = _window_attention(q, k, v_t, biases[torch.tensor(kinds, device=qkv.device)], scale)
+        if torch.compiler.is_compiling() or not kinds:  # an empty batch has no windows to step through
+            window_biases = biases[torch.tensor(kinds, dtype=torch.long, device=qkv.device)]
+            out_t = _window_attention(q, k, v_t, window_biases, scale)
         else:
             windows_per_step = max(1, score_elements_per_step(qkv.device) // (heads_per_branch * window_tokens ** 2))
             steps = _window_steps(kinds, windows_per_step)
@@ -941,6 +947,8 @@ def _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_
     if qkv.shape[2] % 3 != 0:
         raise ValueError(f"the last dim of qkv must be 3*C ([q | k | v]), got {qkv.shape[2]}")
     embed_dim = qkv.shape[2] // 3
+    if embed_dim == 0:
+        raise ValueError(f"qkv has no channels (C = 0, shape {tuple(qkv.shape)}); each head needs at least one")
     if num_heads % 2 != 0:
         raise ValueError(f"num_heads must be even (half of the heads per branch), got {num_heads}")
     if embed_dim % num_heads != 0:
@@ -954,8 +962,7 @@ def _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_
         raise ValueError(f"split_size entries must divide one another to tile the padded map, got {split_size}")
     if not isinstance(shifted, bool):
         raise TypeError(f"shifted must be a bool, got {type(shifted).__name__}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise TypeError(f"scale must be a float, got {type(scale).__name__}")
+    check_attention_scale("lsa_attention", scale)
     table_shape = ((2 * split_size[0] - 1) * (2 * split_size[1] - 1), num_heads // 2)
     for name, table in (("bias_table_0", bias_table_0), ("bias_table_1", bias_table_1)):
         if not isinstance(table, torch.Tensor):

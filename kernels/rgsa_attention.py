@@ -53,6 +53,7 @@ from ._common import (
     KernelVariant,
     aot_signature,
     cdiv,
+    check_attention_scale,
     fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
     on_device_of,
@@ -600,7 +601,7 @@ def rgsa_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scal
     return out_t.permute(0, 3, 1, 2).contiguous()
 
 
-def _check_inputs(q, k, v, scale) -> None:
+def _check_inputs(q, k, v, scale, backward_query_chunk) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"rgsa_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -634,10 +635,11 @@ def _check_inputs(q, k, v, scale) -> None:
         raise ValueError("rgsa_attention: the key map is empty (N' = 0); softmax over no keys is undefined.")
     if q.shape[3] < 1 or v.shape[3] < 1:
         raise ValueError(f"rgsa_attention: head dims must be >= 1, got Dqk={q.shape[3]}, Dv={v.shape[3]}.")
-    if isinstance(scale, (torch.SymFloat, torch.SymInt)):
-        return
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise TypeError(f"rgsa_attention: scale must be a finite Python number, got {scale!r}.")
+    check_attention_scale("rgsa_attention", scale)
+    chunk = backward_query_chunk
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, numbers.Integral) or chunk < 1):
+        raise ValueError(f"rgsa_attention: backward_query_chunk must be None (chosen from the shapes) or an int "
+                         f">= 1, got {chunk!r}.")
 
 
 def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *,
@@ -647,19 +649,19 @@ def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     Returns a contiguous (B, N, heads, Dv) tensor. Runs the Triton kernels on CUDA (and on CPU under
     TRITON_INTERPRET=1) for float32/bfloat16/float16, and :func:`rgsa_attention_torch` otherwise.
     ``backward_query_chunk`` overrides how many queries each dK/dV partial sums (tests use it to force many
-    partials on small inputs); by default it is chosen from the shapes.
+    partials on small inputs); by default it is chosen from the shapes. The PyTorch path sums no partials: it
+    checks the value and has no use for it.
     """
-    _check_inputs(q, k, v, scale)
+    _check_inputs(q, k, v, scale, backward_query_chunk)
     if q.dtype in SUPPORTED_DTYPES and triton_runs_on(q):
         if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
             raise ValueError(f"rgsa_attention: the Triton kernels take head dims up to {_MAX_HEAD_DIM}, got "
                              f"Dqk={q.shape[3]}, Dv={v.shape[3]}; use rgsa_attention_torch for larger heads.")
-        if backward_query_chunk is not None and backward_query_chunk < 1:
-            raise ValueError(f"rgsa_attention: backward_query_chunk must be >= 1, got {backward_query_chunk}.")
+        chunk = int(backward_query_chunk or 0)  # 0: chosen from the shapes
         if torch.compiler.is_compiling():
-            out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), backward_query_chunk or 0)
+            out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), chunk)
             return out
-        return _RGSAAttention.apply(q, k, v, float(scale), backward_query_chunk or 0)
+        return _RGSAAttention.apply(q, k, v, float(scale), chunk)
     return rgsa_attention_torch(q, k, v, scale)
 
 

@@ -402,13 +402,20 @@ class _SpatialGate(torch.autograd.Function):
 def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
                        norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                        eps: float) -> torch.Tensor:
-    """Plain-PyTorch spatial gate with the layouts of :func:`spatial_gate` (any dtype, any device)."""
+    """Plain-PyTorch spatial gate with the layouts and dtype rules of :func:`spatial_gate` (any float dtypes, any
+    device): computed in float32 (float64 for float64 ``hidden``) whatever the parameters' dtypes, the normalised
+    map rounded to ``hidden``'s dtype where the kernels store it, the output in ``hidden``'s dtype, and each
+    parameter's gradient in its own dtype."""
     channels = hidden.shape[2] // 2
-    first, second = torch.nn.functional.gelu(hidden).chunk(2, dim=-1)
+    compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    norm_weight, norm_bias, conv_weight, conv_bias = (
+        p.to(compute_dtype) for p in (norm_weight, norm_bias, conv_weight, conv_bias))
+    first, second = torch.nn.functional.gelu(hidden.to(compute_dtype)).chunk(2, dim=-1)
     normed = torch.nn.functional.layer_norm(second, (channels,), norm_weight, norm_bias, eps)
+    normed = normed.to(hidden.dtype).to(compute_dtype)
     conv = torch.nn.functional.conv2d(tokens_as_image(normed, height, width), conv_weight, conv_bias, padding=1,
                                       groups=channels)
-    return first * image_as_tokens(conv)
+    return (first * image_as_tokens(conv)).to(hidden.dtype)
 
 
 def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:
@@ -434,6 +441,9 @@ def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, co
             shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"spatial_gate: {name} must have shape {expected[name]} for {2 * channels} hidden "
                              f"channels, got {shape}")
+        if not t.is_floating_point():
+            raise TypeError(f"spatial_gate: {name} must be a floating-point tensor, got {t.dtype}; convert it "
+                            f"with .float()")
         if t.device != hidden.device:
             raise ValueError(f"spatial_gate: {name} is on {t.device} but hidden is on {hidden.device}; move "
                              f"the module with .to(hidden.device)")
@@ -448,8 +458,8 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
 
     Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
     :func:`spatial_gate_torch` otherwise. Parameters may be in another float dtype than ``hidden`` (fp32
-    parameters under autocast); the kernels compute in fp32 and their gradients come back in the
-    parameters' dtypes.
+    parameters under autocast); both paths compute in fp32 (the PyTorch one in fp64 for fp64 ``hidden``), return
+    ``hidden``'s dtype and give each parameter's gradient in its own dtype.
     """
     _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
     if hidden.dtype in SUPPORTED_DTYPES and triton_runs_on(hidden):

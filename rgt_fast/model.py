@@ -86,8 +86,10 @@ class TokenLinear(nn.Linear):
             out = F.conv2d(image, kernel, self.bias)  # mkldnn_convolution has no fake-tensor implementation
         else:
             # Called directly in eager mode: F.conv2d hands 1x1 convolutions of a single image to its native
-            # (MKL) path when PyTorch runs on one thread, 2x slower here.
-            out = torch.mkldnn_convolution(image, kernel, self.bias, (0, 0), (1, 1), (1, 1), 1)
+            # (MKL) path when PyTorch runs on one thread, 2x slower here. It reads the bias as if contiguous,
+            # whatever its strides (an expanded or sliced bias gave garbage); the weight's strides it honours.
+            bias = None if self.bias is None else self.bias.contiguous()
+            out = torch.mkldnn_convolution(image, kernel, bias, (0, 0), (1, 1), (1, 1), 1)
         # Contiguous like F.linear's result; a no-op unless rows stored features-first made oneDNN choose NCHW.
         return image_as_tokens(out).reshape(*x.shape[:-1], self.out_features).contiguous()
 

@@ -54,11 +54,11 @@ def guarded(*tensors):
     return [nan_surrounded(t, step=2 if t.dim() == 1 else 1) for t in tensors]
 
 
-def run_fused(inputs, grads, dtypes):
+def run_fused(inputs, grads, dtypes, op=aln.add_layer_norm):
     """The op on views surrounded by NaN (guards.nan_surrounded), so an unmasked read outside them shows up; the
     parameters with NaN between their elements too."""
     leaves = [t.detach().to(d).requires_grad_() for t, d in zip(inputs, dtypes)]
-    summed, normed = aln.add_layer_norm(*guarded(*leaves), EPS)
+    summed, normed = op(*guarded(*leaves), EPS)
     torch.autograd.backward([summed, normed], [nan_surrounded(grads[0].to(summed.dtype)),
                                                nan_surrounded(grads[1].to(normed.dtype))])
     return [summed.detach(), normed.detach()] + [t.grad for t in leaves]
@@ -131,6 +131,35 @@ def test_normed_output_takes_the_autocast_dtype():
     _, want, _ = reference(*(t.double() for t in inputs))
     # One rounding to bf16 of the exact value: within half a bf16 ulp (2**-8 relative), plus fp32 noise.
     torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
+
+
+# (x, delta, weight and bias dtypes): mixes the kernels take, on which the PyTorch path crashed in F.layer_norm.
+MIXED_DTYPES = {
+    "fp32-rows-bf16-parameters": (torch.float32, torch.float32, torch.bfloat16, torch.bfloat16),
+    "fp32-rows-fp64-parameters": (torch.float32, torch.float32, torch.float64, torch.float64),
+    "fp64-rows-fp32-parameters": (torch.float64, torch.float64, torch.float32, torch.float32),
+    "fp64-x-fp32-delta": (torch.float64, torch.float32, torch.float32, torch.float32),
+}
+
+
+def assert_close_to_rounded_inputs_oracle(got, want, dtypes):
+    """Each result in its dtype (``dtypes`` maps result names to them, in order) and, against the float64 oracle
+    run on the same (rounded) inputs, as close as one computed in fp32 or better and rounded once to that dtype,
+    whatever the other inputs' dtypes."""
+    for (name, dtype), g, w in zip(dtypes.items(), got, want):
+        assert g.dtype == dtype, (name, g.dtype)
+        precision = max(torch.finfo(g.dtype).eps, torch.finfo(torch.float32).eps)
+        torch.testing.assert_close(g.double(), w, atol=8 * precision * w.abs().max().item(), rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("dtypes", MIXED_DTYPES.values(), ids=MIXED_DTYPES.keys())
+def test_torch_fallback_takes_mixed_dtypes(dtypes):
+    inputs, grads = make_inputs(2, 13, 23)
+    inputs = [t.to(d) for t, d in zip(inputs, dtypes)]
+    got = run_fused(inputs, grads, dtypes, aln.add_layer_norm_torch)
+    want = run_reference(inputs, grads, FP64)
+    summed_dtype = torch.promote_types(*dtypes[:2])
+    assert_close_to_rounded_inputs_oracle(got, want, dict(zip(NAMES, (summed_dtype, summed_dtype, *dtypes))))
 
 
 @pytest.mark.parametrize("used", ["summed", "normed"])
@@ -220,6 +249,23 @@ def test_bad_eps_is_rejected(eps):
         aln.add_layer_norm(*inputs, eps)
 
 
+# float64 rows take the PyTorch path: both paths check their arguments alike.
+BOTH_PATHS = pytest.mark.parametrize("rows_dtype", [torch.float32, torch.float64], ids=["kernels", "pytorch-path"])
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("position,name,dtype", [(2, "weight", torch.int64), (3, "bias", torch.bool)])
+def test_non_floating_parameters_are_rejected(position, name, dtype, rows_dtype):
+    """The kernels used to read integer parameters as numbers and the PyTorch path crashed in F.layer_norm."""
+    inputs, _ = make_inputs(1, 6, 12)
+    inputs = [t.to(rows_dtype) for t in inputs[:2]] + inputs[2:]
+    inputs[position] = inputs[position].to(dtype)
+    with pytest.raises(TypeError, match=f"^add_layer_norm: {name} must be a floating-point tensor"):
+        aln.add_layer_norm(*inputs)
+    with pytest.raises(TypeError, match=f"^layer_norm: {name} must be a floating-point tensor"):
+        aln.layer_norm(inputs[0], *inputs[2:])
+
+
 # The plain LayerNorm (the blocks' norm1) on the same kernels: no add, no gradient of a sum.
 
 def run_layer_norm(fn, x, weight, bias, grad, dtypes):
@@ -235,6 +281,10 @@ def torch_layer_norm(x, weight, bias):
 
 def fused_layer_norm(x, weight, bias):
     return aln.layer_norm(x, weight, bias, EPS)
+
+
+def fallback_layer_norm(x, weight, bias):
+    return aln.layer_norm_torch(x, weight, bias, EPS)
 
 
 LAYER_NORM_NAMES = ("normed", "d_x", "d_weight", "d_bias")
@@ -272,6 +322,51 @@ def test_layer_norm_output_takes_the_autocast_dtype():
     assert normed.dtype == torch.bfloat16
     want = torch_layer_norm(x.double(), weight.double(), bias.double())
     torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
+
+
+LAYER_NORM_MIXED_DTYPES = {
+    "fp32-x-bf16-parameters": (torch.float32, torch.bfloat16, torch.bfloat16),
+    "fp64-x-fp32-parameters": (torch.float64, torch.float32, torch.float32),
+}
+
+
+@pytest.mark.parametrize("dtypes", LAYER_NORM_MIXED_DTYPES.values(), ids=LAYER_NORM_MIXED_DTYPES.keys())
+def test_layer_norm_torch_fallback_takes_mixed_dtypes(dtypes):
+    (x, _, weight, bias), (grad, _) = make_inputs(2, 13, 23)
+    x, weight, bias = (t.to(d) for t, d in zip((x, weight, bias), dtypes))
+    got = run_layer_norm(fallback_layer_norm, x, weight, bias, grad, dtypes)
+    want = run_layer_norm(torch_layer_norm, x, weight, bias, grad, (torch.float64,) * 3)
+    assert_close_to_rounded_inputs_oracle(got, want, dict(zip(LAYER_NORM_NAMES, (dtypes[0], *dtypes))))
+
+
+def test_torch_fallbacks_also_give_the_autocast_dtype():
+    """As the kernels do (and their docstrings say): under autocast the normalised rows come out in the dtype the
+    next Linear would cast them to; float64, which autocast leaves alone, stays float64."""
+    inputs, _ = make_inputs(1, 20, 60)
+    x, _, weight, bias = inputs
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+        summed, normed = aln.add_layer_norm_torch(*inputs, EPS)
+        normed_alone = aln.layer_norm_torch(x, weight, bias, EPS)
+        _, normed_float64 = aln.add_layer_norm(*(t.double() for t in inputs), EPS)
+    assert summed.dtype == torch.float32 and normed.dtype == normed_alone.dtype == torch.bfloat16
+    assert normed_float64.dtype == torch.float64
+    _, want, _ = reference(*(t.double() for t in inputs))
+    torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
+    want_alone = torch_layer_norm(x.double(), weight.double(), bias.double())
+    torch.testing.assert_close(normed_alone.double(), want_alone, rtol=2**-8 + 1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args,error,message", [
+    (lambda x, w, b: (x[0], w, b), ValueError, r"layer_norm: x must be \(B, N, C\)"),
+    (lambda x, w, b: (x.int(), w, b), TypeError, "layer_norm: x has unsupported dtype"),
+    (lambda x, w, b: (x, w[:-1], b), ValueError, r"layer_norm: weight must have shape \(12,\)"),
+    (lambda x, w, b: (x, w, b.to("meta")), ValueError, "layer_norm: bias is on meta"),
+    (lambda x, w, b: (x, w, b, 0.0), ValueError, "layer_norm: eps must be a positive finite number"),
+])
+def test_layer_norm_bad_inputs_name_layer_norm_and_its_arguments(args, error, message):
+    (x, _, weight, bias), _ = make_inputs(1, 6, 12)
+    with pytest.raises(error, match=f"^{message}"):
+        aln.layer_norm(*args(x, weight, bias))
 
 
 def test_layer_norm_gradients_bitwise_identical_between_runs(monkeypatch):

@@ -14,6 +14,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 import copy  # noqa: E402
 import warnings  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -428,6 +429,11 @@ BAD_INPUTS = {
     "last-dim-strided": ({"qkv": torch.randn(1, 20 * 24, 6 * 64)[..., ::2]}, ValueError, "stride"),
     "shifted-not-bool": ({"shifted": 1}, TypeError, "shifted"),
     "scale-not-number": ({"scale": torch.tensor(0.1)}, TypeError, "scale"),
+    "scale-string": ({"scale": "0.125"}, TypeError, "scale must be a real number"),
+    "scale-nan": ({"scale": float("nan")}, ValueError, "scale must be a finite"),
+    "scale-infinite": ({"scale": float("inf")}, ValueError, "scale must be a finite"),
+    "scale-inf-in-float32": ({"scale": 1e39}, ValueError, "magnitude at most"),
+    "no-channels": ({"qkv": torch.randn(1, 20 * 24, 0)}, ValueError, "no channels"),
 }
 
 
@@ -435,6 +441,31 @@ BAD_INPUTS = {
 def test_bad_input_raises_a_clear_error(change, error, message):
     with pytest.raises(error, match=message):
         lsa.lsa_attention(**{**_valid_arguments(), **change})
+
+
+# float64 takes the PyTorch path: the scale check is the op's, whichever path runs.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernels", "pytorch-path"])
+def test_numpy_scale_is_taken_as_its_value(dtype, whole_window_tiles):
+    qkv = torch.randn(1, 8 * 32, 3 * 32, dtype=dtype, device=DEVICE)
+    tables = [torch.randn(TABLE_ROWS, 1, device=DEVICE) for _ in range(2)]
+    want = lsa.lsa_attention(qkv, 8, 32, 2, SPLIT, True, *tables, 0.125)
+    assert torch.equal(lsa.lsa_attention(qkv, 8, 32, 2, SPLIT, True, *tables, np.float32(0.125)), want)
+
+
+L_SA_PATHS = {"kernels": lsa.lsa_attention, "pytorch-path": lsa.lsa_attention_torch}
+
+
+@pytest.mark.parametrize("shifted", [False, True], ids=["unshifted", "shifted"])
+@pytest.mark.parametrize("attention", L_SA_PATHS.values(), ids=L_SA_PATHS.keys())
+def test_empty_batch_gives_empty_output_and_zero_gradients(attention, shifted):
+    qkv = torch.randn(0, 8 * 32, 3 * 32, device=DEVICE, requires_grad=True)
+    tables = [torch.randn(TABLE_ROWS, 1, device=DEVICE, requires_grad=True) for _ in range(2)]
+    out = attention(qkv, 8, 32, 2, SPLIT, shifted, *tables, 0.125)
+    assert out.shape == (0, 8 * 32, 32)
+    grad_qkv, *grad_tables = torch.autograd.grad(out, [qkv, *tables], torch.randn_like(out))
+    assert grad_qkv.shape == qkv.shape
+    for grad in grad_tables:
+        assert torch.equal(grad, torch.zeros_like(grad))
 
 
 def test_aot_variants_cover_every_kernel_dtype_branch_and_shift():

@@ -5,6 +5,7 @@ import os
 # Must precede the first import of triton and rgt_fast: @triton.jit and kernels._common read it at import.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -244,10 +245,36 @@ def test_bad_inputs_are_rejected_with_guidance(mutate, error, message):
         rgsa.rgsa_attention(*mutate(*_good_inputs()), 0.3)
 
 
-@pytest.mark.parametrize("scale", [float("nan"), "0.3", True])
-def test_bad_scale_is_rejected(scale):
-    with pytest.raises(TypeError, match="scale must be a finite"):
-        rgsa.rgsa_attention(*_good_inputs(), scale)
+# The float64 inputs take the PyTorch path: both paths check their arguments alike.
+BOTH_PATHS = pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernels", "pytorch-path"])
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("scale,error,message", [
+    ("0.3", TypeError, "scale must be a real number"),
+    (True, TypeError, "scale must be a real number"),
+    (torch.tensor(0.3), TypeError, "scale must be a real number"),
+    (float("nan"), ValueError, "scale must be a finite"),
+    (float("-inf"), ValueError, "scale must be a finite"),
+    (1e39, ValueError, "magnitude at most 2.359e"),  # inf once the kernels take it as a float32
+    (-3e38, ValueError, "magnitude at most 2.359e"),  # finite in float32, but not times log2(e)
+])
+def test_bad_scale_is_rejected(scale, error, message, dtype):
+    with pytest.raises(error, match=message):
+        rgsa.rgsa_attention(*(t.to(dtype) for t in _good_inputs()), scale)
+
+
+def test_numpy_scale_is_taken_as_its_value():
+    q, k, v = _good_inputs()
+    assert torch.equal(rgsa.rgsa_attention(q, k, v, np.float32(0.25)), rgsa.rgsa_attention(q, k, v, 0.25))
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("chunk", [1.5, 0, -16, True, "16"])
+def test_bad_backward_query_chunk_is_rejected_before_the_forward(chunk, dtype):
+    """1.5 used to pass the forward and crash in the backward; the PyTorch path ignored any value."""
+    with pytest.raises(ValueError, match="backward_query_chunk must be None .* or an int >= 1"):
+        rgsa.rgsa_attention(*(t.to(dtype) for t in _good_inputs()), 0.3, backward_query_chunk=chunk)
 
 
 def test_oversized_head_dims_are_rejected_on_the_kernel_path():

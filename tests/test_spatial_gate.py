@@ -49,10 +49,11 @@ def guarded(hidden, height, width, *params):
     return (nan_surrounded(hidden), height, width, *(nan_surrounded(p, step=2) for p in params))
 
 
-def output_and_grads(hidden, params, dout, height, width, dtype, fn):
-    """Output and the gradients of hidden and of the four parameters, computed in ``dtype``."""
+def output_and_grads(hidden, params, dout, height, width, dtype, fn, param_dtype=None):
+    """Output and the gradients of hidden and of the four parameters, with hidden in ``dtype`` and the parameters
+    in ``param_dtype`` (by default ``dtype``)."""
     leaf_hidden = hidden.detach().to(dtype).requires_grad_()
-    leaf_params = [p.detach().to(dtype).requires_grad_() for p in params]
+    leaf_params = [p.detach().to(param_dtype or dtype).requires_grad_() for p in params]
     out = fn(*guarded(leaf_hidden, height, width, *leaf_params))
     out.backward(nan_surrounded(dout.to(dtype)))
     return [out.detach()] + [t.grad for t in [leaf_hidden, *leaf_params]]
@@ -71,15 +72,8 @@ def fused(hidden, height, width, *params):
     return sg.spatial_gate(hidden, height, width, *params, EPS)
 
 
-def fused_with_fp32_params(dtype):
-    """The kernel as the model runs it under autocast: 16-bit activations, fp32 parameters."""
-    def run(hidden, params, dout, height, width):
-        leaf_hidden = hidden.detach().to(dtype).requires_grad_()
-        leaf_params = [p.detach().float().requires_grad_() for p in params]
-        out = sg.spatial_gate(*guarded(leaf_hidden, height, width, *leaf_params), EPS)
-        out.backward(nan_surrounded(dout.to(dtype)))
-        return [out.detach()] + [t.grad for t in [leaf_hidden, *leaf_params]]
-    return run
+def fallback(hidden, height, width, *params):
+    return sg.spatial_gate_torch(hidden, height, width, *params, EPS)
 
 
 NAMES = ("out", "d_hidden", "d_norm_weight", "d_norm_bias", "d_conv_weight", "d_conv_bias")
@@ -131,7 +125,8 @@ def test_low_precision_within_flash_attention_bound(batch, height, width, channe
     small absolute term (FlashAttention's rule)."""
     hidden, params, dout = make_inputs(batch, height, width, channels)
     want = oracle(hidden, params, dout, height, width)
-    got = fused_with_fp32_params(dtype)(hidden, params, dout, height, width)
+    # As the model runs the kernels under autocast: 16-bit activations, fp32 parameters.
+    got = output_and_grads(hidden, params, dout, height, width, dtype, fused, torch.float32)
     baseline = oracle(hidden, params, dout, height, width, dtype)
     for name, g, b, w in zip(NAMES, got, baseline, want):
         assert_within_flash_attention_bound(g, b, w, 1e-3 * w.abs().max().item(), name)
@@ -148,11 +143,32 @@ def test_parameter_gradients_bitwise_identical_between_runs(monkeypatch):
 
 def test_torch_fallback_matches_reference_modules():
     hidden, params, dout = make_inputs(2, 5, 6, 10)
-    got = output_and_grads(hidden, params, dout, 5, 6, torch.float64,
-                           lambda h, height, width, *p: sg.spatial_gate_torch(h, height, width, *p, EPS))
+    got = output_and_grads(hidden, params, dout, 5, 6, torch.float64, fallback)
     want = oracle(hidden, params, dout, 5, 6)
     for name, g, w in zip(NAMES, got, want):
         torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)
+
+
+# (hidden dtype, parameter dtype): autocast's 16-bit activations with fp32 parameters, and the other mixes the
+# kernels accept.
+MIXED_DTYPES = [(torch.bfloat16, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.bfloat16),
+                (torch.float32, torch.float16), (torch.float32, torch.float64), (torch.float64, torch.float32)]
+
+
+@pytest.mark.parametrize("hidden_dtype,param_dtype", MIXED_DTYPES, ids=lambda dtype: str(dtype)[6:])
+def test_torch_fallback_takes_mixed_dtypes_as_the_kernels_do(hidden_dtype, param_dtype):
+    """Computed in fp32 (fp64 for fp64 hidden) on the rounded inputs: within a few units of the coarser dtype's
+    precision of the float64 oracle; the output and hidden's gradient in hidden's dtype, each parameter's
+    gradient in its own."""
+    hidden, params, dout = make_inputs(2, 5, 7, 12)
+    hidden, dout = hidden.to(hidden_dtype), dout.to(hidden_dtype)
+    params = [p.to(param_dtype) for p in params]
+    got = output_and_grads(hidden, params, dout, 5, 7, hidden_dtype, fallback, param_dtype)
+    want = oracle(hidden, params, dout, 5, 7)
+    precision = max(torch.finfo(hidden_dtype).eps, torch.finfo(param_dtype).eps)
+    for name, g, w, dtype in zip(NAMES, got, want, [hidden_dtype] * 2 + [param_dtype] * 4):
+        assert g.dtype == dtype, (name, g.dtype)
+        torch.testing.assert_close(g.double(), w, atol=8 * precision * w.abs().max().item(), rtol=0, msg=name)
 
 
 def test_float64_dispatches_to_torch_fallback():
@@ -211,6 +227,19 @@ def _replace(position, value):
 def test_bad_inputs_are_rejected_with_guidance(mutate, error, message):
     with pytest.raises(error, match=message):
         sg.spatial_gate(*mutate(_good_inputs()))
+
+
+@pytest.mark.parametrize("hidden_dtype", [torch.float32, torch.float64], ids=["kernels", "pytorch-path"])
+@pytest.mark.parametrize("position,name,dtype", [(3, "norm_weight", torch.int64), (4, "norm_bias", torch.bool),
+                                                 (5, "conv_weight", torch.int32), (6, "conv_bias", torch.int64)])
+def test_non_floating_parameters_are_rejected_on_both_paths(position, name, dtype, hidden_dtype):
+    """The kernels used to read integer parameters as numbers and the PyTorch path crashed inside F.layer_norm
+    or F.conv2d."""
+    args = _good_inputs()
+    args[0] = args[0].to(hidden_dtype)
+    args[position] = args[position].to(dtype)
+    with pytest.raises(TypeError, match=f"{name} must be a floating-point tensor"):
+        sg.spatial_gate(*args)
 
 
 @pytest.mark.parametrize("eps", [0.0, float("nan"), "1e-5"])

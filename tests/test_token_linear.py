@@ -42,12 +42,16 @@ def test_onednn_path_matches_float64_linear_with_gradients(case):
         if bias:
             layer.bias.normal_()
     assert linear_runs_on_onednn(x, layer.weight)
-
-    out = layer(x)
+    out = assert_matches_float64_linear(layer, x)
     assert out.shape == (*x.shape[:-1], out_features) and out.is_contiguous()
+
+
+def assert_matches_float64_linear(layer: TokenLinear, x: torch.Tensor) -> torch.Tensor:
+    """``layer(x)`` and the gradients of x and of the layer's parameters against F.linear in float64."""
+    out = layer(x)
     x64 = x.detach().double().requires_grad_()
     weight64 = layer.weight.detach().double().requires_grad_()
-    bias64 = layer.bias.detach().double().requires_grad_() if bias else None
+    bias64 = layer.bias.detach().double().requires_grad_() if layer.bias is not None else None
     exact = F.linear(x64, weight64, bias64)
     assert_fp32_close_to_exact(out, exact, "output")
 
@@ -56,8 +60,42 @@ def test_onednn_path_matches_float64_linear_with_gradients(case):
     exact.backward(grad.double())
     assert_fp32_close_to_exact(x.grad, x64.grad, "input gradient")
     assert_fp32_close_to_exact(layer.weight.grad, weight64.grad, "weight gradient")
-    if bias:
+    if bias64 is not None:
         assert_fp32_close_to_exact(layer.bias.grad, bias64.grad, "bias gradient")
+    return out
+
+
+def every_other(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as every other element of the last dim of a tensor twice as wide."""
+    wide = torch.full((*t.shape[:-1], 2 * t.shape[-1]), float("nan"))
+    wide[..., ::2] = t
+    return wide[..., ::2]
+
+
+# Parameters as views of other storage: what weight tying, pruning or a hand-built layer can hand TokenLinear.
+PARAMETER_LAYOUTS = {
+    "bias-expanded": ("bias", lambda bias: bias[:1].expand(bias.shape)),
+    "bias-every-other": ("bias", every_other),
+    "weight-expanded-rows": ("weight", lambda weight: weight[:1].expand(weight.shape)),
+    "weight-expanded-columns": ("weight", lambda weight: weight[:, :1].expand(weight.shape)),
+    "weight-every-other": ("weight", every_other),
+    "weight-transposed-storage": ("weight", lambda weight: weight.t().contiguous().t()),
+}
+
+
+@needs_onednn_on_x86
+@pytest.mark.parametrize("layout", list(PARAMETER_LAYOUTS))
+def test_onednn_path_matches_f_linear_for_any_parameter_layout(layout):
+    """oneDNN's convolution reads its bias as if contiguous: an expanded or sliced bias gave garbage (1e35)."""
+    name, restride = PARAMETER_LAYOUTS[layout]
+    layer = TokenLinear(64, 64)
+    with torch.no_grad():
+        layer.weight.normal_()
+        layer.bias.normal_()
+    setattr(layer, name, torch.nn.Parameter(restride(getattr(layer, name).detach())))
+    x = torch.randn(1, 4096, 64, requires_grad=True)
+    assert linear_runs_on_onednn(x, layer.weight)
+    assert_matches_float64_linear(layer, x)
 
 
 def test_onednn_path_only_where_it_was_measured_faster(monkeypatch):
