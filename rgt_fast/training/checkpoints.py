@@ -79,11 +79,18 @@ def net_file_of_state(state_path: Path, iteration: int) -> Path:
 
 
 def atomic_save(obj: Any, path: Path) -> None:
-    """torch.save through a temporary file, flushed to disk before it replaces ``path``."""
+    """torch.save through a temporary file, flushed to disk before it replaces ``path``; then the folder's entry,
+    so that after a power loss ``path`` is the new file or the old one."""
     with atomic_destination(path) as temporary, open(temporary, "xb") as handle:
         torch.save(obj, handle)
         handle.flush()
         os.fsync(handle.fileno())
+    if hasattr(os, "O_DIRECTORY"):  # POSIX; Windows cannot open a folder to sync it
+        folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
 
 
 def load_file(path: Path) -> Any:
