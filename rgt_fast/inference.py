@@ -44,6 +44,16 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
+def tile_flags_problem(tile: int | None, tile_overlap: int) -> str | None:
+    """What is wrong with the ``--tile`` and ``--tile-overlap`` of a command line, or None: checked before any work,
+    where upscale() would only find it image by image."""
+    if tile_overlap < 0:
+        return f"--tile-overlap must be at least 0, got {tile_overlap}"
+    if tile is not None and not (tile >= MIN_EVAL_SIZE and tile_overlap < tile):
+        return f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got {tile} and {tile_overlap}"
+    return None
+
+
 def _model_properties(model: nn.Module) -> tuple[int, int, torch.device]:
     try:
         scale, channels = int(model.upscale), int(model.in_chans)

@@ -22,9 +22,8 @@ from tqdm import tqdm
 from .checkpoint import load_model
 from .cpu_allocator import retain_freed_cpu_memory
 from .files import UnusableImage, encode_png, read_upright_image, write_atomically
-from .inference import DTYPES, default_device, parse_device, upscale
+from .inference import DTYPES, default_device, parse_device, tile_flags_problem, upscale
 from .model import BACKENDS
-from .reference.rgt import MIN_EVAL_SIZE
 from .training.data import list_images
 
 SUPPORTED_SAMPLE_TYPES = (np.uint8, np.uint16, np.float32)
@@ -159,11 +158,9 @@ def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: b
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path]]]:
     jobs = plan_outputs(collect_images(args.inputs), args.output_dir, args.allow_input_dir)
     weights = args.weights or default_weights(args.scale)
-    if args.tile_overlap < 0:
-        raise UsageError(f"--tile-overlap must be at least 0, got {args.tile_overlap}")
-    if args.tile is not None and not (args.tile >= MIN_EVAL_SIZE and args.tile_overlap < args.tile):
-        raise UsageError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
-                         f"{args.tile} and {args.tile_overlap}")
+    problem = tile_flags_problem(args.tile, args.tile_overlap)
+    if problem:
+        raise UsageError(problem)
     device = args.device or default_device()
     return load_checked_model(weights, args.scale, args.backend, device), jobs
 

@@ -190,6 +190,10 @@ def test_option_file_and_data_flags_do_not_mix(bench, capsys):
     assert "--weights cannot be combined with -opt" in capsys.readouterr().err
     assert main(["eval", "--weights", str(weights), "--data", str(root / "SetB"), "--scale", "2", "--tile", "16"]) == 1
     assert "--tile-overlap" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetB"), "--scale", "2", "--tile-overlap",
+                 "-1", "--out", "sr"]) == 1
+    assert "--tile-overlap must be at least 0, got -1" in capsys.readouterr().err
+    assert not Path("sr").exists()
 
 
 def test_entry_script_with_tiles_self_ensemble_and_bf16(bench):

@@ -24,10 +24,9 @@ from torch import nn
 
 from ..checkpoint import load_model
 from ..cpu_allocator import retain_freed_cpu_memory
-from ..inference import DTYPES, default_device, parse_device, upscale, upscale_in_parts
+from ..inference import DTYPES, default_device, parse_device, tile_flags_problem, upscale, upscale_in_parts
 from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
-from ..reference.rgt import MIN_EVAL_SIZE
 from .data import EvaluationPairs
 from .logs import configure_console_logging
 from .options import OptionError, load_test_options, require_choice
@@ -202,6 +201,9 @@ def run_evaluation(args: argparse.Namespace) -> int:
     device = args.device or default_device()
     if device.type == "cpu":
         retain_freed_cpu_memory()
+    tile_problem = tile_flags_problem(args.tile, args.tile_overlap)
+    if tile_problem:
+        raise OptionError(tile_problem)
     if args.opt:
         given = [f"--{name.replace('_', '-')}" for name in _FLAG_ONLY if getattr(args, name) not in (None, False)]
         if given:
@@ -234,9 +236,6 @@ def run_evaluation(args: argparse.Namespace) -> int:
         sets = [EvaluationPairs.from_benchmark_folder(folder, scale) for folder in args.data]
         metrics = benchmark_metrics(scale)
         tile, use_chop = args.tile, False
-        if tile is not None and not (tile >= MIN_EVAL_SIZE and 0 <= args.tile_overlap < tile):
-            raise OptionError(f"--tile must be at least {MIN_EVAL_SIZE} and --tile-overlap in [0, tile), got "
-                              f"{tile} and {args.tile_overlap}")
         save_root = Path(args.out or Path("results") / Path(weights).stem) if args.save_img or args.out else None
         suffix = DEFAULT_SUFFIX
 
