@@ -57,6 +57,7 @@ from ._common import (
     fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
     on_device_of,
+    round_to_tf32,
     score_elements_per_step,
     triton_runs_on,
     values_times_probabilities_t,
@@ -109,11 +110,13 @@ _SUM_PARTIALS_BLOCK_ROWS = 64
 
 
 @triton.jit
-def _dot_operand(x, DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr):
+def _dot_operand(x, DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Rounding to the storage dtype first keeps the interpreter's numerics equal to the GPU's MMA inputs.
     x = x.to(DTYPE)
     if UPCAST_DOTS:
         x = x.to(tl.float32)
+    elif DTYPE == tl.float32 and DOT_PRECISION == "tf32":
+        x = round_to_tf32(x)
     return x
 
 
@@ -156,7 +159,7 @@ def _rgsa_forward_kernel(
               + first_query.to(tl.int64) * stride_qn)
     q = tl.load(q_base + rows[:, None] * stride_qn + dqk[None, :] * stride_qd,
                 mask=row_valid[:, None] & (dqk[None, :] < DQK), other=0.0)
-    q = _dot_operand(q, dtype, UPCAST_DOTS)
+    q = _dot_operand(q, dtype, UPCAST_DOTS, DOT_PRECISION)
     k_base = k_ptr + batch.to(tl.int64) * stride_kb + head.to(tl.int64) * stride_kh
     v_base = v_ptr + batch.to(tl.int64) * stride_vb + head.to(tl.int64) * stride_vh
 
@@ -170,14 +173,15 @@ def _rgsa_forward_kernel(
                       mask=key_valid[None, :] & (dqk[:, None] < DQK), other=0.0)
         v = tl.load(v_base + keys[:, None] * stride_vn + dv[None, :] * stride_vd,
                     mask=key_valid[:, None] & (dv[None, :] < DV), other=0.0)
-        scores = tl.dot(q, _dot_operand(k_t, dtype, UPCAST_DOTS), input_precision=DOT_PRECISION) * scale_log2
+        k_t = _dot_operand(k_t, dtype, UPCAST_DOTS, DOT_PRECISION)
+        scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2
         scores = tl.where(key_valid[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         probs = tl.exp2(scores - new_max[:, None])
         rescale = tl.exp2(row_max - new_max)
         row_sum = row_sum * rescale + tl.sum(probs, axis=1)
-        acc = acc * rescale[:, None] + tl.dot(_dot_operand(probs, dtype, UPCAST_DOTS),
-                                              _dot_operand(v, dtype, UPCAST_DOTS),
+        acc = acc * rescale[:, None] + tl.dot(_dot_operand(probs, dtype, UPCAST_DOTS, DOT_PRECISION),
+                                              _dot_operand(v, dtype, UPCAST_DOTS, DOT_PRECISION),
                                               input_precision=DOT_PRECISION)
         row_max = new_max
 
@@ -226,8 +230,8 @@ def _rgsa_backward_dq_kernel(
     row_stats = (batch * num_heads + head).to(tl.int64) * num_queries + first_query + rows
     tl.store(delta_ptr + row_stats, delta, mask=row_valid)
     lse_log2 = tl.load(lse_ptr + row_stats, mask=row_valid, other=0.0) * _LOG2_E
-    q = _dot_operand(q, dtype, UPCAST_DOTS)
-    dout = _dot_operand(dout, dtype, UPCAST_DOTS)
+    q = _dot_operand(q, dtype, UPCAST_DOTS, DOT_PRECISION)
+    dout = _dot_operand(dout, dtype, UPCAST_DOTS, DOT_PRECISION)
 
     k_base = k_ptr + batch64 * stride_kb + head64 * stride_kh
     v_base = v_ptr + batch64 * stride_vb + head64 * stride_vh
@@ -239,12 +243,12 @@ def _rgsa_backward_dq_kernel(
                     mask=key_valid[:, None] & (dqk[None, :] < DQK), other=0.0)
         v_t = tl.load(v_base + keys[None, :] * stride_vn + dv[:, None] * stride_vd,
                       mask=key_valid[None, :] & (dv[:, None] < DV), other=0.0)
-        k = _dot_operand(k, dtype, UPCAST_DOTS)
+        k = _dot_operand(k, dtype, UPCAST_DOTS, DOT_PRECISION)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         probs = tl.where(key_valid[None, :], tl.exp2(scores - lse_log2[:, None]), 0.0)
-        dprobs = tl.dot(dout, _dot_operand(v_t, dtype, UPCAST_DOTS), input_precision=DOT_PRECISION)
+        dprobs = tl.dot(dout, _dot_operand(v_t, dtype, UPCAST_DOTS, DOT_PRECISION), input_precision=DOT_PRECISION)
         dscores = probs * (dprobs - delta[:, None])
-        dq += tl.dot(_dot_operand(dscores, dtype, UPCAST_DOTS), k, input_precision=DOT_PRECISION)
+        dq += tl.dot(_dot_operand(dscores, dtype, UPCAST_DOTS, DOT_PRECISION), k, input_precision=DOT_PRECISION)
 
     tl.store(dq_ptr + batch64 * stride_dqb + head64 * stride_dqh + first_query64 * stride_dqn
              + rows[:, None] * stride_dqn + dqk[None, :] * stride_dqd, (dq * scale).to(dtype), mask=q_mask)
@@ -287,8 +291,8 @@ def _rgsa_backward_dkdv_kernel(
     v = tl.load(v_ptr + batch64 * stride_vb + head64 * stride_vh
                 + keys[:, None] * stride_vn + dv[None, :] * stride_vd,
                 mask=key_valid[:, None] & (dv[None, :] < DV), other=0.0)
-    k = _dot_operand(k, dtype, UPCAST_DOTS)
-    v = _dot_operand(v, dtype, UPCAST_DOTS)
+    k = _dot_operand(k, dtype, UPCAST_DOTS, DOT_PRECISION)
+    v = _dot_operand(v, dtype, UPCAST_DOTS, DOT_PRECISION)
 
     dk = tl.zeros([BLOCK_N, DQK_PAD], tl.float32)
     dv_acc = tl.zeros([BLOCK_N, DV_PAD], tl.float32)
@@ -316,14 +320,15 @@ def _rgsa_backward_dkdv_kernel(
             delta = tl.sum(dout.to(tl.float32) * out.to(tl.float32), axis=1)
         else:
             delta = tl.load(delta_ptr + stats_base + queries, mask=row_valid, other=0.0)
-        q = _dot_operand(q, dtype, UPCAST_DOTS)
-        dout = _dot_operand(dout, dtype, UPCAST_DOTS)
+        q = _dot_operand(q, dtype, UPCAST_DOTS, DOT_PRECISION)
+        dout = _dot_operand(dout, dtype, UPCAST_DOTS, DOT_PRECISION)
 
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * scale_log2
         probs = tl.where(row_valid[:, None] & key_valid[None, :], tl.exp2(scores - lse_log2[:, None]), 0.0)
-        dv_acc += tl.dot(tl.trans(_dot_operand(probs, dtype, UPCAST_DOTS)), dout, input_precision=DOT_PRECISION)
+        probs_operand = _dot_operand(probs, dtype, UPCAST_DOTS, DOT_PRECISION)
+        dv_acc += tl.dot(tl.trans(probs_operand), dout, input_precision=DOT_PRECISION)
         dprobs = tl.dot(dout, tl.trans(v), input_precision=DOT_PRECISION)
-        dscores = _dot_operand(probs * (dprobs - delta[:, None]), dtype, UPCAST_DOTS)
+        dscores = _dot_operand(probs * (dprobs - delta[:, None]), dtype, UPCAST_DOTS, DOT_PRECISION)
         dk += tl.dot(tl.trans(dscores), q, input_precision=DOT_PRECISION)
         if FUSED_DQ:
             dq = tl.dot(dscores, k, input_precision=DOT_PRECISION) * scale

@@ -31,22 +31,13 @@ def make_inputs(batch, tokens, channels, strided=False):
     return [x, delta, weight, bias], grads
 
 
-def reference(x, delta, weight, bias):
-    """The oracle: the reference block's add and its nn.LayerNorm module with these parameters."""
-    norm = torch.nn.LayerNorm(x.shape[2], eps=EPS).to(device=x.device, dtype=weight.dtype)
-    with torch.no_grad():
-        norm.weight.copy_(weight)
-        norm.bias.copy_(bias)
-    summed = x + delta
-    return summed, norm(summed), norm
-
-
 def run_reference(inputs, grads, dtypes):
-    """Outputs and gradients of the reference with x, delta, weight, bias in ``dtypes``."""
-    x, delta = (t.detach().to(d).requires_grad_() for t, d in zip(inputs[:2], dtypes[:2]))
-    summed, normed, norm = reference(x, delta, inputs[2].to(dtypes[2]), inputs[3].to(dtypes[3]))
+    """Outputs and gradients of the reference block's add and LayerNorm with x, delta, weight, bias in ``dtypes``."""
+    x, delta, weight, bias = (t.detach().to(d).requires_grad_() for t, d in zip(inputs, dtypes))
+    summed = x + delta
+    normed = torch_layer_norm(summed, weight, bias)
     torch.autograd.backward([summed, normed], [grads[0].to(summed.dtype), grads[1].to(normed.dtype)])
-    return [summed.detach(), normed.detach(), x.grad, delta.grad, norm.weight.grad, norm.bias.grad]
+    return [summed.detach(), normed.detach(), x.grad, delta.grad, weight.grad, bias.grad]
 
 
 def guarded(*tensors):
@@ -128,7 +119,8 @@ def test_normed_output_takes_the_autocast_dtype():
     with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
         summed, normed = aln.add_layer_norm(*inputs, EPS)
     assert summed.dtype == torch.float32 and normed.dtype == torch.bfloat16
-    _, want, _ = reference(*(t.double() for t in inputs))
+    x64, delta64, weight64, bias64 = (t.double() for t in inputs)
+    want = torch_layer_norm(x64 + delta64, weight64, bias64)
     # One rounding to bf16 of the exact value: within half a bf16 ulp (2**-8 relative), plus fp32 noise.
     torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
 
@@ -276,7 +268,9 @@ def run_layer_norm(fn, x, weight, bias, grad, dtypes):
 
 
 def torch_layer_norm(x, weight, bias):
-    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight, bias, EPS)
+    """PyTorch's LayerNorm in the rows' precision. CUDA's refuses parameters of another dtype outside autocast, so
+    they are cast to the rows' dtype inside the graph (their gradients still come back in their own dtype)."""
+    return torch.nn.functional.layer_norm(x, (x.shape[-1],), weight.to(x.dtype), bias.to(x.dtype), EPS)
 
 
 def fused_layer_norm(x, weight, bias):
@@ -350,7 +344,8 @@ def test_torch_fallbacks_also_give_the_autocast_dtype():
         _, normed_float64 = aln.add_layer_norm(*(t.double() for t in inputs), EPS)
     assert summed.dtype == torch.float32 and normed.dtype == normed_alone.dtype == torch.bfloat16
     assert normed_float64.dtype == torch.float64
-    _, want, _ = reference(*(t.double() for t in inputs))
+    x64, delta64, weight64, bias64 = (t.double() for t in inputs)
+    want = torch_layer_norm(x64 + delta64, weight64, bias64)
     torch.testing.assert_close(normed.double(), want, rtol=2**-8 + 1e-5, atol=1e-6)
     want_alone = torch_layer_norm(x.double(), weight.double(), bias.double())
     torch.testing.assert_close(normed_alone.double(), want_alone, rtol=2**-8 + 1e-5, atol=1e-6)

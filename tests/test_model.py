@@ -26,6 +26,13 @@ needs_triton_device = pytest.mark.skipif(
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")
 
 
+@pytest.fixture
+def ieee_convolutions(monkeypatch):
+    """cuDNN runs float32 convolutions in TF32 by default: in both models alike, yet its rounding of their slightly
+    different features would drown a comparison of the two at fp32 tolerances."""
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
 def tiny_kwargs(**overrides):
     """Two groups (both shift rules), shifted and unshifted L-SA, RG-SA; head dims 18 / 9 are not tiles, and
     the position-bias MLP keeps a width of 2 (it is 0 below embed 64). Windows of 4x8 / 8x4 keep the
@@ -103,7 +110,7 @@ def test_torch_backend_matches_reference_for_constructor_variants(variant):
 
 
 @needs_triton_device
-def test_triton_backend_with_relu_eps_and_odd_heads_matches_reference(monkeypatch):
+def test_triton_backend_with_relu_eps_and_odd_heads_matches_reference(monkeypatch, ieee_convolutions):
     """The fused add + LayerNorm takes the norm's own eps; ReLU and odd heads take the reference's MLP and L-SA."""
     variant = dict(depth=[2], num_heads=[3], act_layer=nn.ReLU, norm_layer=functools.partial(nn.LayerNorm, eps=1e-2))
     reference = perturbed_reference(**variant).to(TRITON_DEVICE).eval()
@@ -166,9 +173,7 @@ def test_onednn_linears_keep_the_float32_accuracy_of_f_linear(training, monkeypa
 
 @needs_triton_device
 @pytest.mark.parametrize("training", [False, True])
-def test_triton_backend_matches_reference(training, monkeypatch):
-    # cuDNN would run the convolutions of both models in TF32 and drown the comparison in its rounding.
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+def test_triton_backend_matches_reference(training, ieee_convolutions):
     reference = perturbed_reference().to(TRITON_DEVICE)
     fused = accelerate(reference, backend="triton")
     x = torch.rand(2, 3, 18, 35, device=TRITON_DEVICE)
@@ -176,7 +181,7 @@ def test_triton_backend_matches_reference(training, monkeypatch):
 
 
 @needs_triton_device
-def test_triton_backend_draws_drop_path_like_the_reference():
+def test_triton_backend_draws_drop_path_like_the_reference(ieee_convolutions):
     """Stochastic depth in training: same seed, same dropped samples, same output and gradients."""
     reference = perturbed_reference(drop_path_rate=0.5).to(TRITON_DEVICE).train()
     fused = accelerate(reference, backend="triton")
