@@ -1,10 +1,12 @@
 """Run every benchmark (and optionally the CUDA test suite) in one go and write one JSON of results.
 
-    python benchmarks/run_all.py [--tests [--tests-budget SECONDS]] [--quick] [--budget SECONDS] [--out DIR]
-                                 [--results-dir DIR]
+    python benchmarks/run_all.py [--tests [--tests-budget SECONDS] [--test-files FILE ...]] [--quick]
+                                 [--benchmarks [SCRIPT ...]] [--budget SECONDS] [--out DIR] [--results-dir DIR]
 
 With ``--tests``, the CUDA test files run first, several at once (compiling kernels keeps a CPU core busy per
-process), until ``--tests-budget``. Each benchmark script is then run in its own process with ``--json``, within
+process), until ``--tests-budget``; of test_model.py only the tests that use the GPU run (GPU_TEST_SELECTION).
+``--test-files`` and ``--benchmarks`` choose a subset, so that a short device lease can finish what an earlier
+run left unmeasured. Each benchmark script is then run in its own process with ``--json``, within
 its share of the time left (see SHARE_WEIGHTS); a script that fails or times out is recorded with its exit code, the
 rows it wrote before it stopped, and the tail of its output, and the others still run. The result file is
 ``benchmarks/results/<device>-<date>.json`` (and a copy in ``--out``), with device, versions and commit; ``--out``
@@ -28,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Most important first: a run that the --budget cuts short keeps the issues' headline figures.
 BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.py", "bench_spatial_gate.py",
-              "bench_add_layer_norm.py")
+              "bench_add_layer_norm.py", "bench_launch_overhead.py")
 # Each script's share of the time left when it starts, against the scripts still to run (others weigh 1), so that
 # no early script can take the whole budget; what a script leaves unused passes on to the next ones. The weights
 # follow the work: RG-SA runs three implementations up to a million tokens, L-SA compiles FlexAttention at every
@@ -41,6 +43,8 @@ CUDA_TESTS = ("tests/test_model.py", "tests/test_lsa_attention.py", "tests/test_
               "tests/test_spatial_gate.py", "tests/test_add_layer_norm.py", "tests/test_fake_implementations.py",
               "tests/test_kernel_casts.py", "tests/test_large_offsets.py", "tests/test_guards.py",
               "tests/test_tf32_switch.py")
+# pytest -k selections for test files whose other tests need no GPU (CI runs those): only these run here.
+GPU_TEST_SELECTION = {"tests/test_model.py": "triton"}
 # Test files running at once: each compiles its kernels on one CPU core, and the tests themselves are small.
 TEST_PROCESSES = max(1, min(len(CUDA_TESTS), (os.cpu_count() or 2) // 2))
 _PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed).*?)\s*=*$",
@@ -90,8 +94,10 @@ def run_test_files(files: tuple[str, ...], deadline: float, env: dict, log_dir: 
                 continue
             log = log_dir / _log_name(test_file)
             handle = log.open("w")
+            selection = ["-k", GPU_TEST_SELECTION[test_file]] if test_file in GPU_TEST_SELECTION else []
             process = subprocess.Popen(
-                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", test_file],
+                [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", *selection,
+                 test_file],
                 cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
             running[test_file] = (process, time.perf_counter(), log, handle)
         time.sleep(0.2)
@@ -121,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds for all the test files together, within --budget")
     parser.add_argument("--budget", type=float, default=None,
                         help="seconds for the whole run: what would start after it is recorded as skipped")
+    parser.add_argument("--benchmarks", nargs="*", choices=BENCHMARKS, default=BENCHMARKS, metavar="SCRIPT",
+                        help=f"only these benchmark scripts, none if the list is empty (default: all, "
+                             f"in this order: {' '.join(BENCHMARKS)})")
+    parser.add_argument("--test-files", nargs="*", choices=CUDA_TESTS, default=CUDA_TESTS, metavar="FILE",
+                        help="with --tests, only these test files (default: all of CUDA_TESTS)")
     parser.add_argument("--out", type=Path, help="also copy the result JSON here")
     parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results",
                         help="where <device>-<date>.json is written (default: benchmarks/results)")
@@ -159,13 +170,15 @@ def main(argv: list[str] | None = None) -> int:
             save()
 
         deadline = time.perf_counter() + min(args.tests_budget, budget_left())
-        report["tests"] = run_test_files(CUDA_TESTS, deadline, env, log_dir, record)
+        test_files = tuple(f for f in CUDA_TESTS if f in args.test_files)
+        report["tests"] = run_test_files(test_files, deadline, env, log_dir, record)
         save()
-    for position, script in enumerate(BENCHMARKS):
+    benchmarks = [script for script in BENCHMARKS if script in args.benchmarks]
+    for position, script in enumerate(benchmarks):
         if time_left() < _MIN_SCRIPT_SECONDS:
             report["benchmarks"][script] = {"skipped": "the --budget ran out before it could start"}
             continue
-        weights = [SHARE_WEIGHTS.get(Path(name).name, 1) for name in BENCHMARKS[position:]]
+        weights = [SHARE_WEIGHTS.get(Path(name).name, 1) for name in benchmarks[position:]]
         # The share is of the whole budget left (not of one script's --timeout), then capped by the timeout.
         share = max(_MIN_SCRIPT_SECONDS, budget_left() * weights[0] / sum(weights))
         with tempfile.TemporaryDirectory() as tmp:

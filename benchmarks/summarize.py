@@ -178,6 +178,15 @@ def elementwise_section(report: dict, script: str, title: str) -> list[str]:
     return [f"## {title}", "", *_table(headers, table)] if rows else []
 
 
+def launch_overhead_section(report: dict) -> list[str]:
+    rows = _rows(report, "bench_launch_overhead.py")
+    table = [[row["name"], row["stage"], _number(row.get("issue_ms"), 3),
+              "; ".join(f"{entry['function']} {entry['own_us_per_step']:.1f}" for entry in row.get("profile", [])[:3])]
+             for row in rows]
+    headers = ["op", "stage", "ms per call issued", "most own time (us per call)"]
+    return ["## CPU cost of eager calls at the training shapes", "", *_table(headers, table)] if rows else []
+
+
 def summarize(report: dict) -> str:
     env = report.get("environment", {})
     lines = [f"# Benchmark summary: {env.get('device', '?')}", "",
@@ -192,7 +201,8 @@ def summarize(report: dict) -> str:
     targets = Targets()
     sections = [rgsa_section(report, targets), lsa_section(report, targets), model_section(report, targets),
                 elementwise_section(report, "bench_spatial_gate.py", "Spatial gate"),
-                elementwise_section(report, "bench_add_layer_norm.py", "Residual add + LayerNorm")]
+                elementwise_section(report, "bench_add_layer_norm.py", "Residual add + LayerNorm"),
+                launch_overhead_section(report)]
     lines += ["## Targets", "", *targets.markdown(), ""]
     for section in sections:
         if section:

@@ -9,6 +9,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def load_benchmark(monkeypatch):
 
     yield load
     for name in ("bench_rgsa_attention", "bench_spatial_gate", "bench_add_layer_norm", "bench_lsa_attention",
-                 "bench_model", "summarize"):
+                 "bench_model", "bench_launch_overhead", "summarize"):
         sys.modules.pop(name, None)
 
 
@@ -97,6 +98,24 @@ def test_add_layer_norm_rows(load_benchmark, dtype, with_backward, with_add):
     row = bench.run_row("smoke", 2, 37, dtype, with_backward, 1, with_add)
     assert_measured(row, ("fused", "reference"), [] if with_backward else ["max_abs_diff"],
                     max_abs_diff_bound(dtype))
+
+
+def test_launch_overhead_rows(load_benchmark):
+    """Every stage runs (the backward launchers on the tensors their forwards saved) and is profiled; under the
+    interpreter the interpreter's own functions fill the profile, so only its form is checked here."""
+    bench = load_benchmark("bench_launch_overhead")
+    shapes = {"layer_norm": (2, 7, 12), "rgsa": (1, 9, (5, 2, 3, 4))}
+    rows = list(bench.rows(True, shapes, calls=2))
+    stages = [(row["name"], row["stage"]) for row in rows]
+    assert stages == [("fused layer_norm", "forward"), ("fused layer_norm", "backward launcher"),
+                      ("fused layer_norm", "forward+backward"), ("torch layer_norm", "forward"),
+                      ("torch layer_norm", "forward+backward"), ("fused rgsa_attention", "forward"),
+                      ("fused rgsa_attention", "backward launcher"), ("fused rgsa_attention", "forward+backward")]
+    for row in rows:
+        assert row["issue_ms"] > 0 and 0 < len(row["profile"]) <= bench.PROFILE_ENTRIES
+        assert all(entry["own_us_per_step"] >= 0 and entry["calls_per_step"] > 0 for entry in row["profile"])
+        assert all(re.fullmatch(r"[^:]+:\d+\(.+\)", entry["function"]) for entry in row["profile"]), row["profile"]
+    assert bench.describe(rows[0]).startswith("fused layer_norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -178,7 +197,11 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
                                                                   "low_precision_drift": []}},
                   "bench_spatial_gate.py": {"exit_code": 0, "results": {"rows": [
                       gate.run_row("train", 2, 5, 7, torch.bfloat16, False, 1)]}},
-                  "bench_add_layer_norm.py": {"skipped": "the --budget ran out before it could start"}}}
+                  "bench_add_layer_norm.py": {"skipped": "the --budget ran out before it could start"},
+                  "bench_launch_overhead.py": {"exit_code": 0, "results": {"rows": [
+                      {"name": "fused layer_norm", "stage": "backward launcher", "issue_ms": 0.0421,
+                       "profile": [{"function": "jit.py:700(run)", "calls_per_step": 1.0, "own_us_per_step": 12.5,
+                                    "cumulative_us_per_step": 30.0}]}]}}}}
     text = summarize.summarize(report)
     targets = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |") for line in text.splitlines()
                if line.startswith("| ") and line.split(" | ")[0] in ("| 3", "| 4", "| 5", "| 6")}
@@ -205,6 +228,7 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     assert "bench_lsa_attention.py: exit code 124 after 90.0 s" in text
     assert "bench_add_layer_norm.py: the --budget ran out" in text
     assert "## Spatial gate" in text and "| tests/test_model.py | 0 |" in text
+    assert "| fused layer_norm | backward launcher | 0.042 | jit.py:700(run) 12.5 |" in text
 
 
 def test_summary_refuses_a_file_that_is_not_a_run_all_report(load_benchmark, tmp_path, capsys):

@@ -201,3 +201,32 @@ def test_kernel_benchmarks_write_their_rows_as_they_go(monkeypatch, tmp_path):
         kernel_timing.benchmark_main(["--json", str(path)], "doc", "a benchmark", ("first",), make_rows, str)
     saved = json.loads(path.read_text())
     assert saved["device"] == "a GPU" and saved["rows"] == [{"name": "first"}, {"name": "second"}]
+
+
+SELECTED_TESTS = "def test_on_the_gpu():\n    assert 3 * 3 == 9\n\ndef test_cpu_only():\n    assert 3 * 3 == 10\n"
+
+
+def test_chosen_test_files_and_benchmarks_alone_run_with_their_selection(run_all, monkeypatch, tmp_path):
+    files = write_scripts(tmp_path, test_selected=SELECTED_TESTS, test_left_out=FAILING_TESTS)
+    scripts = write_scripts(tmp_path, fast=FAST_SCRIPT, failing=FAILING_SCRIPT)
+    monkeypatch.setattr(run_all, "CUDA_TESTS", files)
+    monkeypatch.setattr(run_all, "GPU_TEST_SELECTION", {files[0]: "gpu"})
+    monkeypatch.setattr(run_all, "BENCHMARKS", scripts)
+    assert run_all.main(["--tests", "--test-files", files[0], "--benchmarks", scripts[0],
+                         "--results-dir", str(tmp_path / "results")]) == 0
+    report = read_report(tmp_path / "results")
+    assert list(report["tests"]) == [files[0]]
+    assert report["tests"][files[0]]["summary"].startswith("1 passed, 1 deselected")
+    assert list(report["benchmarks"]) == [scripts[0]]
+
+
+def test_an_empty_benchmark_list_runs_none(run_all, monkeypatch, tmp_path):
+    monkeypatch.setattr(run_all, "BENCHMARKS", write_scripts(tmp_path, failing=FAILING_SCRIPT))
+    assert run_all.main(["--benchmarks", "--results-dir", str(tmp_path / "results")]) == 0
+    assert read_report(tmp_path / "results")["benchmarks"] == {}
+
+
+def test_an_unknown_benchmark_is_refused(run_all, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_all.main(["--benchmarks", "bench_everything.py"])
+    assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
