@@ -192,6 +192,12 @@ FUSED_CLASSES = {reference.LSA: FusedLSA, reference.RGSA: FusedRGSA, reference.M
                  reference.ResidualGroup: FusedResidualGroup, nn.Linear: TokenLinear}
 
 
+# Without an autograd graph, the upsampling tail runs on chunks of images whose largest tail tensor (num_feat
+# channels at the output resolution) holds about this many elements: at batch 8 of 128x128 x4, the whole batch's
+# pixel shuffle (in and out, 537 MB in bf16) would otherwise set the model's peak memory.
+RECONSTRUCTION_CHUNK_ELEMENTS = 1 << 24
+
+
 class RGT(ChannelsLastLayout, reference.RGT):
     """The fused RGT: same constructor (plus ``backend``), module tree and state_dict as the reference."""
 
@@ -207,6 +213,16 @@ class RGT(ChannelsLastLayout, reference.RGT):
         # The convolutions after the body run channels-last; callers get a contiguous NCHW image whatever layout
         # the convolutions chose (a channels-last result would make their .view() calls fail).
         return super().forward(x).contiguous()
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference's upsampling tail; without an autograd graph (inference), on chunks of the batch of
+        about RECONSTRUCTION_CHUNK_ELEMENTS elements in the largest tail tensor. With a graph the tail's
+        activations are kept for the backward whatever the chunking, so the batch runs whole."""
+        per_image = self.num_feat * x.shape[2] * x.shape[3] * self.upscale ** 2
+        images = max(1, RECONSTRUCTION_CHUNK_ELEMENTS // max(1, per_image))
+        if torch.is_grad_enabled() or images >= x.shape[0]:
+            return super().reconstruct(x)
+        return torch.cat([super(RGT, self).reconstruct(chunk) for chunk in x.split(images)])
 
     def set_backend(self, backend: str) -> "RGT":
         check_backend(backend)

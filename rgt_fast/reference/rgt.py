@@ -535,6 +535,9 @@ class RGT(TokenImageLayout, nn.Module):
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x
-        x = self.conv_before_upsample(x)
-        x = self.conv_last(self.upsample(x))
+        x = self.reconstruct(self.conv_before_upsample(x))
         return x / self.img_range + mean
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The upsampling tail: (B, num_feat, H, W) features to (B, in_chans, H * upscale, W * upscale)."""
+        return self.conv_last(self.upsample(x))
