@@ -9,7 +9,8 @@ outputs (B, H*W, C):
   flex        FlexAttention (compiled) on partitioned windows, bias and mask in a score_mod (when it imports)
 
 Each row also checks the fused op (output, dqkv, both table gradients) against the PyTorch path in float32 from
-the same inputs, and that the table gradient is bitwise identical across two backward passes ("pass").
+the same inputs, and that the table gradient is bitwise identical across two backward passes ("pass"), and lists
+the kernels with the most GPU time in one fused forward and forward+backward.
 
     python benchmarks/bench_lsa_attention.py [--quick] [--json PATH]
 """
@@ -154,6 +155,21 @@ def measure(impl, module, qkv, H, W, grad_out):
     return forward_ms, backward_ms, (torch.cuda.max_memory_allocated() - base) / 2 ** 20
 
 
+def time_breakdowns(impl, module, qkv, H, W, grad_out) -> dict:
+    """The kernels with the most GPU time in one forward and in one forward+backward (rgt_fast.bench)."""
+    from rgt_fast.bench import time_breakdown
+
+    device = torch.device(DEVICE)
+
+    def forward_backward():
+        impl(module, qkv, H, W).backward(grad_out)
+
+    breakdowns = {"fwd": time_breakdown(torch.no_grad()(lambda: impl(module, qkv, H, W)), device),
+                  "fwd+bwd": time_breakdown(forward_backward, device)}
+    qkv.grad = None
+    return breakdowns
+
+
 def check(module, qkv, H, W, grad_out, dtype_label):
     """Fused vs the float32 PyTorch path on the same inputs, and a reproducible table gradient."""
     tables = [t.detach().requires_grad_() for t in tables_of(module)]
@@ -207,6 +223,8 @@ def run_row(row, flex, quick):
             forward_ms, backward_ms, peak = measure(impl, module, qkv, H, W, grad_out)
             result["ms"][impl_name], result["fwd_bwd_ms"][impl_name], result["peak_mb"][impl_name] = \
                 forward_ms, backward_ms, peak
+            if impl_name == "fused":
+                result["fused_time_breakdown"] = time_breakdowns(impl, module, qkv, H, W, grad_out)
         except torch.cuda.OutOfMemoryError:
             result["errors"][impl_name] = "OOM"
         except Exception as error:  # a failing baseline (FlexAttention's compiler, say) must not end the run

@@ -96,6 +96,11 @@ def rgsa_section(report: dict, targets: Targets) -> list[str]:
     return ["## RG-SA attention (issue 3)", "", *_table(headers, table)] if rows else []
 
 
+def _breakdown_table(entries: list[dict]) -> list[str]:
+    return _table(["kernel", "ms", "share", "count"],
+                  [[e["name"][:90], _number(e["ms"], 3), _number(e["share"]), str(e["count"])] for e in entries])
+
+
 def lsa_section(report: dict, targets: Targets) -> list[str]:
     rows = _rows(report, "bench_lsa_attention.py")
     impls = ("fused", "reference", "torch_sdpa", "flex")
@@ -119,7 +124,12 @@ def lsa_section(report: dict, targets: Targets) -> list[str]:
     headers = ["name", "shape", "dtype", "shifted", "parity", "fwd ms fused/ref/SDPA/flex",
                "fwd+bwd ms fused/ref/SDPA/flex", "fwd x ref", "fwd x best torch", "fwd+bwd x ref",
                "peak MB fused/ref/SDPA/flex"]
-    return ["## L-SA attention (issue 4)", "", *_table(headers, table)] if rows else []
+    lines = ["## L-SA attention (issue 4)", "", *_table(headers, table)] if rows else []
+    for row in rows:
+        for step, entries in row.get("fused_time_breakdown", {}).items():
+            lines += ["", f"L-SA {row['name']} {row['shape']} {row['dtype']}, fused {step}: the kernels with the "
+                      f"most GPU time", "", *_breakdown_table(entries)]
+    return lines
 
 
 def model_section(report: dict, targets: Targets) -> list[str]:
@@ -163,6 +173,12 @@ def model_section(report: dict, targets: Targets) -> list[str]:
                           [[d["model"], d["dtype"], d["max_levels"], _number(d["mean_levels"], 4),
                             _number(d["psnr_vs_fp32_db"], 1), str(d["finite"])] for d in measured_drift])]
     lines += [f"Autocast drift failed: {d['error']}" for d in drift if "error" in d]
+    for row in rows:
+        for label in ("fused", "reference"):
+            entries = row.get(f"{label}_time_breakdown")
+            if entries:
+                lines += ["", f"{row['name']}, {label}: the kernels with the most GPU time in one call", "",
+                          *_breakdown_table(entries)]
     return lines
 
 

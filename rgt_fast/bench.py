@@ -134,6 +134,33 @@ def peak_mb(fn: Callable[[], object], device: torch.device) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+BREAKDOWN_ENTRIES = 12
+# Rows profile one more call of each model here: a GPU call is short, and a lent GPU cannot be asked twice. On a
+# CPU, a profiled run would add minutes to `rgt-fast bench`.
+BREAKDOWN_DEVICE_TYPES = ("cuda",)
+
+
+def time_breakdown(fn: Callable[[], object], device: torch.device) -> list[dict]:
+    """Where one call of ``fn`` spends its time: on CUDA the GPU kernels, elsewhere the operators, with the most
+    own time, as {name, ms, share of the total own time, count}."""
+    from torch.profiler import ProfilerActivity, profile
+
+    on_gpu = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CUDA if on_gpu else ProfilerActivity.CPU]) as profiler:
+        fn()
+        _synchronize(device)
+    if on_gpu:
+        events = [e for e in profiler.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        own_us = {e.key: e.self_device_time_total for e in events}
+    else:
+        events = list(profiler.key_averages())
+        own_us = {e.key: e.self_cpu_time_total for e in events}
+    total = sum(own_us.values()) or 1.0
+    ranked = sorted(events, key=lambda e: own_us[e.key], reverse=True)[:BREAKDOWN_ENTRIES]
+    return [{"name": e.key[:160], "ms": own_us[e.key] / 1000, "share": own_us[e.key] / total, "count": e.count}
+            for e in ranked]
+
+
 def _autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast to a 16-bit ``dtype``; None or float32 runs the models as they are."""
     if dtype in (None, torch.float32):
@@ -180,6 +207,12 @@ def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: t
         row["speedup"] = row["reference_ms"] / row["fused_ms"]
     for label, call in fitting.items():
         row[f"{label}_peak_mb"] = peak_mb(call, device)
+        if device.type not in BREAKDOWN_DEVICE_TYPES:
+            continue
+        try:
+            row[f"{label}_time_breakdown"] = time_breakdown(call, device)
+        except Exception as err:  # the profile is a diagnosis: the row's figures stand without it
+            row[f"{label}_time_breakdown_failed"] = _failure(err)
     return firsts
 
 

@@ -41,3 +41,28 @@ def test_a_model_out_of_memory_is_recorded_and_the_other_still_measured():
     assert row["fused_ms"] > 0 and row["fused_tflops"] > 0
     table = bench.format_table([row])
     assert "too large for the reference" in table and "reference: out of memory" in table
+
+
+def test_rows_record_where_each_model_spends_its_time(monkeypatch):
+    """On CUDA every row profiles one more call of each model (here the CPU stands in): the ops with the most own
+    time, the convolutions of the tail among them; a profiler that fails leaves the row's figures standing."""
+    monkeypatch.setattr(bench, "BREAKDOWN_DEVICE_TYPES", ("cpu",))
+    torch.manual_seed(0)
+    reference, fused = bench.build_pair("RGT-S", 2, torch.device("cpu"))
+    x = torch.rand(1, 3, 16, 16)
+    row = bench.inference_row("profiled", reference, fused, x, None, warmup=0, iters=1)
+    for label in ("reference", "fused"):
+        entries = row[f"{label}_time_breakdown"]
+        assert 0 < len(entries) <= bench.BREAKDOWN_ENTRIES
+        assert [e["ms"] for e in entries] == sorted((e["ms"] for e in entries), reverse=True)
+        assert all(0 <= e["share"] <= 1 and e["count"] >= 1 for e in entries)
+        assert any("conv" in e["name"] for e in entries), entries
+    assert not bench.failures(row)
+
+    def broken_profile(fn, device):
+        raise RuntimeError("profiler unavailable")
+
+    monkeypatch.setattr(bench, "time_breakdown", broken_profile)
+    row = bench.inference_row("unprofiled", reference, fused, x, None, warmup=0, iters=1)
+    assert row["fused_time_breakdown_failed"] == "RuntimeError: profiler unavailable"
+    assert row["fused_ms"] > 0 and not bench.failures(row)

@@ -138,6 +138,8 @@ def test_lsa_rows(load_benchmark, monkeypatch, whole_window_tiles, dtype):
     assert row["errors"] == {}
     assert set(row["ms"]) == {"fused", "reference", "torch_sdpa"}
     assert row["fwd_speedup_vs_reference"] == 1.0 and row["fwd_bwd_speedup_vs_best_torch"] == 1.0
+    assert set(row["fused_time_breakdown"]) == {"fwd", "fwd+bwd"}
+    assert all(entries and entries[0]["ms"] >= entries[-1]["ms"] for entries in row["fused_time_breakdown"].values())
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -183,7 +185,8 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     fused = rgt_fast.accelerate(reference, backend="torch")
     x = torch.rand(1, 3, 16, 20)
     inference = bench.inference_row(bench_model.INFERENCE_ROWS["bf16"], reference, fused, x, torch.bfloat16, 0, 1)
-    inference.update(speedup=2.6, reference_peak_mb=100.0, fused_peak_mb=60.0)
+    inference.update(speedup=2.6, reference_peak_mb=100.0, fused_peak_mb=60.0, fused_time_breakdown=[
+        {"name": "_lsa_fwd_kernel", "ms": 1.25, "share": 0.4, "count": 36}])
     training = bench.training_row(bench_model.TRAINING_ROWS["bf16"], reference, fused, x, torch.bfloat16, 0, 1)
     big = {"name": bench_model.BIG_IMAGE_ROW, "fused_ms": 900.0, "fused_peak_mb": 30 * 1024.0,
            "reference_error": "out of memory: CUDA out of memory. Tried to allocate 48.00 GiB."}
@@ -229,6 +232,9 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     assert "bench_add_layer_norm.py: the --budget ran out" in text
     assert "## Spatial gate" in text and "| tests/test_model.py | 0 |" in text
     assert "| fused layer_norm | backward launcher | 0.042 | jit.py:700(run) 12.5 |" in text
+    assert f"{bench_model.INFERENCE_ROWS['bf16']}, fused: the kernels with the most GPU time" in text
+    assert "| _lsa_fwd_kernel | 1.250 | 0.40 | 36 |" in text
+    assert "L-SA train B=1 12x40" in text and "fused fwd+bwd: the kernels with the most GPU time" in text
 
 
 def test_summary_refuses_a_file_that_is_not_a_run_all_report(load_benchmark, tmp_path, capsys):
