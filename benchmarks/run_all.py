@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Most important first: a run that the --budget cuts short keeps the issues' headline figures.
 BENCHMARKS = ("bench_rgsa_attention.py", "bench_lsa_attention.py", "bench_model.py", "bench_spatial_gate.py",
-              "bench_add_layer_norm.py", "bench_launch_overhead.py")
+              "bench_add_layer_norm.py", "bench_launch_overhead.py", "sweep_tiles.py")
 # Each script's share of the time left when it starts, against the scripts still to run (others weigh 1), so that
 # no early script can take the whole budget; what a script leaves unused passes on to the next ones. The weights
 # follow the work: RG-SA runs three implementations up to a million tokens, L-SA compiles FlexAttention at every

@@ -52,7 +52,7 @@ def load_benchmark(monkeypatch):
 
     yield load
     for name in ("bench_rgsa_attention", "bench_spatial_gate", "bench_add_layer_norm", "bench_lsa_attention",
-                 "bench_model", "bench_launch_overhead", "summarize"):
+                 "bench_model", "bench_launch_overhead", "sweep_tiles", "summarize"):
         sys.modules.pop(name, None)
 
 
@@ -267,3 +267,26 @@ def test_token_linear_benchmark_rows(monkeypatch, tmp_path):
         assert row["onednn"] == (rgt_fast.model.ONEDNN_ON_X86 and row["rows"] * row["in_features"]
                                  * row["out_features"] >= rgt_fast.model.ONEDNN_LINEAR_MIN_MACS)
         assert row["max_abs_difference"] < 1e-3 and row["forward_token_linear_ms"] > 0
+
+
+def test_tile_sweep_rows(load_benchmark, monkeypatch):
+    """Every candidate tile of each kernel runs the op and agrees with the shipped tile; the shipped tiles are
+    restored afterwards. Small shapes and two L-SA heads of 32 channels keep the interpreter quick."""
+    sweep = load_benchmark("sweep_tiles")
+    monkeypatch.setattr(sweep, "SHAPES", {"lsa-train": (1, 8, 32), "rgsa-infer-1024": (40, 70)})
+    monkeypatch.setattr(sweep, "LSA_EMBED_DIM", 64)
+    monkeypatch.setattr(sweep, "LSA_HEADS", 2)
+    shipped_lsa = {kernel: dict(classes) for kernel, classes in sweep.lsa._CONFIGS.items()}
+    shipped_rgsa = dict(sweep.rgsa._TILE_TABLE)
+    for kernel, (_, candidates) in sweep.CANDIDATES.items():
+        rows = list(sweep.sweep(kernel, 1, time_ms=lambda fn, rep: 1.0))
+        assert [tuple(row["tiles"]) for row in rows] == candidates
+        assert [row["shipped"] for row in rows] == [True] + [False] * (len(candidates) - 1)
+        for row in rows:
+            assert "error" not in row, row
+            assert row["ms"] == 1.0 and row["max_difference"] < 0.05, row  # bf16 rounding, not another result
+            assert sweep.describe(row).startswith(kernel)
+    assert {kernel: dict(classes) for kernel, classes in sweep.lsa._CONFIGS.items()} == shipped_lsa
+    assert dict(sweep.rgsa._TILE_TABLE) == shipped_rgsa
+    assert sweep.CANDIDATES["lsa_fwd"][1][0] == sweep.lsa._CONFIGS["fwd"]["16-bit"]
+    assert sweep.CANDIDATES["rgsa_forward"][1][0] == sweep.rgsa._TILE_TABLE[("forward", "16bit")][1]
