@@ -203,6 +203,15 @@ def launch_overhead_section(report: dict) -> list[str]:
     return ["## CPU cost of eager calls at the training shapes", "", *_table(headers, table)] if rows else []
 
 
+def tile_sweep_section(report: dict) -> list[str]:
+    rows = _rows(report, "sweep_tiles.py")
+    table = [[row["kernel"], row["shape"], str(tuple(row["tiles"])), "yes" if row["shipped"] else "",
+              _number(row.get("ms"), 3), row.get("error", _number(row.get("max_difference"), 4))[:80]]
+             for row in rows]
+    headers = ["kernel", "shape", "BLOCK_M, BLOCK_N, warps, stages", "shipped", "ms", "max difference or error"]
+    return ["## Tile sweep (bf16)", "", *_table(headers, table)] if rows else []
+
+
 def summarize(report: dict) -> str:
     env = report.get("environment", {})
     lines = [f"# Benchmark summary: {env.get('device', '?')}", "",
@@ -218,7 +227,7 @@ def summarize(report: dict) -> str:
     sections = [rgsa_section(report, targets), lsa_section(report, targets), model_section(report, targets),
                 elementwise_section(report, "bench_spatial_gate.py", "Spatial gate"),
                 elementwise_section(report, "bench_add_layer_norm.py", "Residual add + LayerNorm"),
-                launch_overhead_section(report)]
+                launch_overhead_section(report), tile_sweep_section(report)]
     lines += ["## Targets", "", *targets.markdown(), ""]
     for section in sections:
         if section:

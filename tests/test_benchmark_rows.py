@@ -204,7 +204,10 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
                   "bench_launch_overhead.py": {"exit_code": 0, "results": {"rows": [
                       {"name": "fused layer_norm", "stage": "backward launcher", "issue_ms": 0.0421,
                        "profile": [{"function": "jit.py:700(run)", "calls_per_step": 1.0, "own_us_per_step": 12.5,
-                                    "cumulative_us_per_step": 30.0}]}]}}}}
+                                    "cumulative_us_per_step": 30.0}]}]}},
+                  "sweep_tiles.py": {"exit_code": 0, "results": {"rows": [
+                      {"kernel": "lsa_fwd", "shape": "lsa-train", "tiles": [128, 32, 8, 2], "shipped": True,
+                       "ms": 1.7861, "max_difference": 0.0}]}}}}
     text = summarize.summarize(report)
     targets = {line.split(" | ")[1]: line.split(" | ")[-1].rstrip(" |") for line in text.splitlines()
                if line.startswith("| ") and line.split(" | ")[0] in ("| 3", "| 4", "| 5", "| 6")}
@@ -234,6 +237,7 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     assert "| fused layer_norm | backward launcher | 0.042 | jit.py:700(run) 12.5 |" in text
     assert f"{bench_model.INFERENCE_ROWS['bf16']}, fused: the kernels with the most GPU time" in text
     assert "| _lsa_fwd_kernel | 1.250 | 0.40 | 36 |" in text
+    assert "| lsa_fwd | lsa-train | (128, 32, 8, 2) | yes | 1.786 | 0.0000 |" in text
     assert "L-SA train B=1 12x40" in text and "fused fwd+bwd: the kernels with the most GPU time" in text
 
 
