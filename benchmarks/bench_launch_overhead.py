@@ -15,11 +15,14 @@ row times one stage of a training step's work:
 
 ``issue_ms`` is the milliseconds per call of calls issued back to back, with one synchronisation at the end: the
 CPU's cost per call wherever it exceeds the GPU's. ``profile`` lists the functions with the most own time over
-those calls (cProfile, this thread only: the engine's thread is not seen), in microseconds per call.
+those calls (cProfile), in microseconds per call. From Python 3.12 on, cProfile also sees other threads, so the
+forward+backward rows include the engine thread's Python (the op's backward) under ``run_backward``; the row
+records the Python version.
 """
 from __future__ import annotations
 
 import cProfile
+import platform
 import pstats
 import sys
 import time
@@ -59,7 +62,7 @@ def profile(step, calls: int) -> list[dict]:
     _synchronize()
     stats = pstats.Stats(profiler).stats
     entries = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:PROFILE_ENTRIES]
-    return [{"function": f"{path.rsplit('/', 2)[-1] if '/' in path else path}:{line}({name})",
+    return [{"function": f"{'/'.join(path.rsplit('/', 2)[-2:])}:{line}({name})",
              "calls_per_step": round(primitive_calls / calls, 2),
              "own_us_per_step": round(own_seconds / calls * 1e6, 2),
              "cumulative_us_per_step": round(cumulative_seconds / calls * 1e6, 2)}
@@ -67,7 +70,8 @@ def profile(step, calls: int) -> list[dict]:
 
 
 def stage_row(op: str, stage: str, step, calls: int) -> dict:
-    return {"name": op, "stage": stage, "issue_ms": issue_ms(step, calls), "profile": profile(step, calls)}
+    return {"name": op, "stage": stage, "issue_ms": issue_ms(step, calls), "profile": profile(step, calls),
+            "python": platform.python_version()}
 
 
 def layer_norm_rows(batch: int, tokens: int, channels: int, calls: int):

@@ -140,7 +140,9 @@ def model_section(report: dict, targets: Targets) -> list[str]:
     for row in rows:
         notes = "; ".join([row["error"]] if "error" in row else
                           [f"{label}: {row[f'{label}_error']}" for label in ("reference", "fused")
-                           if f"{label}_error" in row])
+                           if f"{label}_error" in row]
+                          + [f"{label} profile: {row[f'{label}_time_breakdown_failed']}"
+                             for label in ("reference", "fused") if f"{label}_time_breakdown_failed" in row])
         table.append([row["name"], _number(row.get("reference_ms")), _number(row.get("fused_ms")),
                       _number(row.get("speedup")), _number(row.get("reference_peak_mb"), 0),
                       _number(row.get("fused_peak_mb"), 0),

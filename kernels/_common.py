@@ -245,9 +245,12 @@ def round_to_tf32(x):
     the MMA truncates, an error biased towards zero that adds up along a dot instead of cancelling (measured on an
     H100: L-SA gradients with up to 6 times the error of PyTorch's TF32 matmuls). cuBLAS rounds to nearest, as
     this does: adding half a TF32 unit to the magnitude bits, then clearing the 13 bits the MMA ignores.
+    Infinities come through unchanged. A NaN's payload would carry into the exponent (CUDA's canonical NaN,
+    0x7FFFFFFF, would become -0.0), so NaNs take the quiet NaN's bit instead, which is among the bits the MMA reads.
     """
     bits = x.to(tl.uint32, bitcast=True)
-    return ((bits + 0x1000) & 0xFFFFE000).to(tl.float32, bitcast=True)
+    rounded = (bits + 0x1000) & 0xFFFFE000
+    return tl.where(x == x, rounded, bits | 0x400000).to(tl.float32, bitcast=True)
 
 
 def cdiv(numerator: int, denominator: int) -> int:

@@ -76,7 +76,7 @@ def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.const
     if UPCAST_DOT_OPERANDS:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    elif INPUT_PRECISION == "tf32":
+    elif INPUT_PRECISION == "tf32" and a.dtype == tl.float32:
         a = round_to_tf32(a)
         b = round_to_tf32(b)
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -420,7 +420,7 @@ def _lsa_bwd_score_grad_sum_kernel(
 # of 16-bit ones, and ieee fp32 dots run on the FMA units with whole operand fragments in registers.
 _CONFIGS = {
     "fwd": {"16-bit": (128, 32, 8, 2), "tf32": (64, 16, 4, 2), "ieee": (32, 32, 4, 2)},
-    "dq": {"16-bit": (64, 32, 4, 2), "tf32": (64, 32, 4, 1), "ieee": (32, 32, 4, 2)},
+    "dq": {"16-bit": (64, 32, 4, 2), "tf32": (64, 16, 4, 2), "ieee": (32, 32, 4, 2)},
     "dkdv": {"16-bit": (16, 64, 4, 2), "tf32": (16, 64, 4, 2), "ieee": (16, 32, 4, 2)},
     "score_grad_sum": {"16-bit": (64, 64, 4, 2), "tf32": (64, 32, 4, 2), "ieee": (64, 32, 4, 2)},
 }

@@ -1,4 +1,5 @@
-"""Peak memory of CPU code, counted exactly: the bytes of the storages that op results hold, while they live."""
+"""Peak memory of CPU code, counted from op results: the bytes of their storages while they live (workspaces an
+op allocates and frees inside itself are not seen)."""
 import weakref
 
 import torch

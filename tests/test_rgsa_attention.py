@@ -76,6 +76,8 @@ CASES = [
     pytest.param(2, 130, 1, 2, 16, 32, None, id="single-key"),
     pytest.param(1, 200, 40, 2, 15, 30, 16, id="forced-small-chunks"),
     pytest.param(2, 185, 16, 2, 15, 30, 16, id="training-map-forced-chunks"),
+    # 16-bit: two whole 64-key blocks, then a masked tail of one key.
+    pytest.param(1, 75, 129, 2, 15, 30, None, id="whole-key-blocks-and-a-tail"),
 ]
 
 
