@@ -1,6 +1,7 @@
 """Whole-model benchmark of issue 5's points: the fused RGT against the reference with the same weights.
 
     python benchmarks/bench_model.py [--quick] [--json PATH]
+    python benchmarks/bench_model.py --warm    # compile every row's kernels in parallel first (CUDA)
 
 CUDA: RGT x4 on 128x128 inputs, batch 8, fp32 and bf16 autocast (with the fraction of the GPU's bf16 peak);
 a training step of RGT x2 (batch 8, 64x64, Adam) in bf16 autocast and in fp32, with iterations per second; a
@@ -12,7 +13,9 @@ Both: the drift of bf16 and fp16 autocast outputs against fp32, with the built-i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import subprocess
 import sys
 
 from kernel_timing import write_rows  # first: it turns Triton's interpreter off
@@ -32,13 +35,25 @@ BIG_IMAGE_ROW = "RGT x4 1024x1024 b1 bf16"
 TARGETS = {INFERENCE_ROWS["bf16"]: (2.5, 0.5), INFERENCE_ROWS["fp32"]: (2.0, 0.5), TRAINING_ROWS["bf16"]: (1.8, 0.6)}
 # Issue 5: the whole-image 1024x1024 x4 bf16 inference fits in an 80 GB GPU.
 BIG_IMAGE_LIMIT_GIB = 80
+# The CUDA rows in the order they run, cheapest and most asked-for first, the 1024x1024 image (the longest) last:
+# (name, mode, scale, input shape, autocast dtype). Training is the official RGT x2 option's step (batch 8 per
+# GPU, 64x64 LR patches, Adam).
+CUDA_ROWS = (
+    (INFERENCE_ROWS["fp32"], "inference", 4, (8, 3, 128, 128), None),
+    (INFERENCE_ROWS["bf16"], "inference", 4, (8, 3, 128, 128), torch.bfloat16),
+    (TRAINING_ROWS["bf16"], "training", 2, (8, 3, 64, 64), torch.bfloat16),
+    (TRAINING_ROWS["fp32"], "training", 2, (8, 3, 64, 64), None),
+    (BIG_IMAGE_ROW, "inference", 4, (1, 3, 1024, 1024), torch.bfloat16),
+)
+DRIFT_DTYPES = (torch.bfloat16, torch.float16)
+DRIFT_SIZE = 256
 
 
 def low_precision_drift(device: torch.device) -> list[dict]:
     """Output drift of bf16 and fp16 autocast against fp32, with trained weights (the built-in x4 demo model),
     for the fused model and the reference, on a smooth 256x256 image (bicubic-upsampled noise): 8-bit levels."""
     torch.manual_seed(0)
-    image = torch.nn.functional.interpolate(torch.rand(1, 3, 32, 32, device=device), size=(256, 256),
+    image = torch.nn.functional.interpolate(torch.rand(1, 3, 32, 32, device=device), size=(DRIFT_SIZE, DRIFT_SIZE),
                                             mode="bicubic", align_corners=False).clamp(0, 1)
     reference = load_model(default_weights(4), fused=False, device=device)
     models = {"fused": accelerate(reference), "reference": reference}
@@ -46,7 +61,7 @@ def low_precision_drift(device: torch.device) -> list[dict]:
     for name, model in models.items():
         with torch.no_grad():
             exact = model(image).float().clamp(0, 1)
-            for dtype in (torch.bfloat16, torch.float16):
+            for dtype in DRIFT_DTYPES:
                 with torch.autocast(device.type, dtype=dtype):
                     out = model(image).float().clamp(0, 1)
                 levels = ((out - exact) * 255).abs()
@@ -58,13 +73,65 @@ def low_precision_drift(device: torch.device) -> list[dict]:
     return rows
 
 
+WARM_UPS = tuple(spec[0] for spec in CUDA_ROWS) + ("drift",)
+
+
+def warm_up(name: str, device: torch.device) -> None:
+    """Run the fused model's calls of one row (a name of CUDA_ROWS, or "drift") once, untimed, so that Triton
+    compiles their kernels into its on-disk cache: the timed run then loads them instead of compiling them one
+    after another, which took most of this benchmark's first minute and a half on the H100."""
+    torch.manual_seed(0)
+    if name == "drift":
+        fused = accelerate(load_model(default_weights(4), fused=False, device=device))
+        image = torch.rand(1, 3, DRIFT_SIZE, DRIFT_SIZE, device=device)
+        with torch.no_grad():
+            fused(image)
+            for dtype in DRIFT_DTYPES:
+                with torch.autocast(device.type, dtype=dtype):
+                    fused(image)
+        return
+    ((_, mode, scale, shape, dtype),) = [spec for spec in CUDA_ROWS if spec[0] == name]
+    _, fused = build_pair("RGT", scale, device)
+    x = torch.rand(*shape, device=device)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    if mode == "inference":
+        with torch.no_grad(), autocast:
+            fused.eval()(x)
+    else:
+        with autocast:
+            out = fused.train()(x)
+        out.float().abs().mean().backward()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def warm_all() -> int:
+    """Every warm-up in a process of its own, all at once (compiling keeps one CPU core busy per process)."""
+    processes = {name: subprocess.Popen([sys.executable, __file__, "--warm-up", name]) for name in WARM_UPS}
+    failed = [name for name, process in processes.items() if process.wait() != 0]
+    print(f"warm-ups done; failed: {failed or 'none'}", flush=True)
+    return 1 if failed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", help="write the results here (after every row, so that a run stopped early "
                                        "keeps the rows it measured)")
+    parser.add_argument("--warm", action="store_true",
+                        help="measure nothing: compile the kernels of every CUDA row at once, in parallel "
+                             "processes, into Triton's cache (run_all.py starts this while the tests run)")
+    parser.add_argument("--warm-up", choices=WARM_UPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     device = default_device()
+    if args.warm or args.warm_up:
+        if device.type != "cuda":
+            print("bench_model.py: no CUDA device, nothing to warm up.")
+            return 0
+        if args.warm_up:
+            warm_up(args.warm_up, device)
+            return 0
+        return warm_all()
     warmup, iters = (1, 3) if args.quick else (3, 10)
     rows: list[dict] = []
     drift: list[dict] = []
@@ -88,21 +155,18 @@ def main() -> int:
         save()
 
     if device.type == "cuda":
-        # Cheapest and most asked-for first; the 1024x1024 image, the longest row, last.
-        upscale_x4 = build_pair("RGT", 4, device)
-        x = torch.rand(8, 3, 128, 128, device=device)
-        measure(inference_row, INFERENCE_ROWS["fp32"], *upscale_x4, x, None, warmup, iters)
-        measure(inference_row, INFERENCE_ROWS["bf16"], *upscale_x4, x, torch.bfloat16, warmup, iters)
-        measure_drift()  # before the long rows, which a device's time limit may cut
-        reference, fused = build_pair("RGT", 2, device)
-        x = torch.rand(8, 3, 64, 64, device=device)
-        # The official RGT x2 option's step (batch 8 per GPU, 64x64 LR patches, Adam), bf16 autocast and fp32.
-        for label, dtype in (("bf16", torch.bfloat16), ("fp32", None)):
-            measure(training_row, TRAINING_ROWS[label], reference, fused, x, dtype, warmup, iters)
-        del reference, fused
-        big = torch.rand(1, 3, 1024, 1024, device=device)
-        measure(inference_row, BIG_IMAGE_ROW, *upscale_x4, big, torch.bfloat16, 1, 1)
-        del upscale_x4
+        pairs = {}  # scale -> (reference, fused) with the same weights, built once
+        for name, mode, scale, shape, dtype in CUDA_ROWS:
+            if scale not in pairs:
+                pairs[scale] = build_pair("RGT", scale, device)
+            x = torch.rand(*shape, device=device)
+            runs = (1, 1) if name == BIG_IMAGE_ROW else (warmup, iters)
+            measure(inference_row if mode == "inference" else training_row, name, *pairs[scale], x, dtype, *runs)
+            del x
+            if name == INFERENCE_ROWS["bf16"]:
+                measure_drift()  # before the long rows, which a device's time limit may cut
+            if name == TRAINING_ROWS["fp32"]:
+                del pairs[2]  # the 1024x1024 image wants the memory
     else:
         reference, fused = build_pair("RGT-S", 4, device)
         x = torch.rand(1, 3, 64, 64)

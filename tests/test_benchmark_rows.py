@@ -294,3 +294,34 @@ def test_tile_sweep_rows(load_benchmark, monkeypatch):
     assert dict(sweep.rgsa._TILE_TABLE) == shipped_rgsa
     assert sweep.CANDIDATES["lsa_fwd"][1][0] == sweep.lsa._CONFIGS["fwd"]["16-bit"]
     assert sweep.CANDIDATES["rgsa_forward"][1][0] == sweep.rgsa._TILE_TABLE[("forward", "16bit")][1]
+
+
+def test_every_model_row_has_a_warm_up_that_runs(load_benchmark, monkeypatch):
+    """Each warm-up (one per CUDA row, and the drift's) runs its model calls: here a small model stands in on CPU
+    tensors, at small sizes, with the rows' modes and dtypes."""
+    bench_model = load_benchmark("bench_model")
+    assert set(bench_model.WARM_UPS) == {spec[0] for spec in bench_model.CUDA_ROWS} | {"drift"}
+    small = dict(depth=[2], num_heads=[6], embed_dim=36)
+
+    def small_pair(model, scale, device):
+        torch.manual_seed(0)
+        reference = rgt_fast.create_model("RGT-S", scale, fused=False, **small).to(device)
+        return reference, rgt_fast.accelerate(reference)
+
+    calls = []
+    monkeypatch.setattr(bench_model, "build_pair", small_pair)
+    monkeypatch.setattr(bench_model, "CUDA_ROWS", tuple((name, mode, scale, (1, 3, 16, 20), dtype)
+                                                        for name, mode, scale, _, dtype in bench_model.CUDA_ROWS))
+    monkeypatch.setattr(bench_model, "DRIFT_SIZE", 16)
+    real_forward = rgt_fast.RGT.forward
+
+    def counted_forward(model, x):
+        calls.append((model.training, torch.is_grad_enabled(), torch.is_autocast_enabled("cpu")))
+        return real_forward(model, x)
+
+    monkeypatch.setattr(rgt_fast.RGT, "forward", counted_forward)
+    for name in bench_model.WARM_UPS:
+        bench_model.warm_up(name, torch.device("cpu"))
+    # fp32 and bf16 inference, bf16 and fp32 training steps, the 1024 image's bf16, the drift's fp32/bf16/fp16
+    assert calls == [(False, False, False), (False, False, True), (True, True, True), (True, True, False),
+                     (False, False, True), (False, False, False), (False, False, True), (False, False, True)]

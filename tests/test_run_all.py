@@ -230,3 +230,41 @@ def test_an_unknown_benchmark_is_refused(run_all, capsys):
     with pytest.raises(SystemExit) as stop:
         run_all.main(["--benchmarks", "bench_everything.py"])
     assert stop.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+WARMING_SCRIPT = """
+import argparse, json, time
+from pathlib import Path
+marker = Path(__file__).with_suffix(".warmed")
+parser = argparse.ArgumentParser()
+parser.add_argument("--json")
+parser.add_argument("--warm", action="store_true")
+args = parser.parse_args()
+if args.warm:
+    time.sleep(2)
+    marker.write_text("compiled")
+else:
+    with open(args.json, "w") as f:
+        json.dump({"rows": [{"warmed before it ran": marker.exists()}]}, f)
+"""
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_a_warm_up_runs_alongside_the_tests_and_ends_before_its_benchmark(run_all, monkeypatch, tmp_path, gpu):
+    (script,) = write_scripts(tmp_path, warming=WARMING_SCRIPT)
+    tests = write_scripts(tmp_path, test_passing=PASSING_TESTS)
+    monkeypatch.setattr(run_all, "BENCHMARKS", (script,))
+    monkeypatch.setattr(run_all, "CUDA_TESTS", tests)
+    monkeypatch.setattr(run_all, "WARM_UPS", {Path(script).name: ["--warm"]})
+    monkeypatch.setattr(run_all, "_gpu_present", lambda: gpu)
+    out = tmp_path / "out"
+    assert run_all.main(["--tests", "--results-dir", str(tmp_path / "results"), "--out", str(out)]) == 0
+    entry = read_report(tmp_path / "results")["benchmarks"][script]
+    assert entry["results"] == {"rows": [{"warmed before it ran": gpu}]}
+    if gpu:
+        assert entry["warm_up"]["exit_code"] == 0 and entry["warm_up"]["seconds"] >= 2
+        (archive_path,) = out.glob("*-logs.tar.gz")
+        with tarfile.open(archive_path) as archive:
+            assert any("warm-up" in name for name in archive.getnames())
+    else:
+        assert "warm_up" not in entry
