@@ -253,6 +253,17 @@ def round_to_tf32(x):
     return tl.where(x == x, rounded, bits | 0x400000).to(tl.float32, bitcast=True)
 
 
+@triton.jit
+def mma_operand(x, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A tl.dot operand as the MMA should see it: fp32 under the interpreter (``UPCAST``, see INTERPRET), where
+    everything multiplies in full fp32; on a GPU, fp32 rounded to nearest TF32 when the dot runs in TF32."""
+    if UPCAST:
+        x = x.to(tl.float32)
+    elif x.dtype == tl.float32 and INPUT_PRECISION == "tf32":
+        x = round_to_tf32(x)
+    return x
+
+
 def cdiv(numerator: int, denominator: int) -> int:
     """Ceiling division for launch grids and tile counts. triton.cdiv does the same, but in Triton 3.6 it is a
     constexpr function and costs about 1.5 us per host call (measured), which launchers paid several times per op."""

@@ -49,8 +49,8 @@ from ._common import (
     check_attention_scale,
     fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
+    mma_operand,
     on_device_of,
-    round_to_tf32,
     score_elements_per_step,
     triton_runs_on,
     values_times_probabilities_t,
@@ -73,13 +73,8 @@ _SHAPE_ARGUMENTS = [
 
 @triton.jit
 def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    if UPCAST_DOT_OPERANDS:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    elif INPUT_PRECISION == "tf32" and a.dtype == tl.float32:
-        a = round_to_tf32(a)
-        b = round_to_tf32(b)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return tl.dot(mma_operand(a, UPCAST_DOT_OPERANDS, INPUT_PRECISION),
+                  mma_operand(b, UPCAST_DOT_OPERANDS, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit

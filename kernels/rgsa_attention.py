@@ -56,8 +56,8 @@ from ._common import (
     check_attention_scale,
     fp32_matmuls_use_tf32,
     next_power_of_2_at_least_16,
+    mma_operand,
     on_device_of,
-    round_to_tf32,
     score_elements_per_step,
     triton_runs_on,
     values_times_probabilities_t,
@@ -113,12 +113,7 @@ _SUM_PARTIALS_BLOCK_ROWS = 64
 def _dot_operand(x, DTYPE: tl.constexpr, UPCAST_DOTS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # Rounding to the storage dtype first keeps the interpreter's numerics equal to the GPU's MMA inputs, except on
     # the TF32 path: the interpreter multiplies in full fp32, the GPU rounds to TF32 (tests/test_kernel_casts.py).
-    x = x.to(DTYPE)
-    if UPCAST_DOTS:
-        x = x.to(tl.float32)
-    elif DTYPE == tl.float32 and DOT_PRECISION == "tf32":
-        x = round_to_tf32(x)
-    return x
+    return mma_operand(x.to(DTYPE), UPCAST_DOTS, DOT_PRECISION)
 
 
 @triton.jit
