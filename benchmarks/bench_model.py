@@ -13,7 +13,6 @@ Both: the drift of bf16 and fp16 autocast outputs against fp32, with the built-i
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import subprocess
 import sys
@@ -22,7 +21,8 @@ from kernel_timing import write_rows  # first: it turns Triton's interpreter off
 import torch
 
 from rgt_fast import accelerate, load_model
-from rgt_fast.bench import build_pair, device_name, failures, format_table, guarded, inference_row, training_row
+from rgt_fast.bench import (autocast_to, build_pair, device_name, failures, format_table, guarded, inference_row,
+                            training_row)
 from rgt_fast.inference import default_device
 from rgt_fast.upscale_cli import default_weights
 
@@ -93,12 +93,11 @@ def warm_up(name: str, device: torch.device) -> None:
     ((_, mode, scale, shape, dtype),) = [spec for spec in CUDA_ROWS if spec[0] == name]
     _, fused = build_pair("RGT", scale, device)
     x = torch.rand(*shape, device=device)
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
     if mode == "inference":
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast_to(device, dtype):
             fused.eval()(x)
     else:
-        with autocast:
+        with autocast_to(device, dtype):
             out = fused.train()(x)
         out.float().abs().mean().backward()
     if device.type == "cuda":

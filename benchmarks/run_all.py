@@ -110,14 +110,19 @@ def start_warm_ups(scripts: list[str], env: dict, log_dir: Path) -> dict:
     return started
 
 
+def _stop(process: subprocess.Popen) -> int:
+    """Kill a process started in a session of its own, with the processes it started: exit code 124, timeout's."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return 124
+
+
 def finish_warm_up(process: subprocess.Popen, started: float, log, timeout: float) -> dict:
-    """Wait for a warm-up (killing it, with what it started, at ``timeout``): its exit code and seconds."""
+    """Wait for a warm-up (stopping it at ``timeout``): its exit code and seconds."""
     try:
         code = process.wait(timeout=max(0.0, timeout))
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait()
-        code = 124
+        code = _stop(process)
     log.close()
     return {"exit_code": code, "seconds": round(time.perf_counter() - started, 1)}
 
@@ -146,9 +151,7 @@ def run_test_files(files: tuple[str, ...], deadline: float, env: dict, log_dir: 
         for test_file, (process, started, log, handle) in list(running.items()):
             code = process.poll()
             if code is None and time.perf_counter() >= deadline:
-                os.killpg(process.pid, signal.SIGKILL)  # with the processes a test started
-                process.wait()
-                code = 124
+                code = _stop(process)
             if code is None:
                 continue
             handle.close()

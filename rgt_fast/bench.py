@@ -161,7 +161,7 @@ def time_breakdown(fn: Callable[[], object], device: torch.device) -> list[dict]
             for e in ranked]
 
 
-def _autocast(device: torch.device, dtype: torch.dtype | None):
+def autocast_to(device: torch.device, dtype: torch.dtype | None):
     """Autocast to a 16-bit ``dtype``; None or float32 runs the models as they are."""
     if dtype in (None, torch.float32):
         return contextlib.nullcontext()
@@ -221,7 +221,7 @@ def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: i
 
     def runner(model):
         def call():
-            with torch.no_grad(), _autocast(device, dtype):
+            with torch.no_grad(), autocast_to(device, dtype):
                 return model(x)
         return call
 
@@ -251,7 +251,7 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(device, dtype):
+            with autocast_to(device, dtype):
                 loss = torch.nn.functional.l1_loss(model(x).float(), target)
             loss.backward()
             optimizer.step()
