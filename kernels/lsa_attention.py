@@ -78,6 +78,18 @@ def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.const
 
 
 @triton.jit
+def _aligned(stride, ROW_ALIGN: tl.constexpr):
+    """``stride``, which the launcher found to be a multiple of ROW_ALIGN, in a form Triton's alignment analysis
+    sees through (it ignores ``tl.multiple_of`` on scalar arguments).
+
+    With it, 16-bit rows of RGT's 30-channel heads load in 4-byte pairs. Only loads of 4 bytes or more become
+    asynchronous copies that Triton pipelines across the key loop; 2-byte loads stalled every iteration on global
+    memory (sm_90a: 206 registers and synchronous k/v loads before, 130 and cp.async after).
+    """
+    return (stride // ROW_ALIGN) * ROW_ALIGN
+
+
+@triton.jit
 def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
                    WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr):
     """Shift-region id, image token index and in-image flag of in-window offsets of a window.
@@ -200,10 +212,14 @@ def _lsa_fwd_kernel(
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
     EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
+    stride_out_b = _aligned(stride_out_b, ROW_ALIGN)
+    stride_out_t = _aligned(stride_out_t, ROW_ALIGN)
     window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
         _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
                      BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -240,10 +256,18 @@ def _lsa_bwd_dq_kernel(
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
     EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
+    stride_out_b = _aligned(stride_out_b, ROW_ALIGN)
+    stride_out_t = _aligned(stride_out_t, ROW_ALIGN)
+    stride_grad_out_b = _aligned(stride_grad_out_b, ROW_ALIGN)
+    stride_grad_out_t = _aligned(stride_grad_out_t, ROW_ALIGN)
+    stride_grad_qkv_b = _aligned(stride_grad_qkv_b, ROW_ALIGN)
+    stride_grad_qkv_t = _aligned(stride_grad_qkv_t, ROW_ALIGN)
     window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
         _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
                      BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -283,11 +307,17 @@ def _lsa_bwd_dkdv_kernel(
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
     EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """dk, dv of one key block of a window, looping over the query blocks; tiles are (keys x queries)."""
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
+    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
+    stride_grad_out_b = _aligned(stride_grad_out_b, ROW_ALIGN)
+    stride_grad_out_t = _aligned(stride_grad_out_t, ROW_ALIGN)
+    stride_grad_qkv_b = _aligned(stride_grad_qkv_b, ROW_ALIGN)
+    stride_grad_qkv_t = _aligned(stride_grad_qkv_t, ROW_ALIGN)
     window, k_start, batch, head, channel = _program_block(BRANCH, WIN_ROWS, WIN_COLS, EMBED_DIM, HEAD_DIM, BLOCK_N)
 
     offs_n = k_start + tl.arange(0, BLOCK_N)
@@ -341,7 +371,7 @@ def _lsa_bwd_score_grad_sum_kernel(
     BRANCH: tl.constexpr, WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr,
     EMBED_DIM: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """dS of one (query block, key block) pair summed over a chunk of (batch, window) items.
 
@@ -353,6 +383,10 @@ def _lsa_bwd_score_grad_sum_kernel(
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
     HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
     TILES: tl.constexpr = (WINDOW_TOKENS // BLOCK_M) * (WINDOW_TOKENS // BLOCK_N)
+    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
+    stride_grad_out_b = _aligned(stride_grad_out_b, ROW_ALIGN)
+    stride_grad_out_t = _aligned(stride_grad_out_t, ROW_ALIGN)
     chunk = tl.program_id(0) // TILES
     q_start = (tl.program_id(0) % TILES) // (WINDOW_TOKENS // BLOCK_N) * BLOCK_M
     k_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_N)) * BLOCK_N
@@ -452,6 +486,21 @@ def _launch_config(kernel: str, dot_class: str, split_size) -> tuple[int, int, i
     return min(block_m, window_tokens), min(block_n, window_tokens), num_warps, num_stages
 
 
+def _row_alignment(dtype: torch.dtype, *tensors: torch.Tensor) -> int:
+    """The kernels' ROW_ALIGN: 2 for 16-bit ``dtype`` where the batch and token strides of every (B, tokens,
+    channels) tensor a kernel reads or writes are even, else 1.
+
+    Four bytes is what asynchronous copies need. Wider claims (8-byte fp32 pairs) gave ptxas room to cap some fp32
+    kernels at 128 registers, and they spilled on sm_80.
+    """
+    alignment = max(1, 4 // dtype.itemsize)
+    for t in tensors:
+        for stride in t.stride()[:2]:
+            while stride % alignment:
+                alignment //= 2
+    return alignment
+
+
 def _log2_tables(bias_table_0: torch.Tensor, bias_table_1: torch.Tensor) -> torch.Tensor:
     """Both tables as one fp32 (2 * heads/2, entries) buffer in base-2 units, one contiguous row per head."""
     return torch.stack([bias_table_0, bias_table_1]).to(torch.float32).transpose(1, 2).reshape(
@@ -511,6 +560,7 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
     if batch == 0:  # no windows to attend
         return out, lse
     tables = _log2_tables(bias_table_0, bias_table_1)
+    row_align = _row_alignment(qkv.dtype, qkv, out)
     for branch in (0, 1):
         win_rows, win_cols = _branch_window(split_size, branch)
         num_windows = (padded_H // win_rows) * (padded_W // win_cols)
@@ -521,7 +571,7 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
             BRANCH=branch, WIN_ROWS=win_rows, WIN_COLS=win_cols, SHIFTED=shifted,
             EMBED_DIM=embed_dim, HEAD_DIM=head_dim,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=next_power_of_2_at_least_16(head_dim),
-            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
+            UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision, ROW_ALIGN=row_align,
             num_warps=num_warps, num_stages=num_stages,
         )
     return out, lse
@@ -548,7 +598,8 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
         return grad_qkv, bias_table_0.new_zeros(bias_table_0.shape), bias_table_1.new_zeros(bias_table_1.shape)
     delta = _common.kernel_buffer((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     shared = dict(SHIFTED=shifted, EMBED_DIM=embed_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                  UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision)
+                  UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
+                  ROW_ALIGN=_row_alignment(qkv.dtype, qkv, out, grad_out, grad_qkv))
     windows = [_branch_window(split_size, branch) for branch in (0, 1)]
     num_windows = [(padded_H // win_rows) * (padded_W // win_cols) for win_rows, win_cols in windows]
 
@@ -1016,6 +1067,9 @@ def aot_variants(split_size=(8, 32), embed_dim: int = 180, num_heads: int = 6) -
     for name, fn in kernels:
         for dtype, precision in dtype_cases:
             dtype_name = TRITON_DTYPE_NAMES[dtype]
+            # As the model calls the kernels: on the qkv projection's contiguous output and (B, N, C) outputs.
+            row_align = _row_alignment(dtype, *(torch.empty(1, 64 * 64, channels, dtype=dtype, device="meta")
+                                                for channels in (3 * embed_dim, embed_dim)))
             block_m, block_n, num_warps, num_stages = _launch_config(
                 name, _dot_class(dtype, precision), split_size)
             for branch in (0, 1):
@@ -1025,13 +1079,13 @@ def aot_variants(split_size=(8, 32), embed_dim: int = 180, num_heads: int = 6) -
                         "BRANCH": branch, "WIN_ROWS": win_rows, "WIN_COLS": win_cols, "SHIFTED": shifted,
                         "EMBED_DIM": embed_dim, "HEAD_DIM": head_dim,
                         "BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d,
-                        "UPCAST_DOT_OPERANDS": False, "INPUT_PRECISION": precision,
+                        "UPCAST_DOT_OPERANDS": False, "INPUT_PRECISION": precision, "ROW_ALIGN": row_align,
                     }
                     pointer_types = {arg: "fp32" if arg in _FP32_POINTERS else dtype_name
                                      for arg in fn.arg_names if arg.endswith("_ptr")}
                     signature, constexprs = aot_signature(fn, constexprs, pointer_types, _FLOAT_SCALARS)
                     label = (f"{dtype_name}{'/' + precision if dtype == torch.float32 else ''} branch={branch} "
-                             f"shifted={shifted} BLOCK_M={block_m} BLOCK_N={block_n} D={block_d} "
+                             f"shifted={shifted} BLOCK_M={block_m} BLOCK_N={block_n} D={block_d} align={row_align} "
                              f"warps={num_warps} stages={num_stages}")
                     variants.append(KernelVariant(
                         kernel=f"lsa_{name}", fn=fn, signature=signature, constexprs=constexprs,

@@ -218,20 +218,24 @@ def test_low_precision_within_twice_the_pytorch_error(case):
     assert_within_twice_the_plain_error(result, low, reference)
 
 
+# Extra channels of the wider buffer: 12 keeps the token stride even (16-bit rows load in pairs), 13 makes it odd.
+@pytest.mark.parametrize("extra_channels", [12, 13])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("allow_tf32", [True], indirect=True)
-def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_tiles):
+def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_tiles, dtype, extra_channels):
     H, W, batch, dim = 24, 30, 2, 64
     module = make_module(dim, 2, True, 64)
 
     def every_other_row_of_a_wider_buffer(qkv):
         """Every other batch row, starting 5 channels in: no stride is the contiguous one, and the rest is NaN."""
-        storage = torch.full((2 * batch, H * W, 3 * dim + 12), float("nan"), device=DEVICE)
+        storage = torch.full((2 * batch, H * W, 3 * dim + extra_channels), float("nan"), dtype=qkv.dtype,
+                             device=DEVICE)
         strided = storage[::2, :, 5:5 + 3 * dim]
         assert not strided.is_contiguous() and strided.stride(-1) == 1
         return strided.copy_(qkv)
 
-    qkv = torch.randn(batch, H * W, 3 * dim, device=DEVICE)
-    grad_out = torch.randn(batch, H * W, dim, device=DEVICE)
+    qkv = torch.randn(batch, H * W, 3 * dim, device=DEVICE, dtype=dtype)
+    grad_out = torch.randn(batch, H * W, dim, device=DEVICE, dtype=dtype)
     result = run_fused(module, qkv, H, W, grad_out, layout=every_other_row_of_a_wider_buffer)
     contiguous = run_fused(module, qkv, H, W, grad_out, layout=lambda qkv: qkv)
     assert torch.equal(result["out"], contiguous["out"])
