@@ -196,27 +196,59 @@ def image_as_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
 
 
+def row_alignment(*tensors: torch.Tensor) -> int:
+    """ROW_ALIGN for (B, N, C) tensors whose rows a kernel reads through :func:`tile_offsets`: their batch and
+    token strides' common power of two, up to 16 bytes (one vector load) of the narrowest dtype."""
+    max_elements = 16 // min(t.element_size() for t in tensors)
+    return stride_alignment([stride for t in tensors for stride in t.stride()[:2]], max_elements)
+
+
 def rows_per_tile(row_width: int, tile_elements: int) -> int:
     """How many rows of ``row_width`` (padded) elements make a register tile of about ``tile_elements``."""
     return max(1, tile_elements // row_width)
 
 
+def stride_alignment(strides, max_elements: int) -> int:
+    """The largest power of two, at most ``max_elements``, that divides every one of ``strides`` (in elements):
+    the ROW_ALIGN a launcher hands to :func:`aligned_stride`."""
+    alignment = max_elements
+    for stride in strides:
+        while stride % alignment:
+            alignment //= 2
+    return alignment
+
+
 @triton.jit
-def token_offsets(tokens, tokens_per_image, stride_b, stride_n):
-    """Element offsets of flat (32-bit) token indices over a batch of (B, N, ...) tensors with these strides.
+def aligned_stride(stride, ROW_ALIGN: tl.constexpr):
+    """``stride``, which the launcher found to be a multiple of ROW_ALIGN (:func:`stride_alignment`), in a form
+    Triton's alignment analysis sees through: it ignores ``tl.multiple_of`` on scalar arguments, and strides that
+    are not multiples of 16 (RGT's 180- and 540-channel rows) are otherwise taken as odd.
+
+    Rows then load in vectors of up to ROW_ALIGN elements (as far as the channel mask allows) instead of one
+    16-bit element per instruction; only loads of 4 bytes or more can become the asynchronous copies that Triton
+    pipelines across a loop.
+    """
+    return (stride // ROW_ALIGN) * ROW_ALIGN
+
+
+@triton.jit
+def token_offsets(tokens, tokens_per_image, stride_b, stride_n, ROW_ALIGN: tl.constexpr):
+    """Element offsets of flat (32-bit) token indices over a batch of (B, N, ...) tensors with these strides
+    (multiples of ROW_ALIGN).
 
     The indices stay 32-bit, where division is cheap (B * N < 2**31); the offsets are 64-bit, since tokens x
     channels passes 2**31 on large images.
     """
     image = tokens // tokens_per_image
-    return image.to(tl.int64) * stride_b + (tokens - image * tokens_per_image).to(tl.int64) * stride_n
+    return (image.to(tl.int64) * aligned_stride(stride_b, ROW_ALIGN)
+            + (tokens - image * tokens_per_image).to(tl.int64) * aligned_stride(stride_n, ROW_ALIGN))
 
 
 @triton.jit
-def tile_offsets(tokens, channels, tokens_per_image, stride_b, stride_n, stride_c):
+def tile_offsets(tokens, channels, tokens_per_image, stride_b, stride_n, stride_c, ROW_ALIGN: tl.constexpr):
     """(tokens, channels) element offsets of a (B, N, C) tensor, 64-bit throughout: with a channel stride other
     than 1 (a channel-major view) the channel term alone passes 2**31 on large images."""
-    return (token_offsets(tokens, tokens_per_image, stride_b, stride_n)[:, None]
+    return (token_offsets(tokens, tokens_per_image, stride_b, stride_n, ROW_ALIGN)[:, None]
             + channels.to(tl.int64)[None, :] * stride_c)
 
 

@@ -35,6 +35,7 @@ from ._common import (
     next_power_of_2,
     normalise_rows,
     on_device_of,
+    row_alignment,
     rows_per_tile,
     tile_offsets,
     triton_runs_on,
@@ -57,17 +58,18 @@ def _add_norm_forward_kernel(
     stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
     num_rows, rows_per_image, eps,
     CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DELTA: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_valid = rows < num_rows
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
     valid = row_valid[:, None] & channel_valid[None, :]
-    x = tl.load(x_ptr + tile_offsets(rows, channels, rows_per_image, stride_xb, stride_xn, stride_xc),
+    x = tl.load(x_ptr + tile_offsets(rows, channels, rows_per_image, stride_xb, stride_xn, stride_xc, ROW_ALIGN),
                 mask=valid, other=0.0)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + tile_offsets(rows, channels, rows_per_image, stride_db, stride_dn, stride_dc),
-                        mask=valid, other=0.0)
+        delta = tl.load(delta_ptr + tile_offsets(rows, channels, rows_per_image, stride_db, stride_dn, stride_dc,
+                                                 ROW_ALIGN), mask=valid, other=0.0)
         # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
         summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
         tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :], summed, mask=valid)
@@ -91,7 +93,7 @@ def _add_norm_backward_kernel(
     stride_gb, stride_gn, stride_gc, stride_sb, stride_sn, stride_sc,
     num_rows, rows_per_image, tiles_per_program,
     CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DSUMMED: tl.constexpr,
-    WRITE_DDELTA: tl.constexpr,
+    WRITE_DDELTA: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     channels = tl.arange(0, CHANNELS_PAD)
@@ -108,14 +110,15 @@ def _add_norm_backward_kernel(
         mean = tl.load(mean_ptr + rows, mask=row_valid, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_valid, other=0.0)
         x_hat = tl.where(valid, (summed - mean[:, None]) * rstd[:, None], 0.0)
-        dnormed = tl.load(dnormed_ptr + tile_offsets(rows, channels, rows_per_image, stride_gb, stride_gn, stride_gc),
-                          mask=valid, other=0.0).to(tl.float32)
+        dnormed = tl.load(dnormed_ptr + tile_offsets(rows, channels, rows_per_image, stride_gb, stride_gn, stride_gc,
+                                                     ROW_ALIGN), mask=valid, other=0.0).to(tl.float32)
         weight_partial += tl.sum(dnormed * x_hat, axis=0)
         bias_partial += tl.sum(dnormed, axis=0)
         dx_hat = dnormed * weight[None, :]
         dtotal = layer_norm_input_grad(dx_hat, x_hat, rstd, CHANNELS)
         if HAS_DSUMMED:
-            dsummed_offsets = tile_offsets(rows, channels, rows_per_image, stride_sb, stride_sn, stride_sc)
+            dsummed_offsets = tile_offsets(rows, channels, rows_per_image, stride_sb, stride_sn, stride_sc,
+                                           ROW_ALIGN)
             dtotal += tl.load(dsummed_ptr + dsummed_offsets, mask=valid, other=0.0).to(tl.float32)
         tl.store(dx_ptr + contiguous, dtotal.to(dx_ptr.dtype.element_ty), mask=valid)
         if WRITE_DDELTA:
@@ -152,7 +155,7 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
             x, x if delta is None else delta, weight, bias, summed, normed, mean, rstd, *x.stride(),
             *(x if delta is None else delta).stride(), num_rows, rows_per_image, eps,
             CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DELTA=delta is not None,
-            num_warps=_NUM_WARPS,
+            ROW_ALIGN=row_alignment(x, x if delta is None else delta), num_warps=_NUM_WARPS,
         )
     return summed, normed, mean, rstd
 
@@ -180,7 +183,8 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
             weight_partial, bias_partial, *dnormed.stride(), *(dnormed if dsummed is None else dsummed).stride(),
             num_rows, rows_per_image, tiles_per_program,
             CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DSUMMED=dsummed is not None,
-            WRITE_DDELTA=write_ddelta, num_warps=_NUM_WARPS,
+            WRITE_DDELTA=write_ddelta, ROW_ALIGN=row_alignment(dnormed, dnormed if dsummed is None else dsummed),
+            num_warps=_NUM_WARPS,
         )
     # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
     return dx, ddelta, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
@@ -439,7 +443,12 @@ def aot_variants() -> list[KernelVariant]:
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": False}),
                     (_add_norm_backward_kernel, backward_tiles, {"HAS_DSUMMED": False, "WRITE_DDELTA": False}),
                 )
+                # As in the model: contiguous (B, N, C) rows, the residual stream's and the 16-bit ones.
+                stream_dtype = torch.float32 if stream == "fp32" else dtype
+                row_align = row_alignment(*(torch.empty(1, 64 * 64, channels, dtype=t, device="meta")
+                                            for t in (stream_dtype, dtype)))
                 for fn, tiles, flags in launches:
+                    flags = {**flags, "ROW_ALIGN": row_align}
                     # Channel strides ("stride_*c") are 1 in the model.
                     signature, constexprs = aot_signature(fn, {**tiles, **flags}, pointer_types, ("eps",),
                                                           unit_stride_suffix="c")

@@ -43,6 +43,7 @@ from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
     KernelVariant,
+    aligned_stride,
     aot_signature,
     cached_outside_compile,
     cdiv,
@@ -52,6 +53,7 @@ from ._common import (
     mma_operand,
     on_device_of,
     score_elements_per_step,
+    stride_alignment,
     triton_runs_on,
     values_times_probabilities_t,
 )
@@ -62,8 +64,8 @@ LOG2E = 1.4426950408889634
 _MASK_LOG2 = tl.constexpr(SHIFT_MASK_VALUE * LOG2E)
 
 
-# Image sizes and strides are not specialized on (divisibility by 16 would compile a kernel per image size);
-# the kernels gain nothing from it, as rows of a 30-channel head are not 16-byte aligned anyway.
+# Image sizes and strides are not specialized on (divisibility by 16 would compile a kernel per image size, and
+# RGT's 540-channel rows are not 16-byte aligned anyway); ROW_ALIGN gives the kernels the alignment they use.
 _SHAPE_ARGUMENTS = [
     "stride_qkv_b", "stride_qkv_t", "stride_out_b", "stride_out_t", "stride_grad_out_b", "stride_grad_out_t",
     "stride_grad_qkv_b", "stride_grad_qkv_t", "H", "W", "padded_H", "padded_W", "windows_per_row", "num_windows",
@@ -75,18 +77,6 @@ _SHAPE_ARGUMENTS = [
 def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     return tl.dot(mma_operand(a, UPCAST_DOT_OPERANDS, INPUT_PRECISION),
                   mma_operand(b, UPCAST_DOT_OPERANDS, INPUT_PRECISION), acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _aligned(stride, ROW_ALIGN: tl.constexpr):
-    """``stride``, which the launcher found to be a multiple of ROW_ALIGN, in a form Triton's alignment analysis
-    sees through (it ignores ``tl.multiple_of`` on scalar arguments).
-
-    With it, 16-bit rows of RGT's 30-channel heads load in 4-byte pairs. Only loads of 4 bytes or more become
-    asynchronous copies that Triton pipelines across the key loop; 2-byte loads stalled every iteration on global
-    memory (sm_90a: 206 registers and synchronous k/v loads before, 130 and cp.async after).
-    """
-    return (stride // ROW_ALIGN) * ROW_ALIGN
 
 
 @triton.jit
@@ -216,10 +206,10 @@ def _lsa_fwd_kernel(
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
-    stride_out_b = _aligned(stride_out_b, ROW_ALIGN)
-    stride_out_t = _aligned(stride_out_t, ROW_ALIGN)
+    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
+    stride_out_b = aligned_stride(stride_out_b, ROW_ALIGN)
+    stride_out_t = aligned_stride(stride_out_t, ROW_ALIGN)
     window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
         _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
                      BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -260,14 +250,14 @@ def _lsa_bwd_dq_kernel(
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
-    stride_out_b = _aligned(stride_out_b, ROW_ALIGN)
-    stride_out_t = _aligned(stride_out_t, ROW_ALIGN)
-    stride_grad_out_b = _aligned(stride_grad_out_b, ROW_ALIGN)
-    stride_grad_out_t = _aligned(stride_grad_out_t, ROW_ALIGN)
-    stride_grad_qkv_b = _aligned(stride_grad_qkv_b, ROW_ALIGN)
-    stride_grad_qkv_t = _aligned(stride_grad_qkv_t, ROW_ALIGN)
+    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
+    stride_out_b = aligned_stride(stride_out_b, ROW_ALIGN)
+    stride_out_t = aligned_stride(stride_out_t, ROW_ALIGN)
+    stride_grad_out_b = aligned_stride(stride_grad_out_b, ROW_ALIGN)
+    stride_grad_out_t = aligned_stride(stride_grad_out_t, ROW_ALIGN)
+    stride_grad_qkv_b = aligned_stride(stride_grad_qkv_b, ROW_ALIGN)
+    stride_grad_qkv_t = aligned_stride(stride_grad_qkv_t, ROW_ALIGN)
     window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
         _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
                      BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -312,12 +302,12 @@ def _lsa_bwd_dkdv_kernel(
     """dk, dv of one key block of a window, looping over the query blocks; tiles are (keys x queries)."""
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
-    stride_grad_out_b = _aligned(stride_grad_out_b, ROW_ALIGN)
-    stride_grad_out_t = _aligned(stride_grad_out_t, ROW_ALIGN)
-    stride_grad_qkv_b = _aligned(stride_grad_qkv_b, ROW_ALIGN)
-    stride_grad_qkv_t = _aligned(stride_grad_qkv_t, ROW_ALIGN)
+    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
+    stride_grad_out_b = aligned_stride(stride_grad_out_b, ROW_ALIGN)
+    stride_grad_out_t = aligned_stride(stride_grad_out_t, ROW_ALIGN)
+    stride_grad_qkv_b = aligned_stride(stride_grad_qkv_b, ROW_ALIGN)
+    stride_grad_qkv_t = aligned_stride(stride_grad_qkv_t, ROW_ALIGN)
     window, k_start, batch, head, channel = _program_block(BRANCH, WIN_ROWS, WIN_COLS, EMBED_DIM, HEAD_DIM, BLOCK_N)
 
     offs_n = k_start + tl.arange(0, BLOCK_N)
@@ -383,10 +373,10 @@ def _lsa_bwd_score_grad_sum_kernel(
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
     HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
     TILES: tl.constexpr = (WINDOW_TOKENS // BLOCK_M) * (WINDOW_TOKENS // BLOCK_N)
-    stride_qkv_b = _aligned(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = _aligned(stride_qkv_t, ROW_ALIGN)
-    stride_grad_out_b = _aligned(stride_grad_out_b, ROW_ALIGN)
-    stride_grad_out_t = _aligned(stride_grad_out_t, ROW_ALIGN)
+    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
+    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
+    stride_grad_out_b = aligned_stride(stride_grad_out_b, ROW_ALIGN)
+    stride_grad_out_t = aligned_stride(stride_grad_out_t, ROW_ALIGN)
     chunk = tl.program_id(0) // TILES
     q_start = (tl.program_id(0) % TILES) // (WINDOW_TOKENS // BLOCK_N) * BLOCK_M
     k_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_N)) * BLOCK_N
@@ -490,15 +480,12 @@ def _row_alignment(dtype: torch.dtype, *tensors: torch.Tensor) -> int:
     """The kernels' ROW_ALIGN: 2 for 16-bit ``dtype`` where the batch and token strides of every (B, tokens,
     channels) tensor a kernel reads or writes are even, else 1.
 
-    Four bytes is what asynchronous copies need. Wider claims (8-byte fp32 pairs) gave ptxas room to cap some fp32
-    kernels at 128 registers, and they spilled on sm_80.
+    Four bytes is what asynchronous copies need: 2-byte loads of q, k and v stalled every iteration of the key
+    loop on global memory (sm_90a, bf16 forward: 206 registers and synchronous loads before, 172 and cp.async
+    after). Wider claims (8-byte fp32 pairs) gave ptxas room to cap some fp32 kernels at 128 registers, and they
+    spilled on sm_80.
     """
-    alignment = max(1, 4 // dtype.itemsize)
-    for t in tensors:
-        for stride in t.stride()[:2]:
-            while stride % alignment:
-                alignment //= 2
-    return alignment
+    return stride_alignment([stride for t in tensors for stride in t.stride()[:2]], max(1, 4 // dtype.itemsize))
 
 
 def _log2_tables(bias_table_0: torch.Tensor, bias_table_1: torch.Tensor) -> torch.Tensor:

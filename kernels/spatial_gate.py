@@ -43,6 +43,7 @@ from ._common import (
     next_power_of_2,
     normalise_rows,
     on_device_of,
+    row_alignment,
     rows_per_tile,
     tile_offsets,
     tokens_as_image,
@@ -105,11 +106,12 @@ def _shifted_rows(ptr, tokens, token_valid, row, column, channels, channel_valid
 
 @triton.jit
 def _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid, channels,
-                          tokens_per_image, eps, CHANNELS: tl.constexpr):
+                          tokens_per_image, eps, CHANNELS: tl.constexpr, ROW_ALIGN: tl.constexpr):
     """GELU of the second half of ``hidden`` for a tile of tokens, normalised per token: (x_hat, rstd, x)."""
     channel_valid = channels < CHANNELS
     valid = token_valid[:, None] & channel_valid[None, :]
-    second_half = tile_offsets(tokens, CHANNELS + channels, tokens_per_image, stride_hb, stride_hn, stride_hc)
+    second_half = tile_offsets(tokens, CHANNELS + channels, tokens_per_image, stride_hb, stride_hn, stride_hc,
+                               ROW_ALIGN)
     x = tl.load(hidden_ptr + second_half, mask=valid, other=0.0).to(tl.float32)
     _, x_hat, rstd = normalise_rows(_gelu(x), valid, eps, CHANNELS)
     return x_hat, rstd, x
@@ -120,14 +122,14 @@ def _gate_norm_kernel(
     hidden_ptr, norm_weight_ptr, norm_bias_ptr, normed_ptr,
     stride_hb, stride_hn, stride_hc,
     num_tokens, tokens_per_image, eps,
-    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_valid = tokens < num_tokens
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
     x_hat, _, _ = _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid,
-                                        channels, tokens_per_image, eps, CHANNELS)
+                                        channels, tokens_per_image, eps, CHANNELS, ROW_ALIGN)
     weight = tl.load(norm_weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     bias = tl.load(norm_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     normed = x_hat * weight[None, :] + bias[None, :]
@@ -156,7 +158,7 @@ def _gate_conv_kernel(
     hidden_ptr, normed_ptr, conv_weight_ptr, conv_bias_ptr, out_ptr,
     stride_hb, stride_hn, stride_hc,
     num_tokens, tokens_per_image, height, width,
-    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_valid = tokens < num_tokens
@@ -165,8 +167,8 @@ def _gate_conv_kernel(
     conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                            channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
     valid = token_valid[:, None] & channel_valid[None, :]
-    first_half = tl.load(hidden_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc),
-                         mask=valid, other=0.0).to(tl.float32)
+    first_half = tl.load(hidden_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc,
+                                                   ROW_ALIGN), mask=valid, other=0.0).to(tl.float32)
     tl.store(out_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :],
              (_gelu(first_half) * conv).to(out_ptr.dtype.element_ty), mask=valid)
 
@@ -178,7 +180,7 @@ def _gate_conv_backward_kernel(
     stride_hb, stride_hn, stride_hc,
     stride_ob, stride_on, stride_oc,
     num_tokens, tokens_per_image, height, width, tiles_per_program,
-    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """d(first half of hidden) and d(conv output) for a chunk of token tiles; conv weight/bias partials."""
     chunk = tl.program_id(0)
@@ -194,10 +196,11 @@ def _gate_conv_backward_kernel(
         conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
                                channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
         row, column = _pixel_of(tokens, tokens_per_image, width)
-        first_half_offsets = tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc)
+        first_half_offsets = tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc,
+                                          ROW_ALIGN)
         first_half = tl.load(hidden_ptr + first_half_offsets, mask=valid, other=0.0).to(tl.float32)
-        dout = tl.load(dout_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_ob, stride_on, stride_oc),
-                       mask=valid, other=0.0).to(tl.float32)
+        dout = tl.load(dout_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_ob, stride_on, stride_oc,
+                                               ROW_ALIGN), mask=valid, other=0.0).to(tl.float32)
         dfirst = dout * conv * _gelu_grad(first_half)
         tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + channels[None, :],
                  dfirst.to(dhidden_ptr.dtype.element_ty), mask=valid)
@@ -222,7 +225,7 @@ def _gate_norm_backward_kernel(
     norm_weight_partial_ptr, norm_bias_partial_ptr,
     stride_hb, stride_hn, stride_hc,
     num_tokens, tokens_per_image, height, width, tiles_per_program, eps,
-    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     """Transposed conv, LayerNorm and GELU backward: d(second half of hidden); norm weight/bias partials."""
     chunk = tl.program_id(0)
@@ -244,7 +247,7 @@ def _gate_norm_backward_kernel(
             weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
             dnormed += dconv * weight[None, :]
         x_hat, rstd, x = _normalised_gate_half(hidden_ptr, stride_hb, stride_hn, stride_hc, tokens, token_valid,
-                                               channels, tokens_per_image, eps, CHANNELS)
+                                               channels, tokens_per_image, eps, CHANNELS, ROW_ALIGN)
         weight_partial += tl.sum(dnormed * x_hat, axis=0)
         bias_partial += tl.sum(dnormed, axis=0)
         dx_hat = dnormed * norm_weight[None, :]
@@ -264,7 +267,8 @@ def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.T
     normed = _common.kernel_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
     _gate_norm_kernel[(cdiv(num_tokens, block_t),)](
         hidden, norm_weight, norm_bias, normed, *hidden.stride(), num_tokens, tokens_per_image, eps,
-        CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, num_warps=_NUM_WARPS,
+        CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, ROW_ALIGN=row_alignment(hidden),
+        num_warps=_NUM_WARPS,
     )
     return normed
 
@@ -283,7 +287,8 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
         _gate_conv_kernel[grid](
             hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),
             num_tokens, tokens_per_image, height, width,
-            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
+            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS,
+            ROW_ALIGN=row_alignment(hidden), num_warps=_NUM_WARPS,
         )
     return out
 
@@ -314,7 +319,8 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
         _gate_conv_backward_kernel[(conv_chunks, cdiv(channels, _CONV_BLOCK_CHANNELS))](
             hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, conv_weight_partial, conv_bias_partial,
             *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
-            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS, num_warps=_NUM_WARPS,
+            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS,
+            ROW_ALIGN=row_alignment(hidden, dout), num_warps=_NUM_WARPS,
         )
 
         block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
@@ -325,7 +331,8 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
         _gate_norm_backward_kernel[(norm_chunks,)](
             hidden, norm_weight, conv_weight, dconv, dhidden, norm_weight_partial, norm_bias_partial,
             *hidden.stride(), num_tokens, tokens_per_image, height, width, norm_tiles, eps,
-            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, num_warps=_NORM_BACKWARD_NUM_WARPS,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, ROW_ALIGN=row_alignment(hidden),
+            num_warps=_NORM_BACKWARD_NUM_WARPS,
         )
     # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
     return (dhidden,
@@ -496,7 +503,11 @@ def aot_variants() -> list[KernelVariant]:
                  dict(CHANNELS_PAD=channels_pad, BLOCK_T=rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)),
                  _NORM_BACKWARD_NUM_WARPS),
             )
+            # As in the model: fc1's contiguous (B, N, 2C) output and a contiguous (B, N, C) gradient.
+            row_align = row_alignment(*(torch.empty(1, 64 * 64, width, dtype=dtype, device="meta")
+                                        for width in (2 * channels, channels)))
             for fn, tiles, num_warps in launches:
+                tiles = {**tiles, "ROW_ALIGN": row_align}
                 # Partial sums are fp32, and so are the module parameters under autocast.
                 pointer_types = {arg: "fp32" if arg.endswith("partial_ptr") or arg.startswith(("norm_", "conv_"))
                                  else name for arg in fn.arg_names if arg.endswith("_ptr")}
