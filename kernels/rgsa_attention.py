@@ -133,23 +133,25 @@ def _query_block(num_heads, num_queries, num_query_blocks, BLOCK_M: tl.constexpr
 
 
 @triton.jit
-def _forward_key_block(acc, row_max, row_sum, q, k_base, v_base, keys, num_keys, dqk, dv,
-                       stride_kn, stride_kd, stride_vn, stride_vd, scale_log2, dtype,
-                       DQK: tl.constexpr, DV: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr,
-                       MASK_KEYS: tl.constexpr):
-    """One online-softmax step of the forward over the key block ``keys``: (acc, row_max, row_sum) updated."""
-    k_mask = dqk[:, None] < DQK
-    v_mask = dv[None, :] < DV
+def _load_key_block(k_base, v_base, keys, key_valid, dqk, dv, stride_kn, stride_kd, stride_vn, stride_vd,
+                    DQK: tl.constexpr, DV: tl.constexpr):
+    """k^T (DQK_PAD x BLOCK_N) and v (BLOCK_N x DV_PAD) of the key block ``keys``; zeros where not ``key_valid``."""
+    k_t = tl.load(k_base + keys[None, :] * stride_kn + dqk[:, None] * stride_kd,
+                  mask=(dqk[:, None] < DQK) & key_valid[None, :], other=0.0)
+    v = tl.load(v_base + keys[:, None] * stride_vn + dv[None, :] * stride_vd,
+                mask=key_valid[:, None] & (dv[None, :] < DV), other=0.0)
+    return k_t, v
+
+
+@triton.jit
+def _forward_key_block(acc, row_max, row_sum, q, k_t, v, keys, num_keys, scale_log2, dtype,
+                       DOT_PRECISION: tl.constexpr, UPCAST_DOTS: tl.constexpr, MASK_KEYS: tl.constexpr):
+    """One online-softmax step of the forward over the key block ``keys`` (its k^T and v loaded):
+    (acc, row_max, row_sum) updated."""
+    scores = tl.dot(q, _dot_operand(k_t, dtype, UPCAST_DOTS, DOT_PRECISION), input_precision=DOT_PRECISION)
+    scores *= scale_log2
     if MASK_KEYS:
-        key_valid = keys < num_keys
-        k_mask = k_mask & key_valid[None, :]
-        v_mask = v_mask & key_valid[:, None]
-    k_t = tl.load(k_base + keys[None, :] * stride_kn + dqk[:, None] * stride_kd, mask=k_mask, other=0.0)
-    v = tl.load(v_base + keys[:, None] * stride_vn + dv[None, :] * stride_vd, mask=v_mask, other=0.0)
-    k_t = _dot_operand(k_t, dtype, UPCAST_DOTS, DOT_PRECISION)
-    scores = tl.dot(q, k_t, input_precision=DOT_PRECISION) * scale_log2
-    if MASK_KEYS:
-        scores = tl.where(key_valid[None, :], scores, float("-inf"))
+        scores = tl.where((keys < num_keys)[None, :], scores, float("-inf"))
     new_max = tl.maximum(row_max, tl.max(scores, axis=1))
     probs = tl.exp2(scores - new_max[:, None])
     rescale = tl.exp2(row_max - new_max)
@@ -190,22 +192,31 @@ def _rgsa_forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, DV_PAD], tl.float32)
-    # Only a last, partial key block needs its keys masked: with 16-bit operands the whole blocks skip a select
+    # Only a last, partial key block needs its scores masked: with 16-bit operands the whole blocks skip a select
     # per score (a fifth of the loop's instructions at BLOCK_N = 64). Fp32 tiles take twice the registers, and a
     # second copy of the step made them spill: they mask every block.
     whole_blocks_end = 0
     if dtype != tl.float32:
         whole_blocks_end = (num_keys // BLOCK_N) * BLOCK_N
+    # Each whole block's k and v are loaded one iteration ahead, so that their global-memory latency overlaps the
+    # previous block's work. Triton's pipeliner would not do it: rows of 15 (and, at most strides, 30) 16-bit
+    # channels are only 2-byte aligned, and loads narrower than 4 bytes cannot become asynchronous copies, so they
+    # stayed in the iteration that used them and every iteration waited on memory (sm_90a SASS).
+    k_t, v = _load_key_block(k_base, v_base, key_cols, key_cols < whole_blocks_end, dqk, dv,
+                             stride_kn, stride_kd, stride_vn, stride_vd, DQK, DV)
     for first_key in range(0, whole_blocks_end, BLOCK_N):
-        acc, row_max, row_sum = _forward_key_block(
-            acc, row_max, row_sum, q, k_base, v_base, first_key + key_cols, num_keys, dqk, dv,
-            stride_kn, stride_kd, stride_vn, stride_vd, scale_log2, dtype,
-            DQK, DV, DOT_PRECISION, UPCAST_DOTS, MASK_KEYS=False)
+        next_keys = first_key + BLOCK_N + key_cols
+        next_k_t, next_v = _load_key_block(k_base, v_base, next_keys, next_keys < whole_blocks_end, dqk, dv,
+                                           stride_kn, stride_kd, stride_vn, stride_vd, DQK, DV)
+        acc, row_max, row_sum = _forward_key_block(acc, row_max, row_sum, q, k_t, v, first_key + key_cols, num_keys,
+                                                   scale_log2, dtype, DOT_PRECISION, UPCAST_DOTS, MASK_KEYS=False)
+        k_t, v = next_k_t, next_v
     for first_key in range(whole_blocks_end, num_keys, BLOCK_N):
-        acc, row_max, row_sum = _forward_key_block(
-            acc, row_max, row_sum, q, k_base, v_base, first_key + key_cols, num_keys, dqk, dv,
-            stride_kn, stride_kd, stride_vn, stride_vd, scale_log2, dtype,
-            DQK, DV, DOT_PRECISION, UPCAST_DOTS, MASK_KEYS=True)
+        keys = first_key + key_cols
+        k_t, v = _load_key_block(k_base, v_base, keys, keys < num_keys, dqk, dv,
+                                 stride_kn, stride_kd, stride_vn, stride_vd, DQK, DV)
+        acc, row_max, row_sum = _forward_key_block(acc, row_max, row_sum, q, k_t, v, keys, num_keys,
+                                                   scale_log2, dtype, DOT_PRECISION, UPCAST_DOTS, MASK_KEYS=True)
 
     out = acc / row_sum[:, None]
     out_base = (out_ptr + batch.to(tl.int64) * stride_ob + head.to(tl.int64) * stride_oh

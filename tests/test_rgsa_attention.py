@@ -78,6 +78,8 @@ CASES = [
     pytest.param(2, 185, 16, 2, 15, 30, 16, id="training-map-forced-chunks"),
     # 16-bit: two whole 64-key blocks, then a masked tail of one key.
     pytest.param(1, 75, 129, 2, 15, 30, None, id="whole-key-blocks-and-a-tail"),
+    # 16-bit: three whole blocks and no tail, so the last block's look-ahead load reads nothing.
+    pytest.param(2, 70, 192, 3, 15, 30, None, id="whole-key-blocks-only"),
 ]
 
 
