@@ -391,10 +391,9 @@ def _lsa_bwd_score_grad_sum_kernel(
     bias = _bias_and_mask(table_head_ptr, offs_m[:, None], offs_n[None, :], 0, 0, WIN_ROWS, WIN_COLS, False)
 
     score_grad_sum = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    item = chunk * items_per_program
-    chunk_end = tl.minimum(item + items_per_program, num_items)
-    # A while loop: the interpreter cannot iterate range() over run-time bounds (numpy >= 2 scalars).
-    while item < chunk_end:
+    first_item = chunk * items_per_program
+    # A for loop, not a while loop, so that Triton pipelines the next item's loads under this item's work.
+    for item in range(first_item, tl.minimum(first_item + items_per_program, num_items)):
         batch = item // num_windows
         window = item % num_windows
         q_region, q_token, q_in_image = _window_tokens(
@@ -422,7 +421,6 @@ def _lsa_bwd_score_grad_sum_kernel(
         grad_p = _dot(grad_out, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32),
                       UPCAST_DOT_OPERANDS, INPUT_PRECISION)
         score_grad_sum += p * (grad_p - delta[:, None])
-        item += 1
 
     partial_ptrs = score_grad_partials_ptr \
         + ((tl.program_id(1) * (tl.num_programs(0) // TILES) + chunk).to(tl.int64) * WINDOW_TOKENS
