@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 from pathlib import Path
@@ -13,6 +12,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
+from rgt_fast.bench import autocast_to  # noqa: E402
 from rgt_fast.files import write_atomically  # noqa: E402
 
 # Where the benchmarks put their tensors; the tests run the benchmarks' rows on CPU tensors in the interpreter.
@@ -52,10 +52,8 @@ def measure(step, leaves, rep_ms):
 
 
 def autocast_for(dtype):
-    """Autocast to a 16-bit ``dtype`` (as training and inference run the model); fp32 runs as it is."""
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(DEVICE).type, dtype=dtype)
+    """Autocast to a 16-bit ``dtype`` on DEVICE (as training and inference run the model); fp32 runs as it is."""
+    return autocast_to(torch.device(DEVICE), dtype)
 
 
 def time_fused_and_reference(row: dict, implementations: dict, leaves: list, grads: list | None, dtype,
