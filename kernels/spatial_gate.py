@@ -59,8 +59,8 @@ _MAX_CHANNELS = 512
 # (tokens x channels) tile of the conv kernels.
 _ROW_TILE_ELEMENTS = 4096
 _NORM_BACKWARD_TILE_ELEMENTS = 2048
-_CONV_BLOCK_TOKENS = 32
-_CONV_BLOCK_CHANNELS = 64
+# (BLOCK_T, BLOCK_C, num_warps) of the conv kernels; benchmarks/sweep_tiles.py times others for the backward.
+_CONV_TILES = {"forward": (32, 64, 4), "backward": (32, 64, 4)}
 _NUM_WARPS = 4
 _NORM_BACKWARD_NUM_WARPS = 8
 # Enough programs to fill a 132-SM GPU several times over, with few enough partials (programs x 11 x C fp32)
@@ -283,12 +283,12 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
         return out
     with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
-        grid = (cdiv(num_tokens, _CONV_BLOCK_TOKENS), cdiv(channels, _CONV_BLOCK_CHANNELS))
-        _gate_conv_kernel[grid](
+        block_t, block_c, num_warps = _CONV_TILES["forward"]
+        _gate_conv_kernel[(cdiv(num_tokens, block_t), cdiv(channels, block_c))](
             hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),
             num_tokens, tokens_per_image, height, width,
-            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS,
-            ROW_ALIGN=row_alignment(hidden), num_warps=_NUM_WARPS,
+            CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, ROW_ALIGN=row_alignment(hidden),
+            num_warps=num_warps,
         )
     return out
 
@@ -312,15 +312,16 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
         normed = _normed(hidden, norm_weight, norm_bias, eps)
         dconv = _common.kernel_buffer((num_tokens, channels), dtype=dtype, device=device)
 
-        conv_tiles = _tiles_per_program(cdiv(num_tokens, _CONV_BLOCK_TOKENS))
-        conv_chunks = cdiv(cdiv(num_tokens, _CONV_BLOCK_TOKENS), conv_tiles)
+        block_t, block_c, num_warps = _CONV_TILES["backward"]
+        conv_tiles = _tiles_per_program(cdiv(num_tokens, block_t))
+        conv_chunks = cdiv(cdiv(num_tokens, block_t), conv_tiles)
         conv_weight_partial = _common.kernel_buffer((conv_chunks, channels, 9), dtype=torch.float32, device=device)
         conv_bias_partial = _common.kernel_buffer((conv_chunks, channels), dtype=torch.float32, device=device)
-        _gate_conv_backward_kernel[(conv_chunks, cdiv(channels, _CONV_BLOCK_CHANNELS))](
+        _gate_conv_backward_kernel[(conv_chunks, cdiv(channels, block_c))](
             hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, conv_weight_partial, conv_bias_partial,
             *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
-            CHANNELS=channels, BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS,
-            ROW_ALIGN=row_alignment(hidden, dout), num_warps=_NUM_WARPS,
+            CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, ROW_ALIGN=row_alignment(hidden, dout),
+            num_warps=num_warps,
         )
 
         block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
@@ -486,6 +487,11 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
 _AOT_CHANNELS = (180, 60, 64)
 
 
+def _conv_launch(direction: str) -> tuple[dict, int]:
+    block_t, block_c, num_warps = _CONV_TILES[direction]
+    return dict(BLOCK_T=block_t, BLOCK_C=block_c), num_warps
+
+
 def aot_variants() -> list[KernelVariant]:
     """Every kernel x dtype x channel count the launchers can pick, for the AOT report."""
     variants = []
@@ -496,9 +502,8 @@ def aot_variants() -> list[KernelVariant]:
             row_tokens = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
             launches = (
                 (_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens), _NUM_WARPS),
-                (_gate_conv_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS), _NUM_WARPS),
-                (_gate_conv_backward_kernel, dict(BLOCK_T=_CONV_BLOCK_TOKENS, BLOCK_C=_CONV_BLOCK_CHANNELS),
-                 _NUM_WARPS),
+                (_gate_conv_kernel, *_conv_launch("forward")),
+                (_gate_conv_backward_kernel, *_conv_launch("backward")),
                 (_gate_norm_backward_kernel,
                  dict(CHANNELS_PAD=channels_pad, BLOCK_T=rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)),
                  _NORM_BACKWARD_NUM_WARPS),

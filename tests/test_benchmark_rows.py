@@ -277,11 +277,14 @@ def test_tile_sweep_rows(load_benchmark, monkeypatch):
     """Every candidate tile of each kernel runs the op and agrees with the shipped tile; the shipped tiles are
     restored afterwards. Small shapes and two L-SA heads of 32 channels keep the interpreter quick."""
     sweep = load_benchmark("sweep_tiles")
-    monkeypatch.setattr(sweep, "SHAPES", {"lsa-train": (1, 8, 32), "rgsa-infer-1024": (40, 70)})
+    monkeypatch.setattr(sweep, "SHAPES",
+                        {"lsa-train": (1, 8, 32), "rgsa-infer-1024": (40, 70), "gate-train": (2, 5, 7)})
+    monkeypatch.setattr(sweep, "GATE_CHANNELS", 20)
     monkeypatch.setattr(sweep, "LSA_EMBED_DIM", 64)
     monkeypatch.setattr(sweep, "LSA_HEADS", 2)
     shipped_lsa = {kernel: dict(classes) for kernel, classes in sweep.lsa._CONFIGS.items()}
     shipped_rgsa = dict(sweep.rgsa._TILE_TABLE)
+    shipped_gate = dict(sweep.gate._CONV_TILES)
     for kernel, (_, candidates) in sweep.CANDIDATES.items():
         rows = list(sweep.sweep(kernel, 1, time_ms=lambda fn, rep: 1.0))
         assert [tuple(row["tiles"]) for row in rows] == candidates
@@ -292,6 +295,8 @@ def test_tile_sweep_rows(load_benchmark, monkeypatch):
             assert sweep.describe(row).startswith(kernel)
     assert {kernel: dict(classes) for kernel, classes in sweep.lsa._CONFIGS.items()} == shipped_lsa
     assert dict(sweep.rgsa._TILE_TABLE) == shipped_rgsa
+    assert dict(sweep.gate._CONV_TILES) == shipped_gate
+    assert sweep.CANDIDATES["gate_conv_backward"][1][0] == sweep.gate._CONV_TILES["backward"]
     assert sweep.CANDIDATES["lsa_fwd"][1][0] == sweep.lsa._CONFIGS["fwd"]["16-bit"]
     assert sweep.CANDIDATES["rgsa_forward"][1][0] == sweep.rgsa._TILE_TABLE[("forward", "16bit")][1]
 
