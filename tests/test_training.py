@@ -118,6 +118,29 @@ def test_force_yml_overrides_with_yaml_values():
         load_train_options(SMOKE, ["train.total_iter=2.5"])
 
 
+def test_optimizer_is_fused_on_cuda_by_default_and_as_asked():
+    """``train.optim_g.fused``: None means fused on CUDA parameters and PyTorch's own choice elsewhere; an explicit
+    value is passed on. Fused and unfused Adam take the same step up to rounding."""
+    from rgt_fast.training.trainer import build_optimizer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = dict(type="Adam", lr=1e-2, weight_decay=0.0, betas=[0.9, 0.999], eps=1e-8, amsgrad=False, fused=None)
+    nets = [torch.nn.Linear(5, 3).to(device) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    default = build_optimizer(nets[0], spec)
+    assert default.defaults["fused"] == (True if device == "cuda" else None)
+    explicit = build_optimizer(nets[1], {**spec, "fused": device != "cuda"})
+    assert explicit.defaults["fused"] == (device != "cuda")
+    x = torch.randn(4, 5, device=device)
+    for net, optimizer in zip(nets, (default, explicit)):
+        for _ in range(3):
+            optimizer.zero_grad()
+            net(x).square().sum().backward()
+            optimizer.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def multi_step(milestones, gamma=0.5, restarts=(0,), restart_weights=(1.0,)):
     return {"type": "MultiStepLR", "milestones": list(milestones), "gamma": gamma, "restarts": list(restarts),
             "restart_weights": list(restart_weights)}

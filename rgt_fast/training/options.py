@@ -86,7 +86,7 @@ TRAIN_SCHEMA = Section({
                      "resume_state": None, "experiments_root": None}),
     "train": Section({
         "optim_g": Section({"type": REQUIRED, "lr": REQUIRED, "weight_decay": 0.0, "betas": [0.9, 0.999],
-                            "eps": 1e-8, "amsgrad": False}),
+                            "eps": 1e-8, "amsgrad": False, "fused": None}),
         "scheduler": _SCHEDULER,
         "total_iter": REQUIRED,
         "warmup_iter": -1,
