@@ -13,6 +13,9 @@ row times one stage of a training step's work:
   * ``forward+backward``: the op and ``torch.autograd.backward``, whose engine runs a CUDA backward on a thread of
     its own.
 
+Two baselines put those numbers in scale: one launch of a Triton kernel with as many scalar arguments as RG-SA's
+forward (one program that stores their sum), and one PyTorch op on a one-element tensor.
+
 ``issue_ms`` is the milliseconds per call of calls issued back to back, with one synchronisation at the end: the
 CPU's cost per call wherever it exceeds the GPU's. ``profile`` lists the functions with the most own time over
 those calls (cProfile), in microseconds per call. From Python 3.12 on, cProfile also sees other threads, so the
@@ -29,6 +32,8 @@ import time
 
 from kernel_timing import DEVICE, autocast_for, benchmark_main  # first: it turns Triton's interpreter off
 import torch
+import triton
+import triton.language as tl
 
 from rgt_fast.kernels import add_layer_norm as aln
 from rgt_fast.kernels import rgsa_attention as rgsa
@@ -41,6 +46,27 @@ PROFILE_ENTRIES = 12
 def _synchronize() -> None:
     if torch.device(DEVICE).type == "cuda":
         torch.cuda.synchronize()
+
+
+@triton.jit
+def _sum_of_arguments_kernel(out_ptr, a0, a1, a2, a3, a4, a5, a6, a7, a8, a9, a10, a11, a12, a13, a14, a15, a16,
+                             a17, a18, a19, a20, scale):
+    total = a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + a8 + a9 + a10 + a11 + a12 + a13 + a14 + a15 + a16 + a17 + a18
+    tl.store(out_ptr, (total + a19 + a20) * scale)
+
+
+# RG-SA's forward takes 5 pointers, 16 strides, 4 sizes and a scale; most of them not multiples of 16.
+_BASELINE_INTEGERS = (90, 15, 1, 30, 6, 8, 3, 12, 4096, 180, 45, 2, 60, 7, 5, 9, 11, 13, 17, 19, 21)
+
+
+def baseline_rows(calls: int):
+    out = torch.empty(1, device=DEVICE)
+
+    def triton_launch():
+        _sum_of_arguments_kernel[(1,)](out, *_BASELINE_INTEGERS, 0.5)
+
+    yield stage_row("triton launch", "21 ints + 1 float", triton_launch, calls)
+    yield stage_row("torch op", "add_ on 1 element", lambda: out.add_(1.0), calls)
 
 
 def issue_ms(step, calls: int) -> float:
@@ -132,6 +158,7 @@ def rgsa_rows(batch: int, tokens: int, keys_heads_dims: tuple, calls: int):
 
 def rows(quick: bool, shapes: dict = TRAIN_SHAPES, calls: int | None = None):
     calls = calls or (50 if quick else 200)
+    yield from baseline_rows(calls)
     yield from layer_norm_rows(*shapes["layer_norm"], calls)
     yield from rgsa_rows(*shapes["rgsa"], calls)
 

@@ -107,7 +107,8 @@ def test_launch_overhead_rows(load_benchmark):
     shapes = {"layer_norm": (2, 7, 12), "rgsa": (1, 9, (5, 2, 3, 4))}
     rows = list(bench.rows(True, shapes, calls=2))
     stages = [(row["name"], row["stage"]) for row in rows]
-    assert stages == [("fused layer_norm", "forward"), ("fused layer_norm", "backward launcher"),
+    assert stages == [("triton launch", "21 ints + 1 float"), ("torch op", "add_ on 1 element"),
+                      ("fused layer_norm", "forward"), ("fused layer_norm", "backward launcher"),
                       ("fused layer_norm", "forward+backward"), ("torch layer_norm", "forward"),
                       ("torch layer_norm", "forward+backward"), ("fused rgsa_attention", "forward"),
                       ("fused rgsa_attention", "backward launcher"), ("fused rgsa_attention", "forward+backward")]
@@ -115,7 +116,7 @@ def test_launch_overhead_rows(load_benchmark):
         assert row["issue_ms"] > 0 and 0 < len(row["profile"]) <= bench.PROFILE_ENTRIES
         assert all(entry["own_us_per_step"] >= 0 and entry["calls_per_step"] > 0 for entry in row["profile"])
         assert all(re.fullmatch(r"[^:]+:\d+\(.+\)", entry["function"]) for entry in row["profile"]), row["profile"]
-    assert bench.describe(rows[0]).startswith("fused layer_norm")
+    assert bench.describe(rows[2]).startswith("fused layer_norm")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
