@@ -31,6 +31,7 @@ PyTorch path, which is also the CPU path outside the interpreter.
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -975,7 +976,7 @@ def _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_
     if qkv.dim() != 3:
         raise ValueError(f"qkv must have shape (B, H*W, 3*C), got {tuple(qkv.shape)}")
     for name, value in (("H", H), ("W", W), ("num_heads", num_heads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value <= 0:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if qkv.shape[1] != H * W:
         raise ValueError(f"qkv has {qkv.shape[1]} tokens but H*W = {H}*{W} = {H * W}")
@@ -991,7 +992,7 @@ def _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_
     if qkv.stride(-1) != 1:
         raise ValueError(f"qkv must have unit stride in its last dim, got strides {qkv.stride()}")
     if (not isinstance(split_size, (list, tuple)) or len(split_size) != 2
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in split_size)):
+            or not all(isinstance(s, numbers.Integral) and not isinstance(s, bool) and s > 0 for s in split_size)):
         raise ValueError(f"split_size must hold two positive ints, got {split_size!r}")
     if max(split_size) % min(split_size) != 0:
         raise ValueError(f"split_size entries must divide one another to tile the padded map, got {split_size}")
@@ -1016,6 +1017,11 @@ def _kernels_take(qkv: torch.Tensor, split_size) -> bool:
             and split_size[0] * split_size[1] >= 16)
 
 
+def _python_int(value):
+    """NumPy integers as Python ints (the custom op's schema takes ints); symbolic sizes stay symbolic."""
+    return value if isinstance(value, torch.SymInt) else int(value)
+
+
 def lsa_attention(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_size, shifted: bool,
                   bias_table_0: torch.Tensor, bias_table_1: torch.Tensor, scale: float) -> torch.Tensor:
     """Concatenated L-SA branch outputs (B, H*W, C) from the projected ``qkv`` (B, H*W, 3C).
@@ -1025,6 +1031,8 @@ def lsa_attention(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_size,
     (CUDA, or CPU under TRITON_INTERPRET=1) for fp32/bf16/fp16, else the PyTorch path.
     """
     _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
+    H, W, num_heads = (_python_int(value) for value in (H, W, num_heads))
+    split_size = [_python_int(size) for size in split_size]
     if _kernels_take(qkv, split_size):
         out, _ = torch.ops.rgt_fast.lsa_attention(qkv, H, W, num_heads, list(split_size), shifted,
                                                   bias_table_0, bias_table_1, float(scale))

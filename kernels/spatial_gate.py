@@ -429,9 +429,9 @@ def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weigh
 def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:
     if not isinstance(hidden, torch.Tensor):
         raise TypeError(f"spatial_gate: hidden must be a torch.Tensor, got {type(hidden).__name__}")
-    if hidden.dim() != 3 or hidden.shape[2] % 2:
-        raise ValueError(f"spatial_gate: hidden must be (B, H*W, 2C) with an even channel count, got shape "
-                         f"{tuple(hidden.shape)}")
+    if hidden.dim() != 3 or hidden.shape[2] % 2 or hidden.shape[2] == 0:
+        raise ValueError(f"spatial_gate: hidden must be (B, H*W, 2C) with an even, positive channel count, got "
+                         f"shape {tuple(hidden.shape)}")
     for name, value in (("height", height), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) or value < 1:
             raise ValueError(f"spatial_gate: {name} must be a positive int, got {value!r}")

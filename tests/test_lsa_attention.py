@@ -456,6 +456,16 @@ def test_numpy_scale_is_taken_as_its_value(dtype, whole_window_tiles):
     assert torch.equal(lsa.lsa_attention(qkv, 8, 32, 2, SPLIT, True, *tables, np.float32(0.125)), want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["kernels", "pytorch-path"])
+def test_numpy_integer_sizes_are_taken_as_their_values(dtype, whole_window_tiles):
+    qkv = torch.randn(1, 8 * 32, 3 * 32, dtype=dtype, device=DEVICE)
+    tables = [torch.randn(TABLE_ROWS, 1, device=DEVICE) for _ in range(2)]
+    want = lsa.lsa_attention(qkv, 8, 32, 2, SPLIT, True, *tables, 0.125)
+    got = lsa.lsa_attention(qkv, np.int64(8), np.int32(32), np.int64(2), [np.int64(s) for s in SPLIT], True, *tables,
+                            0.125)
+    assert torch.equal(got, want)
+
+
 L_SA_PATHS = {"kernels": lsa.lsa_attention, "pytorch-path": lsa.lsa_attention_torch}
 
 

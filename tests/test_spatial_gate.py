@@ -213,7 +213,8 @@ def _replace(position, value):
 
 
 @pytest.mark.parametrize("mutate,error,message", [
-    (_replace(0, lambda h: h[..., :-1]), ValueError, "even channel count"),
+    (_replace(0, lambda h: h[..., :-1]), ValueError, "even, positive channel count"),
+    (_replace(0, lambda h: h[..., :0]), ValueError, "even, positive channel count"),
     (_replace(0, lambda h: h[0]), ValueError, r"\(B, H\*W, 2C\)"),
     (_replace(1, 5), ValueError, "tokens per image"),
     (_replace(2, 0), ValueError, "width must be a positive int"),
