@@ -232,6 +232,12 @@ def aligned_stride(stride, ROW_ALIGN: tl.constexpr):
 
 
 @triton.jit
+def aligned_row_strides(stride_b, stride_n, ROW_ALIGN: tl.constexpr):
+    """The batch and token strides of a (B, N, C) tensor through :func:`aligned_stride`."""
+    return aligned_stride(stride_b, ROW_ALIGN), aligned_stride(stride_n, ROW_ALIGN)
+
+
+@triton.jit
 def token_offsets(tokens, tokens_per_image, stride_b, stride_n, ROW_ALIGN: tl.constexpr):
     """Element offsets of flat (32-bit) token indices over a batch of (B, N, ...) tensors with these strides
     (multiples of ROW_ALIGN).
@@ -239,9 +245,9 @@ def token_offsets(tokens, tokens_per_image, stride_b, stride_n, ROW_ALIGN: tl.co
     The indices stay 32-bit, where division is cheap (B * N < 2**31); the offsets are 64-bit, since tokens x
     channels passes 2**31 on large images.
     """
+    stride_b, stride_n = aligned_row_strides(stride_b, stride_n, ROW_ALIGN)
     image = tokens // tokens_per_image
-    return (image.to(tl.int64) * aligned_stride(stride_b, ROW_ALIGN)
-            + (tokens - image * tokens_per_image).to(tl.int64) * aligned_stride(stride_n, ROW_ALIGN))
+    return image.to(tl.int64) * stride_b + (tokens - image * tokens_per_image).to(tl.int64) * stride_n
 
 
 @triton.jit

@@ -44,7 +44,7 @@ from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
     KernelVariant,
-    aligned_stride,
+    aligned_row_strides,
     aot_signature,
     cached_outside_compile,
     cdiv,
@@ -207,10 +207,8 @@ def _lsa_fwd_kernel(
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
-    stride_out_b = aligned_stride(stride_out_b, ROW_ALIGN)
-    stride_out_t = aligned_stride(stride_out_t, ROW_ALIGN)
+    stride_qkv_b, stride_qkv_t = aligned_row_strides(stride_qkv_b, stride_qkv_t, ROW_ALIGN)
+    stride_out_b, stride_out_t = aligned_row_strides(stride_out_b, stride_out_t, ROW_ALIGN)
     window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
         _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
                      BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -251,14 +249,10 @@ def _lsa_bwd_dq_kernel(
 ):
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
-    stride_out_b = aligned_stride(stride_out_b, ROW_ALIGN)
-    stride_out_t = aligned_stride(stride_out_t, ROW_ALIGN)
-    stride_grad_out_b = aligned_stride(stride_grad_out_b, ROW_ALIGN)
-    stride_grad_out_t = aligned_stride(stride_grad_out_t, ROW_ALIGN)
-    stride_grad_qkv_b = aligned_stride(stride_grad_qkv_b, ROW_ALIGN)
-    stride_grad_qkv_t = aligned_stride(stride_grad_qkv_t, ROW_ALIGN)
+    stride_qkv_b, stride_qkv_t = aligned_row_strides(stride_qkv_b, stride_qkv_t, ROW_ALIGN)
+    stride_out_b, stride_out_t = aligned_row_strides(stride_out_b, stride_out_t, ROW_ALIGN)
+    stride_grad_out_b, stride_grad_out_t = aligned_row_strides(stride_grad_out_b, stride_grad_out_t, ROW_ALIGN)
+    stride_grad_qkv_b, stride_grad_qkv_t = aligned_row_strides(stride_grad_qkv_b, stride_grad_qkv_t, ROW_ALIGN)
     window, batch, head, channel, offs_m, offs_d, d_valid, q_region, q_token, q_in_image, q_mask, qkv_base, q = \
         _query_block(qkv_ptr, stride_qkv_b, stride_qkv_t, H, W, padded_H, padded_W, windows_per_row,
                      BRANCH, WIN_ROWS, WIN_COLS, SHIFTED, EMBED_DIM, HEAD_DIM, BLOCK_M, BLOCK_D)
@@ -303,12 +297,9 @@ def _lsa_bwd_dkdv_kernel(
     """dk, dv of one key block of a window, looping over the query blocks; tiles are (keys x queries)."""
     WINDOW_TOKENS: tl.constexpr = WIN_ROWS * WIN_COLS
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
-    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
-    stride_grad_out_b = aligned_stride(stride_grad_out_b, ROW_ALIGN)
-    stride_grad_out_t = aligned_stride(stride_grad_out_t, ROW_ALIGN)
-    stride_grad_qkv_b = aligned_stride(stride_grad_qkv_b, ROW_ALIGN)
-    stride_grad_qkv_t = aligned_stride(stride_grad_qkv_t, ROW_ALIGN)
+    stride_qkv_b, stride_qkv_t = aligned_row_strides(stride_qkv_b, stride_qkv_t, ROW_ALIGN)
+    stride_grad_out_b, stride_grad_out_t = aligned_row_strides(stride_grad_out_b, stride_grad_out_t, ROW_ALIGN)
+    stride_grad_qkv_b, stride_grad_qkv_t = aligned_row_strides(stride_grad_qkv_b, stride_grad_qkv_t, ROW_ALIGN)
     window, k_start, batch, head, channel = _program_block(BRANCH, WIN_ROWS, WIN_COLS, EMBED_DIM, HEAD_DIM, BLOCK_N)
 
     offs_n = k_start + tl.arange(0, BLOCK_N)
@@ -374,10 +365,8 @@ def _lsa_bwd_score_grad_sum_kernel(
     NUM_HEADS: tl.constexpr = EMBED_DIM // HEAD_DIM
     HEADS_PER_BRANCH: tl.constexpr = NUM_HEADS // 2
     TILES: tl.constexpr = (WINDOW_TOKENS // BLOCK_M) * (WINDOW_TOKENS // BLOCK_N)
-    stride_qkv_b = aligned_stride(stride_qkv_b, ROW_ALIGN)
-    stride_qkv_t = aligned_stride(stride_qkv_t, ROW_ALIGN)
-    stride_grad_out_b = aligned_stride(stride_grad_out_b, ROW_ALIGN)
-    stride_grad_out_t = aligned_stride(stride_grad_out_t, ROW_ALIGN)
+    stride_qkv_b, stride_qkv_t = aligned_row_strides(stride_qkv_b, stride_qkv_t, ROW_ALIGN)
+    stride_grad_out_b, stride_grad_out_t = aligned_row_strides(stride_grad_out_b, stride_grad_out_t, ROW_ALIGN)
     chunk = tl.program_id(0) // TILES
     q_start = (tl.program_id(0) % TILES) // (WINDOW_TOKENS // BLOCK_N) * BLOCK_M
     k_start = (tl.program_id(0) % (WINDOW_TOKENS // BLOCK_N)) * BLOCK_N
