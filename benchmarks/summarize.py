@@ -210,7 +210,8 @@ def tile_sweep_section(report: dict) -> list[str]:
     table = [[row["kernel"], row["shape"], str(tuple(row["tiles"])), "yes" if row["shipped"] else "",
               _number(row.get("ms"), 3), row.get("error", _number(row.get("max_difference"), 4))[:80]]
              for row in rows]
-    headers = ["kernel", "shape", "BLOCK_M, BLOCK_N, warps, stages", "shipped", "ms", "max difference or error"]
+    # Attention tiles are (BLOCK_M, BLOCK_N, warps, stages), the spatial gate's (BLOCK_T, BLOCK_C, warps).
+    headers = ["kernel", "shape", "tile", "shipped", "ms", "max difference or error"]
     return ["## Tile sweep (bf16)", "", *_table(headers, table)] if rows else []
 
 

@@ -196,10 +196,10 @@ def image_as_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1).reshape(batch, height * width, channels)
 
 
-def row_alignment(*tensors: torch.Tensor) -> int:
-    """ROW_ALIGN for (B, N, C) tensors whose rows a kernel reads through :func:`tile_offsets`: their batch and
-    token strides' common power of two, up to 16 bytes (one vector load) of the narrowest dtype."""
-    max_elements = 16 // min(t.element_size() for t in tensors)
+def row_alignment(*tensors: torch.Tensor, max_bytes: int = 16) -> int:
+    """ROW_ALIGN for (B, N, C) tensors whose rows a kernel reads or writes: their batch and token strides' common
+    power of two, up to ``max_bytes`` (by default 16, one vector load) of the narrowest dtype, and at least 1."""
+    max_elements = max(1, max_bytes // min(t.element_size() for t in tensors))
     return stride_alignment([stride for t in tensors for stride in t.stride()[:2]], max_elements)
 
 

@@ -53,8 +53,8 @@ from ._common import (
     next_power_of_2_at_least_16,
     mma_operand,
     on_device_of,
+    row_alignment,
     score_elements_per_step,
-    stride_alignment,
     triton_runs_on,
     values_times_probabilities_t,
 )
@@ -464,16 +464,11 @@ def _launch_config(kernel: str, dot_class: str, split_size) -> tuple[int, int, i
     return min(block_m, window_tokens), min(block_n, window_tokens), num_warps, num_stages
 
 
-def _row_alignment(dtype: torch.dtype, *tensors: torch.Tensor) -> int:
-    """The kernels' ROW_ALIGN: 2 for 16-bit ``dtype`` where the batch and token strides of every (B, tokens,
-    channels) tensor a kernel reads or writes are even, else 1.
-
-    Four bytes is what asynchronous copies need: 2-byte loads of q, k and v stalled every iteration of the key
-    loop on global memory (sm_90a, bf16 forward: 206 registers and synchronous loads before, 172 and cp.async
-    after). Wider claims (8-byte fp32 pairs) gave ptxas room to cap some fp32 kernels at 128 registers, and they
-    spilled on sm_80.
-    """
-    return stride_alignment([stride for t in tensors for stride in t.stride()[:2]], max(1, 4 // dtype.itemsize))
+# The kernels' ROW_ALIGN claims at most this many bytes. Four is what asynchronous copies need: 2-byte loads of q, k
+# and v stalled every iteration of the key loop on global memory (sm_90a, bf16 forward: 206 registers and
+# synchronous loads before, 172 and cp.async after). Wider claims (8-byte fp32 pairs) gave ptxas room to cap some
+# fp32 kernels at 128 registers, and they spilled on sm_80.
+_ROW_ALIGN_BYTES = 4
 
 
 def _log2_tables(bias_table_0: torch.Tensor, bias_table_1: torch.Tensor) -> torch.Tensor:
@@ -535,7 +530,7 @@ def _forward_triton(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bia
     if batch == 0:  # no windows to attend
         return out, lse
     tables = _log2_tables(bias_table_0, bias_table_1)
-    row_align = _row_alignment(qkv.dtype, qkv, out)
+    row_align = row_alignment(qkv, out, max_bytes=_ROW_ALIGN_BYTES)
     for branch in (0, 1):
         win_rows, win_cols = _branch_window(split_size, branch)
         num_windows = (padded_H // win_rows) * (padded_W // win_cols)
@@ -574,7 +569,7 @@ def _backward_triton(grad_out, qkv, out, lse, H, W, num_heads, split_size, shift
     delta = _common.kernel_buffer((batch, num_heads, tokens), dtype=torch.float32, device=qkv.device)
     shared = dict(SHIFTED=shifted, EMBED_DIM=embed_dim, HEAD_DIM=head_dim, BLOCK_D=block_d,
                   UPCAST_DOT_OPERANDS=INTERPRET, INPUT_PRECISION=input_precision,
-                  ROW_ALIGN=_row_alignment(qkv.dtype, qkv, out, grad_out, grad_qkv))
+                  ROW_ALIGN=row_alignment(qkv, out, grad_out, grad_qkv, max_bytes=_ROW_ALIGN_BYTES))
     windows = [_branch_window(split_size, branch) for branch in (0, 1)]
     num_windows = [(padded_H // win_rows) * (padded_W // win_cols) for win_rows, win_cols in windows]
 
@@ -1023,7 +1018,7 @@ def lsa_attention(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_size,
     H, W, num_heads = (_python_int(value) for value in (H, W, num_heads))
     split_size = [_python_int(size) for size in split_size]
     if _kernels_take(qkv, split_size):
-        out, _ = torch.ops.rgt_fast.lsa_attention(qkv, H, W, num_heads, list(split_size), shifted,
+        out, _ = torch.ops.rgt_fast.lsa_attention(qkv, H, W, num_heads, split_size, shifted,
                                                   bias_table_0, bias_table_1, float(scale))
         return out
     return lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
@@ -1050,8 +1045,8 @@ def aot_variants(split_size=(8, 32), embed_dim: int = 180, num_heads: int = 6) -
         for dtype, precision in dtype_cases:
             dtype_name = TRITON_DTYPE_NAMES[dtype]
             # As the model calls the kernels: on the qkv projection's contiguous output and (B, N, C) outputs.
-            row_align = _row_alignment(dtype, *(torch.empty(1, 64 * 64, channels, dtype=dtype, device="meta")
-                                                for channels in (3 * embed_dim, embed_dim)))
+            row_align = row_alignment(*(torch.empty(1, 64 * 64, channels, dtype=dtype, device="meta")
+                                        for channels in (3 * embed_dim, embed_dim)), max_bytes=_ROW_ALIGN_BYTES)
             block_m, block_n, num_warps, num_stages = _launch_config(
                 name, _dot_class(dtype, precision), split_size)
             for branch in (0, 1):

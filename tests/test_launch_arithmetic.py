@@ -43,5 +43,7 @@ def test_row_alignment_reads_batch_and_token_strides_up_to_16_bytes():
     assert row_alignment(torch.empty(2, 5, 512, dtype=torch.bfloat16, device="meta")) == 8  # 16 bytes
     assert row_alignment(torch.empty(2, 5, 512, dtype=torch.float32, device="meta")) == 4
     assert row_alignment(rows_540, torch.empty(2, 5, 541, dtype=torch.bfloat16, device="meta")) == 1
+    assert row_alignment(rows_540, max_bytes=4) == 2  # L-SA's claim: pairs of 16-bit elements
+    assert row_alignment(torch.empty(2, 5, 540, dtype=torch.float32, device="meta"), max_bytes=4) == 1
     channel_major = torch.empty(2, 180, 5, dtype=torch.bfloat16, device="meta").transpose(1, 2)
     assert row_alignment(channel_major) == 1  # token stride 1: consecutive tokens' rows start one element apart
