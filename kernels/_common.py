@@ -91,6 +91,7 @@ def fp32_matmuls_use_tf32() -> bool:
     return precision == "tf32"
 
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 # The attention kernels take scale * log2(e) as a float32 argument (their softmax runs in base 2).
 LARGEST_ATTENTION_SCALE = torch.finfo(torch.float32).max / math.log2(math.e)

@@ -5,12 +5,15 @@ In an RGT block the attention output is added to the residual stream and the sum
 under autocast, ``fc1`` then reads that fp32 tensor once more to cast it to bf16. Here one kernel reads ``x``
 and ``delta`` and writes the sum (in their promoted dtype) and the normalised rows, directly in the dtype the
 next matmul consumes: the autocast dtype when autocast is on (the value autocast would have cast to), else
-the sum's dtype. Per-row mean and 1/std are kept for the backward.
+the sum's dtype. Per-row mean and 1/std are kept for the backward, and so are ``x`` and ``delta`` rather than
+the sum: the block keeps ``x`` anyway, and under autocast ``delta`` is the bf16 attention output where the sum
+is fp32, so the block's saved activations shrink by one bf16 row per token.
 
-The backward kernel adds the LayerNorm backward of ``d normed`` to ``d summed`` and writes the gradient of
-``x`` (and of ``delta``, when its dtype differs). The weight and bias gradients are sums over every row: each
-program sums a fixed chunk of rows into an fp32 partial, and the partials are summed in a fixed order, so
-they are bitwise identical from run to run (no atomics; the chunking depends only on the shape).
+The backward kernel recomputes the sum (rounded as the forward rounded it), adds the LayerNorm backward of
+``d normed`` to ``d summed`` and writes the gradient of ``x`` (and of ``delta``, when its dtype differs). The
+weight and bias gradients are sums over every row: each program sums a fixed chunk of rows into an fp32
+partial, and the partials are summed in a fixed order, so they are bitwise identical from run to run (no
+atomics; the chunking depends only on the shape).
 
 ``layer_norm(x, weight, bias)`` is the same kernels without the add, for the blocks' ``norm1``: under
 autocast its output, too, comes out in the dtype the attention's projections read.
@@ -28,6 +31,7 @@ from . import _common
 from ._common import (
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
+    TRITON_DTYPES,
     KernelVariant,
     aot_signature,
     cdiv,
@@ -53,6 +57,21 @@ _BACKWARD_TARGET_PROGRAMS = 1024
 
 
 @triton.jit
+def _summed_rows(x_ptr, delta_ptr, rows, channels, valid, rows_per_image, stride_xb, stride_xn, stride_xc,
+                 stride_db, stride_dn, stride_dc, HAS_DELTA: tl.constexpr, SUM_DTYPE: tl.constexpr,
+                 ROW_ALIGN: tl.constexpr):
+    """``x + delta`` for a tile of rows, rounded to SUM_DTYPE as the reference's add stores it before its LayerNorm
+    reads it (``x`` alone without ``delta``), in fp32."""
+    x = tl.load(x_ptr + tile_offsets(rows, channels, rows_per_image, stride_xb, stride_xn, stride_xc, ROW_ALIGN),
+                mask=valid, other=0.0).to(tl.float32)
+    if HAS_DELTA:
+        delta = tl.load(delta_ptr + tile_offsets(rows, channels, rows_per_image, stride_db, stride_dn, stride_dc,
+                                                 ROW_ALIGN), mask=valid, other=0.0)
+        return (x + delta.to(tl.float32)).to(SUM_DTYPE).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _add_norm_forward_kernel(
     x_ptr, delta_ptr, weight_ptr, bias_ptr, summed_ptr, normed_ptr, mean_ptr, rstd_ptr,
     stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
@@ -65,17 +84,11 @@ def _add_norm_forward_kernel(
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
     valid = row_valid[:, None] & channel_valid[None, :]
-    x = tl.load(x_ptr + tile_offsets(rows, channels, rows_per_image, stride_xb, stride_xn, stride_xc, ROW_ALIGN),
-                mask=valid, other=0.0)
+    summed = _summed_rows(x_ptr, delta_ptr, rows, channels, valid, rows_per_image, stride_xb, stride_xn, stride_xc,
+                          stride_db, stride_dn, stride_dc, HAS_DELTA, summed_ptr.dtype.element_ty, ROW_ALIGN)
     if HAS_DELTA:
-        delta = tl.load(delta_ptr + tile_offsets(rows, channels, rows_per_image, stride_db, stride_dn, stride_dc,
-                                                 ROW_ALIGN), mask=valid, other=0.0)
-        # Rounded to the sum's dtype first, as the reference's add stores it before its LayerNorm reads it.
-        summed = (x.to(tl.float32) + delta.to(tl.float32)).to(summed_ptr.dtype.element_ty)
-        tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :], summed, mask=valid)
-        summed = summed.to(tl.float32)
-    else:
-        summed = x.to(tl.float32)
+        tl.store(summed_ptr + rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :],
+                 summed.to(summed_ptr.dtype.element_ty), mask=valid)
     mean, x_hat, rstd = normalise_rows(summed, valid, eps, CHANNELS)
     weight = tl.load(weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     bias = tl.load(bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
@@ -88,12 +101,13 @@ def _add_norm_forward_kernel(
 
 @triton.jit
 def _add_norm_backward_kernel(
-    summed_ptr, mean_ptr, rstd_ptr, weight_ptr, dnormed_ptr, dsummed_ptr, dx_ptr, ddelta_ptr,
+    x_ptr, delta_ptr, mean_ptr, rstd_ptr, weight_ptr, dnormed_ptr, dsummed_ptr, dx_ptr, ddelta_ptr,
     weight_partial_ptr, bias_partial_ptr,
+    stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
     stride_gb, stride_gn, stride_gc, stride_sb, stride_sn, stride_sc,
     num_rows, rows_per_image, tiles_per_program,
-    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DSUMMED: tl.constexpr,
-    WRITE_DDELTA: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DELTA: tl.constexpr,
+    SUM_DTYPE: tl.constexpr, HAS_DSUMMED: tl.constexpr, WRITE_DDELTA: tl.constexpr, ROW_ALIGN: tl.constexpr,
 ):
     chunk = tl.program_id(0)
     channels = tl.arange(0, CHANNELS_PAD)
@@ -106,7 +120,9 @@ def _add_norm_backward_kernel(
         row_valid = rows < num_rows
         valid = row_valid[:, None] & channel_valid[None, :]
         contiguous = rows.to(tl.int64)[:, None] * CHANNELS + channels[None, :]
-        summed = tl.load(summed_ptr + contiguous, mask=valid, other=0.0).to(tl.float32)
+        # The sum is recomputed from the inputs the block keeps anyway rather than saved (fp32 under autocast).
+        summed = _summed_rows(x_ptr, delta_ptr, rows, channels, valid, rows_per_image, stride_xb, stride_xn,
+                              stride_xc, stride_db, stride_dn, stride_dc, HAS_DELTA, SUM_DTYPE, ROW_ALIGN)
         mean = tl.load(mean_ptr + rows, mask=row_valid, other=0.0)
         rstd = tl.load(rstd_ptr + rows, mask=row_valid, other=0.0)
         x_hat = tl.where(valid, (summed - mean[:, None]) * rstd[:, None], 0.0)
@@ -160,14 +176,15 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
     return summed, normed, mean, rstd
 
 
-def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: torch.dtype):
-    """(dx, ddelta, dweight, dbias). ``summed`` is contiguous; ``dsummed`` None means the sum was not used (or,
-    for a plain LayerNorm, does not exist)."""
-    batch, rows_per_image, channels = summed.shape
+def _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight):
+    """(dx, ddelta, dweight, dbias), each input's gradient in its dtype. The kernel recomputes the sum from ``x``
+    and ``delta`` (``x`` alone for a plain LayerNorm: ``delta`` None); ``dsummed`` None means the sum was not used
+    (or does not exist). ``ddelta`` is ``dx`` itself when the dtypes agree."""
+    batch, rows_per_image, channels = x.shape
     num_rows = batch * rows_per_image
-    dx = _common.kernel_buffer(summed.shape, dtype=summed.dtype, device=summed.device)
-    write_ddelta = delta_dtype != summed.dtype
-    ddelta = _common.kernel_buffer(summed.shape, dtype=delta_dtype, device=summed.device) if write_ddelta else dx
+    dx = _common.kernel_buffer(x.shape, dtype=x.dtype, device=x.device)
+    write_ddelta = delta is not None and delta.dtype != x.dtype
+    ddelta = _common.kernel_buffer(x.shape, dtype=delta.dtype, device=x.device) if write_ddelta else dx
     if num_rows == 0:
         return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
     channels_pad = next_power_of_2(channels)
@@ -175,16 +192,19 @@ def _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype: 
     num_tiles = cdiv(num_rows, block_rows)
     tiles_per_program = max(1, cdiv(num_tiles, _BACKWARD_TARGET_PROGRAMS))
     num_chunks = cdiv(num_tiles, tiles_per_program)
-    weight_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
-    bias_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=summed.device)
-    with on_device_of(summed):
+    weight_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=x.device)
+    bias_partial = _common.kernel_buffer((num_chunks, channels), dtype=torch.float32, device=x.device)
+    delta_rows = x if delta is None else delta
+    dsummed_rows = dnormed if dsummed is None else dsummed
+    sum_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
+    with on_device_of(x):
         _add_norm_backward_kernel[(num_chunks,)](
-            summed, mean, rstd, weight, dnormed, dnormed if dsummed is None else dsummed, dx, ddelta,
-            weight_partial, bias_partial, *dnormed.stride(), *(dnormed if dsummed is None else dsummed).stride(),
+            x, delta_rows, mean, rstd, weight, dnormed, dsummed_rows, dx, ddelta, weight_partial, bias_partial,
+            *x.stride(), *delta_rows.stride(), *dnormed.stride(), *dsummed_rows.stride(),
             num_rows, rows_per_image, tiles_per_program,
-            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DSUMMED=dsummed is not None,
-            WRITE_DDELTA=write_ddelta, ROW_ALIGN=row_alignment(dnormed, dnormed if dsummed is None else dsummed),
-            num_warps=_NUM_WARPS,
+            CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DELTA=delta is not None,
+            SUM_DTYPE=TRITON_DTYPES[sum_dtype], HAS_DSUMMED=dsummed is not None, WRITE_DDELTA=write_ddelta,
+            ROW_ALIGN=row_alignment(x, delta_rows, dnormed, dsummed_rows), num_warps=_NUM_WARPS,
         )
     # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
     return dx, ddelta, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
@@ -206,39 +226,39 @@ def _add_layer_norm_forward_fake(x, delta, weight, bias, eps, normed_dtype):
 
 
 @torch.library.custom_op("rgt_fast::add_layer_norm_backward", mutates_args=())
-def _add_layer_norm_backward_op(dsummed: torch.Tensor, dnormed: torch.Tensor, summed: torch.Tensor,
-                                mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
-                                delta_dtype: torch.dtype
+def _add_layer_norm_backward_op(dsummed: torch.Tensor, dnormed: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
+                                mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, ddelta, dweight, dbias = _triton_backward(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype)
+    dx, ddelta, dweight, dbias = _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight)
     # A custom op may not return one tensor twice: when the dtypes agree the two gradients share values.
     return dx, (ddelta.clone() if ddelta is dx else ddelta), dweight, dbias
 
 
 @_add_layer_norm_backward_op.register_fake
-def _add_layer_norm_backward_fake(dsummed, dnormed, summed, mean, rstd, weight, delta_dtype):
-    return (summed.new_empty(summed.shape), summed.new_empty(summed.shape, dtype=delta_dtype),
-            weight.new_empty(weight.shape), weight.new_empty(weight.shape))
+def _add_layer_norm_backward_fake(dsummed, dnormed, x, delta, mean, rstd, weight):
+    return (x.new_empty(x.shape), delta.new_empty(delta.shape), weight.new_empty(weight.shape),
+            weight.new_empty(weight.shape))
 
 
-def _save_for_backward(ctx, summed, mean, rstd, weight, delta_dtype):
-    ctx.save_for_backward(summed, mean, rstd, weight)
-    ctx.delta_dtype = delta_dtype
+def _save_for_backward(ctx, x, delta, mean, rstd, weight):
+    # The inputs, not the sum: in a block ``x`` is kept for the backward anyway (norm1, the HAI residual), and
+    # ``delta`` is the 16-bit attention output where the sum is the fp32 residual stream under autocast.
+    ctx.save_for_backward(x, delta, mean, rstd, weight)
 
 
 def _setup_backward(ctx, inputs, output):
     x, delta, weight, bias, eps, normed_dtype = inputs
-    summed, _, mean, rstd = output
-    _save_for_backward(ctx, summed, mean, rstd, weight, delta.dtype)
+    _, _, mean, rstd = output
+    _save_for_backward(ctx, x, delta, mean, rstd, weight)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _input_gradients(launch_backward, ctx, dsummed, dnormed):
     """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
-    summed, mean, rstd, weight = ctx.saved_tensors
-    dsummed = torch.zeros_like(summed) if dsummed is None else dsummed
-    dnormed = torch.zeros_like(summed) if dnormed is None else dnormed
-    dx, ddelta, dweight, dbias = launch_backward(dsummed, dnormed, summed, mean, rstd, weight, ctx.delta_dtype)
+    x, delta, mean, rstd, weight = ctx.saved_tensors
+    dsummed = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, delta.dtype)) if dsummed is None else dsummed
+    dnormed = torch.zeros_like(x) if dnormed is None else dnormed
+    dx, ddelta, dweight, dbias = launch_backward(dsummed, dnormed, x, delta, mean, rstd, weight)
     return dx, ddelta, dweight, dbias, None, None
 
 
@@ -255,7 +275,7 @@ class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
         summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
-        _save_for_backward(ctx, summed, mean, rstd, weight, delta.dtype)
+        _save_for_backward(ctx, x, delta, mean, rstd, weight)
         return summed, normed
 
     @staticmethod
@@ -351,7 +371,7 @@ def _layer_norm_forward_fake(x, weight, bias, eps, normed_dtype):
 @torch.library.custom_op("rgt_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(dnormed: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                             weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, _, dweight, dbias = _triton_backward(None, dnormed, x, mean, rstd, weight, x.dtype)
+    dx, _, dweight, dbias = _triton_backward(None, dnormed, x, None, mean, rstd, weight)
     return dx, dweight, dbias
 
 
@@ -388,7 +408,7 @@ class _LayerNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dnormed):
         x, mean, rstd, weight = ctx.saved_tensors
-        dx, _, dweight, dbias = _triton_backward(None, dnormed, x, mean, rstd, weight, x.dtype)
+        dx, _, dweight, dbias = _triton_backward(None, dnormed, x, None, mean, rstd, weight)
         return dx, dweight, dbias, None, None
 
 
@@ -404,7 +424,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         if x.shape[2] > _MAX_CHANNELS:
             raise ValueError(f"layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
                              f"{x.shape[2]}; use layer_norm_torch")
-        x = x.contiguous()  # the backward reads the saved rows contiguously
         weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         normed_dtype = _normed_dtype(x.dtype, x.device)
         if torch.compiler.is_compiling():
@@ -436,15 +455,18 @@ def aot_variants() -> list[KernelVariant]:
                     "weight_ptr": "fp32", "bias_ptr": "fp32", "mean_ptr": "fp32", "rstd_ptr": "fp32",
                     "weight_partial_ptr": "fp32", "bias_partial_ptr": "fp32",
                 }
+                stream_dtype = torch.float32 if stream == "fp32" else dtype
                 launches = (
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": True}),
                     (_add_norm_backward_kernel, backward_tiles,
-                     {"HAS_DSUMMED": True, "WRITE_DDELTA": stream != name}),
+                     {"HAS_DELTA": True, "SUM_DTYPE": TRITON_DTYPES[stream_dtype], "HAS_DSUMMED": True,
+                      "WRITE_DDELTA": stream != name}),
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": False}),
-                    (_add_norm_backward_kernel, backward_tiles, {"HAS_DSUMMED": False, "WRITE_DDELTA": False}),
+                    (_add_norm_backward_kernel, backward_tiles,
+                     {"HAS_DELTA": False, "SUM_DTYPE": TRITON_DTYPES[stream_dtype], "HAS_DSUMMED": False,
+                      "WRITE_DDELTA": False}),
                 )
                 # As in the model: contiguous (B, N, C) rows, the residual stream's and the 16-bit ones.
-                stream_dtype = torch.float32 if stream == "fp32" else dtype
                 row_align = row_alignment(*(torch.empty(1, 64 * 64, channels, dtype=t, device="meta")
                                             for t in (stream_dtype, dtype)))
                 for fn, tiles, flags in launches:

@@ -28,6 +28,7 @@ import math
 import numbers
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -175,14 +176,16 @@ def _gate_conv_kernel(
 
 @triton.jit
 def _gate_conv_backward_kernel(
-    hidden_ptr, normed_ptr, conv_weight_ptr, conv_bias_ptr, dout_ptr, dhidden_ptr, dconv_ptr,
+    hidden_ptr, normed_ptr, conv_weight_ptr, conv_bias_ptr, dout_ptr, dhidden_ptr, dconv_ptr, gate_ptr,
     conv_weight_partial_ptr, conv_bias_partial_ptr,
     stride_hb, stride_hn, stride_hc,
     stride_ob, stride_on, stride_oc,
     num_tokens, tokens_per_image, height, width, tiles_per_program,
-    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, WRITE_GATE: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
-    """d(first half of hidden) and d(conv output) for a chunk of token tiles; conv weight/bias partials."""
+    """d(first half of hidden) and d(conv output) for a chunk of token tiles; conv weight/bias partials; with
+    WRITE_GATE, the gate's output again (which the projection after it needs for its weight gradient)."""
     chunk = tl.program_id(0)
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_valid = channels < CHANNELS
@@ -204,8 +207,12 @@ def _gate_conv_backward_kernel(
         dfirst = dout * conv * _gelu_grad(first_half)
         tl.store(dhidden_ptr + _wide(tokens)[:, None] * (2 * CHANNELS) + channels[None, :],
                  dfirst.to(dhidden_ptr.dtype.element_ty), mask=valid)
+        gelu_first = _gelu(first_half)
+        if WRITE_GATE:
+            tl.store(gate_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :],
+                     (gelu_first * conv).to(gate_ptr.dtype.element_ty), mask=valid)
         # Rounded to the storage dtype before use, as the reference's autocast backward rounds it.
-        dconv = (dout * _gelu(first_half)).to(dconv_ptr.dtype.element_ty)
+        dconv = (dout * gelu_first).to(dconv_ptr.dtype.element_ty)
         tl.store(dconv_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :], dconv, mask=valid)
         dconv = dconv.to(tl.float32)
         bias_partial += tl.sum(dconv, axis=0)
@@ -298,15 +305,19 @@ def _tiles_per_program(num_tiles: int) -> int:
 
 
 def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
-                     eps: float):
+                     eps: float, with_gate: bool):
+    """(dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, gate): ``gate`` is the forward's output,
+    recomputed, when ``with_gate`` (else an empty tensor)."""
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
     num_tokens = batch * tokens_per_image
     device, dtype = hidden.device, hidden.dtype
     dhidden = _common.kernel_buffer((batch, tokens_per_image, two_channels), dtype=dtype, device=device)
+    gate = _common.kernel_buffer((batch, tokens_per_image, channels) if with_gate else (0,), dtype=dtype,
+                                 device=device)
     if num_tokens == 0:
         return (dhidden, torch.zeros_like(norm_weight), torch.zeros_like(norm_bias), torch.zeros_like(conv_weight),
-                torch.zeros_like(conv_bias))
+                torch.zeros_like(conv_bias), gate)
     channels_pad = next_power_of_2(channels)
     with on_device_of(hidden):
         normed = _normed(hidden, norm_weight, norm_bias, eps)
@@ -318,10 +329,11 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
         conv_weight_partial = _common.kernel_buffer((conv_chunks, channels, 9), dtype=torch.float32, device=device)
         conv_bias_partial = _common.kernel_buffer((conv_chunks, channels), dtype=torch.float32, device=device)
         _gate_conv_backward_kernel[(conv_chunks, cdiv(channels, block_c))](
-            hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, conv_weight_partial, conv_bias_partial,
+            hidden, normed, conv_weight, conv_bias, dout, dhidden, dconv, gate if with_gate else dconv,
+            conv_weight_partial, conv_bias_partial,
             *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
-            CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, ROW_ALIGN=row_alignment(hidden, dout),
-            num_warps=num_warps,
+            CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, WRITE_GATE=with_gate,
+            ROW_ALIGN=row_alignment(hidden, dout), num_warps=num_warps,
         )
 
         block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
@@ -339,39 +351,61 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
     return (dhidden,
             norm_weight_partial.sum(0).to(norm_weight.dtype), norm_bias_partial.sum(0).to(norm_bias.dtype),
             conv_weight_partial.sum(0).view(conv_weight.shape).to(conv_weight.dtype),
-            conv_bias_partial.sum(0).to(conv_bias.dtype))
+            conv_bias_partial.sum(0).to(conv_bias.dtype), gate)
+
+
+def _project(gate: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None) -> torch.Tensor:
+    """The linear layer after the gate (the MLP's fc2) in the gate's dtype, as autocast runs it."""
+    return F.linear(gate, proj_weight.to(gate.dtype), None if proj_bias is None else proj_bias.to(gate.dtype))
+
+
+def _triton_forward_projected(hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
+                              eps: float, proj_weight, proj_bias) -> torch.Tensor:
+    gate = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+    return gate if proj_weight is None else _project(gate, proj_weight, proj_bias)
 
 
 @torch.library.custom_op("rgt_fast::spatial_gate_forward", mutates_args=())
 def _spatial_gate_forward_op(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
                              norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
-                             eps: float) -> torch.Tensor:
-    return _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+                             eps: float, proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None
+                             ) -> torch.Tensor:
+    return _triton_forward_projected(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
+                                     proj_weight, proj_bias)
 
 
 @_spatial_gate_forward_op.register_fake
-def _spatial_gate_forward_fake(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps):
+def _spatial_gate_forward_fake(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
+                               proj_weight, proj_bias):
     batch, tokens_per_image, two_channels = hidden.shape
-    return hidden.new_empty((batch, tokens_per_image, two_channels // 2))
+    channels = two_channels // 2 if proj_weight is None else proj_weight.shape[0]
+    return hidden.new_empty((batch, tokens_per_image, channels))
 
 
 @torch.library.custom_op("rgt_fast::spatial_gate_backward", mutates_args=())
 def _spatial_gate_backward_op(dout: torch.Tensor, hidden: torch.Tensor, height: int, width: int,
                               norm_weight: torch.Tensor, norm_bias: torch.Tensor, conv_weight: torch.Tensor,
-                              conv_bias: torch.Tensor, eps: float
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_backward(dout, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+                              conv_bias: torch.Tensor, eps: float, with_gate: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                         torch.Tensor]:
+    return _triton_backward(dout, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
+                            with_gate)
 
 
 @_spatial_gate_backward_op.register_fake
-def _spatial_gate_backward_fake(dout, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps):
+def _spatial_gate_backward_fake(dout, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
+                                with_gate):
+    gate_shape = (*hidden.shape[:2], hidden.shape[2] // 2) if with_gate else (0,)
     return (hidden.new_empty(hidden.shape), norm_weight.new_empty(norm_weight.shape),
             norm_bias.new_empty(norm_bias.shape), conv_weight.new_empty(conv_weight.shape),
-            conv_bias.new_empty(conv_bias.shape))
+            conv_bias.new_empty(conv_bias.shape), hidden.new_empty(gate_shape))
 
 
-def _save_for_backward(ctx, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps):
-    ctx.save_for_backward(hidden, norm_weight, norm_bias, conv_weight, conv_bias)
+def _save_for_backward(ctx, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
+                       proj_weight, proj_bias):
+    # Only the input: with a projection the gate's output, which its weight gradient needs, is recomputed by the
+    # conv backward kernel, so neither it nor anything else of the gate's size is kept.
+    ctx.save_for_backward(hidden, norm_weight, norm_bias, conv_weight, conv_bias, proj_weight, proj_bias)
     ctx.height, ctx.width, ctx.eps = height, width, eps
 
 
@@ -381,10 +415,19 @@ def _setup_backward(ctx, inputs, output):
 
 def _input_gradients(launch_backward, ctx, dout):
     """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
-    hidden, norm_weight, norm_bias, conv_weight, conv_bias = ctx.saved_tensors
-    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias = launch_backward(
-        dout, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight, conv_bias, ctx.eps)
-    return dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None
+    hidden, norm_weight, norm_bias, conv_weight, conv_bias, proj_weight, proj_bias = ctx.saved_tensors
+    projected = proj_weight is not None
+    dgate = dout.matmul(proj_weight.to(dout.dtype)) if projected else dout
+    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, gate = launch_backward(
+        dgate, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight, conv_bias, ctx.eps, projected)
+    dproj_weight = dproj_bias = None
+    if projected:
+        # In the projection's dtype, then cast, as autocast's linear and the cast of its weight give them.
+        drows = dout.reshape(-1, dout.shape[-1])
+        dproj_weight = drows.t().matmul(gate.view(-1, gate.shape[-1])).to(proj_weight.dtype)
+        dproj_bias = None if proj_bias is None else drows.sum(0).to(proj_bias.dtype)
+    return (dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None, dproj_weight,
+            dproj_bias)
 
 
 def _spatial_gate_backward(ctx, dout):
@@ -398,9 +441,11 @@ class _SpatialGate(torch.autograd.Function):
     """The eager-mode entry, straight to the launchers (the custom ops' dispatch costs CPU time per call)."""
 
     @staticmethod
-    def forward(ctx, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias, eps: float):
-        _save_for_backward(ctx, hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
-        return _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+    def forward(ctx, hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias, eps: float,
+                proj_weight, proj_bias):
+        inputs = (hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps, proj_weight, proj_bias)
+        _save_for_backward(ctx, *inputs)
+        return _triton_forward_projected(*inputs)
 
     @staticmethod
     def backward(ctx, dout):
@@ -409,11 +454,12 @@ class _SpatialGate(torch.autograd.Function):
 
 def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
                        norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
-                       eps: float) -> torch.Tensor:
+                       eps: float, *, proj_weight: torch.Tensor | None = None,
+                       proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch spatial gate with the layouts and dtype rules of :func:`spatial_gate` (any float dtypes, any
     device): computed in float32 (float64 for float64 ``hidden``) whatever the parameters' dtypes, the normalised
     map rounded to ``hidden``'s dtype where the kernels store it, the output in ``hidden``'s dtype, and each
-    parameter's gradient in its own dtype."""
+    parameter's gradient in its own dtype. The projection, when given, runs in ``hidden``'s dtype."""
     channels = hidden.shape[2] // 2
     compute_dtype = torch.promote_types(hidden.dtype, torch.float32)
     norm_weight, norm_bias, conv_weight, conv_bias = (
@@ -423,7 +469,34 @@ def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weigh
     normed = normed.to(hidden.dtype).to(compute_dtype)
     conv = torch.nn.functional.conv2d(tokens_as_image(normed, height, width), conv_weight, conv_bias, padding=1,
                                       groups=channels)
-    return (first * image_as_tokens(conv)).to(hidden.dtype)
+    gate = (first * image_as_tokens(conv)).to(hidden.dtype)
+    return gate if proj_weight is None else _project(gate, proj_weight, proj_bias)
+
+
+def _check_projection(channels: int, device: torch.device, proj_weight, proj_bias) -> None:
+    if proj_weight is None:
+        if proj_bias is not None:
+            raise ValueError("spatial_gate: proj_bias was given without proj_weight; pass both (the MLP's "
+                             "fc2.weight and fc2.bias) or neither")
+        return
+    if not isinstance(proj_weight, torch.Tensor) or proj_weight.dim() != 2 or proj_weight.shape[1] != channels:
+        shape = tuple(proj_weight.shape) if isinstance(proj_weight, torch.Tensor) else type(proj_weight).__name__
+        raise ValueError(f"spatial_gate: proj_weight must be (out_features, {channels}) for {2 * channels} hidden "
+                         f"channels (an nn.Linear weight), got {shape}")
+    if proj_bias is not None and (not isinstance(proj_bias, torch.Tensor)
+                                  or tuple(proj_bias.shape) != (proj_weight.shape[0],)):
+        shape = tuple(proj_bias.shape) if isinstance(proj_bias, torch.Tensor) else type(proj_bias).__name__
+        raise ValueError(f"spatial_gate: proj_bias must have shape ({proj_weight.shape[0]},) to match proj_weight, "
+                         f"got {shape}")
+    for name, t in (("proj_weight", proj_weight), ("proj_bias", proj_bias)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"spatial_gate: {name} must be a floating-point tensor, got {t.dtype}; convert it "
+                            f"with .float()")
+        if t.device != device:
+            raise ValueError(f"spatial_gate: {name} is on {t.device} but hidden is on {device}; move the module "
+                             f"with .to(hidden.device)")
 
 
 def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:
@@ -461,26 +534,34 @@ def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, co
 
 def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
                  norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
-                 eps: float = 1e-5) -> torch.Tensor:
+                 eps: float = 1e-5, *, proj_weight: torch.Tensor | None = None,
+                 proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """``x1 * dwconv3x3(LayerNorm(x2))`` with ``x1, x2 = GELU(hidden).chunk(2, -1)``: (B, H*W, 2C) -> (B, H*W, C).
+
+    With ``proj_weight`` (and optionally ``proj_bias``), the linear layer after the gate too, the MLP's fc2:
+    ``F.linear(gate, proj_weight, proj_bias)``, computed in ``hidden``'s dtype as autocast computes it. The gate's
+    output is then not kept for the backward (the conv backward kernel recomputes it for the projection's weight
+    gradient): one (B, H*W, C) activation less per MLP in training.
 
     Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
     :func:`spatial_gate_torch` otherwise. Parameters may be in another float dtype than ``hidden`` (fp32
-    parameters under autocast); both paths compute in fp32 (the PyTorch one in fp64 for fp64 ``hidden``), return
-    ``hidden``'s dtype and give each parameter's gradient in its own dtype.
+    parameters under autocast); both paths compute the gate in fp32 (the PyTorch one in fp64 for fp64 ``hidden``),
+    return ``hidden``'s dtype and give each parameter's gradient in its own dtype.
     """
     _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+    _check_projection(hidden.shape[2] // 2, hidden.device, proj_weight, proj_bias)
     if hidden.dtype in SUPPORTED_DTYPES and triton_runs_on(hidden):
         if hidden.shape[2] // 2 > _MAX_CHANNELS:
             raise ValueError(f"spatial_gate: the Triton kernels take up to {_MAX_CHANNELS} gate channels, got "
                              f"{hidden.shape[2] // 2}; use spatial_gate_torch")
         # The kernels index the parameters densely.
         params = (norm_weight.contiguous(), norm_bias.contiguous(), conv_weight.contiguous(), conv_bias.contiguous())
-        args = (hidden, int(height), int(width), *params, float(eps))
+        args = (hidden, int(height), int(width), *params, float(eps), proj_weight, proj_bias)
         if torch.compiler.is_compiling():
             return _spatial_gate_forward_op(*args)
         return _SpatialGate.apply(*args)
-    return spatial_gate_torch(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+    return spatial_gate_torch(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
+                              proj_weight=proj_weight, proj_bias=proj_bias)
 
 
 # Gate channel counts of the models: 180 (RGT, RGT-S), 60 (embed 60), 64 (the built-in demo models).
@@ -500,10 +581,13 @@ def aot_variants() -> list[KernelVariant]:
         for channels in _AOT_CHANNELS:
             channels_pad = next_power_of_2(channels)
             row_tokens = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
+            backward_tiles, backward_warps = _conv_launch("backward")
             launches = (
                 (_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens), _NUM_WARPS),
                 (_gate_conv_kernel, *_conv_launch("forward")),
-                (_gate_conv_backward_kernel, *_conv_launch("backward")),
+                # With the projection after the gate (the model's MLP) and without it.
+                *((_gate_conv_backward_kernel, {**backward_tiles, "WRITE_GATE": write_gate}, backward_warps)
+                  for write_gate in (True, False)),
                 (_gate_norm_backward_kernel,
                  dict(CHANNELS_PAD=channels_pad, BLOCK_T=rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)),
                  _NORM_BACKWARD_NUM_WARPS),

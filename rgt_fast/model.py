@@ -153,11 +153,12 @@ def is_affine_layer_norm(norm: nn.Module) -> bool:
 
 
 class FusedMLP(reference.MLP):
-    """MLP whose GELU, spatial gate (LayerNorm, depthwise conv) and product are one fused op between fc1 and fc2.
+    """MLP whose GELU, spatial gate (LayerNorm, depthwise conv), product and fc2 are one fused op after fc1.
 
-    The torch backend runs the reference's ops in the reference's order, with the gate's conv on a channels-last
+    fc2 joins the op so that the gate's output is not kept for the backward (the op recomputes it there). The
+    torch backend runs the reference's ops in the reference's order, with the gate's conv on a channels-last
     view (``FusedSpatialGate``): that is what PyTorch ran fastest on CPU. So does an ``act_layer`` other than exact
-    GELU, on both backends.
+    GELU, on both backends; an fc2 other than a plain linear layer stays a module call after the fused gate.
     """
 
     backend = "auto"
@@ -166,8 +167,11 @@ class FusedMLP(reference.MLP):
         if (self.training and self.drop.p > 0) or not uses_triton(self.backend, x) or not is_exact_gelu(self.act):
             return super().forward(x, H, W)  # the fused op has no dropout
         gate = self.sg
-        return self.fc2(spatial_gate(self.fc1(x), H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight,
-                                     gate.conv.bias, gate.norm.eps))
+        gate_args = (self.fc1(x), H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight, gate.conv.bias,
+                     gate.norm.eps)
+        if type(self.fc2) not in (nn.Linear, TokenLinear):
+            return self.fc2(spatial_gate(*gate_args))
+        return spatial_gate(*gate_args, proj_weight=self.fc2.weight, proj_bias=self.fc2.bias)
 
 
 class FusedBlock(reference.Block):

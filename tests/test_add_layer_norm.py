@@ -178,6 +178,24 @@ def test_parameter_gradients_bitwise_identical_between_runs(monkeypatch):
         assert torch.equal(a, b), name
 
 
+def test_backward_keeps_the_inputs_not_the_fp32_sum():
+    """As under autocast (fp32 residual stream, bf16 attention output): the op saves x and delta themselves for
+    the backward and recomputes the sum there; no fp32 (B, N, C) tensor of its own is kept alive."""
+    inputs, grads = make_inputs(2, 37, 60)
+    x = inputs[0].clone().requires_grad_()
+    delta = inputs[1].bfloat16().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        summed, normed = aln.add_layer_norm(x, delta, *inputs[2:], EPS)
+    rows = {t.untyped_storage().data_ptr() for t in saved if t.shape == x.shape}
+    assert rows == {x.untyped_storage().data_ptr(), delta.untyped_storage().data_ptr()}
+    torch.autograd.backward([summed, normed], grads)
+    want = run_reference([x.detach(), delta.detach().double(), *inputs[2:]], grads, FP64)
+    for name, got, w in zip(NAMES[2:4], (x.grad, delta.grad), want[2:4]):
+        assert got.dtype == (torch.float32 if name == "d_x" else torch.bfloat16), name
+        torch.testing.assert_close(got.double(), w, rtol=2**-7, atol=1e-5 * w.abs().max().item(), msg=name)
+
+
 def test_float64_dispatches_to_torch_fallback():
     inputs, _ = make_inputs(1, 7, 12)
     inputs = [t.double() for t in inputs]

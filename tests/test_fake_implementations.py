@@ -55,13 +55,15 @@ def test_rgsa_attention():
     assert_fake_matches(ops.rgsa_attention_backward.default, (randn(*out.shape), q, k, v, out, lse, 0.25, 0))
 
 
-def test_spatial_gate():
+@pytest.mark.parametrize("projected", [False, True], ids=["gate", "gate+projection"])
+def test_spatial_gate(projected):
     height, width, channels = 5, 7, 12
     hidden = randn(2, height * width, 2 * channels)
     parameters = (randn(channels), randn(channels), randn(channels, 1, 3, 3), randn(channels))
-    assert_fake_matches(ops.spatial_gate_forward.default, (hidden, height, width, *parameters, 1e-5))
+    projection = (randn(9, channels), randn(9)) if projected else (None, None)
+    assert_fake_matches(ops.spatial_gate_forward.default, (hidden, height, width, *parameters, 1e-5, *projection))
     assert_fake_matches(ops.spatial_gate_backward.default,
-                        (randn(2, height * width, channels), hidden, height, width, *parameters, 1e-5))
+                        (randn(2, height * width, channels), hidden, height, width, *parameters, 1e-5, projected))
 
 
 @pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16])
@@ -70,8 +72,8 @@ def test_add_layer_norm(delta_dtype):
     assert_fake_matches(ops.add_layer_norm_forward.default, (x, delta, weight, bias, 1e-5, torch.bfloat16))
     summed, normed, mean, rstd = ops.add_layer_norm_forward(x, delta, weight, bias, 1e-5, torch.bfloat16)
     assert_fake_matches(ops.add_layer_norm_backward.default,
-                        (randn(*summed.shape), randn(*normed.shape, dtype=normed.dtype), summed, mean, rstd,
-                         weight, delta_dtype))
+                        (randn(*summed.shape), randn(*normed.shape, dtype=normed.dtype), x, delta, mean, rstd,
+                         weight))
 
 
 def test_layer_norm():

@@ -115,6 +115,45 @@ def test_chunked_reconstruction_holds_a_fraction_of_the_memory(monkeypatch):
     assert per_image < 0.5 * whole, peaks
 
 
+def kept_activation_rows(block, x, H, W):
+    """(tokens x embed_dim) rows of activations ``block`` keeps for its backward: the storages saved for it that
+    hold at least half a row per token (per-row statistics and the reduced maps of RG-SA are smaller), each
+    storage once, by its largest saved view (the memory checks pad kernel buffers with guard bands); neither the
+    parameters nor the block's input (the previous block's output, which that block's ops keep) count."""
+    row_bytes = x.numel() * x.element_size()
+    excluded = {t.untyped_storage().data_ptr() for t in (x, *block.parameters())}
+    sizes = {}
+
+    def pack(t):
+        address, size = t.untyped_storage().data_ptr(), t.numel() * t.element_size()
+        if address not in excluded and size * 2 >= row_bytes:
+            sizes[address] = max(size, sizes.get(address, 0))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        block(x, H, W)
+    return sum(sizes.values()) / row_bytes
+
+
+@needs_triton_device
+@pytest.mark.parametrize("attention", [FusedLSA, FusedRGSA], ids=["L-SA", "RG-SA"])
+def test_training_blocks_keep_only_what_their_backward_needs(attention):
+    """Issue 5's training memory: a fused block keeps, in rows of the block's width, what each of its ops needs
+    and nothing the kernels recompute: not the residual sum (recomputed from the input and the attention output)
+    and not the gate's output (recomputed for fc2's weight gradient). The reference keeps 16-58 rows here."""
+    model = RGT(**tiny_kwargs(), backend="triton").to(TRITON_DEVICE).train()
+    block = next(b for b in model.modules() if isinstance(b, FusedBlock) and isinstance(b.attn, attention))
+    H, W = 13, 19
+    x = torch.randn(2, H * W, model.embed_dim, device=TRITON_DEVICE, requires_grad=True)
+    expected = {"norm1's output": 1, "norm2's output (fc1's input)": 1, "fc1's output (the gate's input)": 2,
+                "the attention's output projection's output (the add's delta)": 1}
+    if attention is FusedLSA:
+        expected.update({"qkv": 3, "the attention output": 1, "proj's input (the output plus LCM)": 1})
+    else:
+        expected.update({"q": block.attn.q.out_features / model.embed_dim, "the attention output (proj's input)": 1})
+    assert kept_activation_rows(block, x, H, W) == pytest.approx(sum(expected.values())), expected
+
+
 def test_same_module_tree_and_state_dict():
     reference = ReferenceRGT(**tiny_kwargs())
     fused = RGT(**tiny_kwargs())

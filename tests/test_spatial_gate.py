@@ -247,3 +247,129 @@ def test_non_floating_parameters_are_rejected_on_both_paths(position, name, dtyp
 def test_bad_eps_is_rejected(eps):
     with pytest.raises(ValueError, match="eps must be a positive finite number"):
         sg.spatial_gate(*_good_inputs(), eps)
+
+
+# The gate with the MLP's fc2 fused after it (``proj_weight``, ``proj_bias``), as the fused model runs it.
+PROJECTED_NAMES = NAMES + ("d_proj_weight", "d_proj_bias")
+
+
+def make_projection(channels, out_features, dtype=torch.float32):
+    """fc2's weight and bias away from their init values, and an upstream gradient for its output."""
+    return [(0.3 * torch.randn(out_features, channels)).to(KERNEL_DEVICE, dtype),
+            (0.3 * torch.randn(out_features)).to(KERNEL_DEVICE, dtype)]
+
+
+def projected(hidden, height, width, *params):
+    return sg.spatial_gate(hidden, height, width, *params[:4], EPS, proj_weight=params[4], proj_bias=params[5])
+
+
+def projected_fallback(hidden, height, width, *params):
+    return sg.spatial_gate_torch(hidden, height, width, *params[:4], EPS, proj_weight=params[4], proj_bias=params[5])
+
+
+def projected_oracle(hidden, params, dout, height, width, dtype=torch.float64):
+    """The reference gate module followed by an nn.Linear, run in ``dtype``."""
+    leaf_hidden = hidden.detach().to(dtype).requires_grad_()
+    gate, module = reference_gate(leaf_hidden, height, width, *(p.to(dtype) for p in params[:4]))
+    fc2 = torch.nn.Linear(params[4].shape[1], params[4].shape[0]).to(device=hidden.device, dtype=dtype)
+    with torch.no_grad():
+        fc2.weight.copy_(params[4])
+        fc2.bias.copy_(params[5])
+    out = fc2(gate)
+    out.backward(dout.to(dtype))
+    return [out.detach(), leaf_hidden.grad, module.norm.weight.grad, module.norm.bias.grad, module.conv.weight.grad,
+            module.conv.bias.grad, fc2.weight.grad, fc2.bias.grad]
+
+
+def projected_inputs(batch, height, width, channels, strided=False):
+    hidden, params, _ = make_inputs(batch, height, width, channels, strided=strided)
+    out_features = channels + 5
+    dout = torch.randn(batch, height * width, out_features, device=KERNEL_DEVICE)
+    return hidden, params + make_projection(channels, out_features), dout
+
+
+@pytest.mark.parametrize("batch,height,width,channels", SHAPES[:3])
+@pytest.mark.parametrize("strided", [False, True])
+def test_projection_fp32_matches_float64_reference_modules(batch, height, width, channels, strided):
+    hidden, params, dout = projected_inputs(batch, height, width, channels, strided)
+    got = output_and_grads(hidden, params, dout, height, width, torch.float32, projected)
+    want = projected_oracle(hidden, params, dout, height, width)
+    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        assert_fp32_close_to_exact(g, w, name)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_projection_low_precision_within_flash_attention_bound(dtype):
+    """As the model runs it under autocast (16-bit activations, fp32 parameters): within FlashAttention's bound
+    of the reference modules run in the same precision; each parameter's gradient in its own dtype."""
+    hidden, params, dout = projected_inputs(2, 12, 13, 60)
+    want = projected_oracle(hidden, params, dout, 12, 13)
+    got = output_and_grads(hidden, params, dout, 12, 13, dtype, projected, torch.float32)
+    baseline = projected_oracle(hidden, params, dout, 12, 13, dtype)
+    for name, g, b, w in zip(PROJECTED_NAMES, got, baseline, want, strict=True):
+        assert g.dtype == (dtype if name in ("out", "d_hidden") else torch.float32), name
+        assert_within_flash_attention_bound(g, b, w, 1e-3 * w.abs().max().item(), name)
+
+
+def test_projection_without_bias_matches_fc2_without_bias():
+    hidden, params, dout = projected_inputs(2, 5, 7, 12)
+    leaf = hidden.clone().requires_grad_()
+    weight = params[4].clone().requires_grad_()
+    out = sg.spatial_gate(leaf, 5, 7, *params[:4], EPS, proj_weight=weight)
+    out.backward(dout)
+    want = projected_oracle(hidden, [*params[:5], torch.zeros_like(params[5])], dout, 5, 7)
+    for name, g, w in (("out", out.detach(), want[0]), ("d_hidden", leaf.grad, want[1]),
+                       ("d_proj_weight", weight.grad, want[6])):
+        assert_fp32_close_to_exact(g, w, name)
+
+
+def test_projection_fallback_matches_reference_modules():
+    hidden, params, dout = projected_inputs(2, 5, 6, 10)
+    got = output_and_grads(hidden, params, dout, 5, 6, torch.float64, projected_fallback)
+    want = projected_oracle(hidden, params, dout, 5, 6)
+    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_projection_keeps_no_gate_sized_activation_for_the_backward():
+    """The point of fusing fc2: of the activations, only ``hidden`` itself is saved; the gate's output (what an
+    nn.Linear after the gate would keep) is recomputed by the backward kernels."""
+    hidden, params, dout = projected_inputs(2, 6, 7, 12)
+    hidden.requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = projected(hidden, 6, 7, *params)
+    activations = [t for t in saved if t.dim() == 3]
+    assert [t.untyped_storage().data_ptr() for t in activations] == [hidden.untyped_storage().data_ptr()]
+    out.backward(dout)  # and the backward still runs from what was saved
+    assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
+
+
+def test_projection_torch_compile_fullgraph_matches_eager():
+    hidden, params, dout = projected_inputs(1, 6, 7, 10)
+
+    def block(h, height, width, *p):
+        return projected(h, height, width, *p) * 2.0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    got = output_and_grads(hidden, params, dout, 6, 7, torch.float32, compiled)
+    want = output_and_grads(hidden, params, dout, 6, 7, torch.float32, block)
+    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+        assert torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("projection,error,message", [
+    (dict(proj_bias=torch.zeros(6)), ValueError, "proj_bias was given without proj_weight"),
+    (dict(proj_weight=torch.zeros(9, 5)), ValueError, r"proj_weight must be \(out_features, 6\)"),
+    (dict(proj_weight=torch.zeros(6)), ValueError, r"proj_weight must be \(out_features, 6\)"),
+    (dict(proj_weight=torch.zeros(9, 6), proj_bias=torch.zeros(8)), ValueError, r"proj_bias must have shape \(9,\)"),
+    (dict(proj_weight=torch.zeros(9, 6, dtype=torch.int64)), TypeError, "proj_weight must be a floating-point"),
+    (dict(proj_weight=torch.zeros(9, 6, device="meta")), ValueError, "proj_weight is on meta"),
+])
+def test_bad_projections_are_rejected_with_guidance(projection, error, message):
+    args = _good_inputs()
+    projection = {name: t.to(args[0].device) if t.device.type != "meta" else t for name, t in projection.items()}
+    with pytest.raises(error, match=message):
+        sg.spatial_gate(*args, proj_weight=projection.get("proj_weight"), proj_bias=projection.get("proj_bias"))
