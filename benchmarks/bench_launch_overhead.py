@@ -123,7 +123,7 @@ def layer_norm_rows(batch: int, tokens: int, channels: int, calls: int):
     _, _, mean, rstd = aln._triton_forward(saved_x, None, norm.weight, norm.bias, norm.eps, torch.bfloat16)
 
     def backward_launcher():
-        aln._triton_backward(None, grad, saved_x, None, mean, rstd, norm.weight)
+        aln._triton_backward(None, grad, saved_x, None, mean, rstd, norm.weight, norm.bias, torch.bfloat16, False)
 
     yield stage_row("fused layer_norm", "forward", torch.no_grad()(fused), calls)
     yield stage_row("fused layer_norm", "backward launcher", backward_launcher, calls)

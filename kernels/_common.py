@@ -90,6 +90,10 @@ def fp32_matmuls_use_tf32() -> bool:
         precision = torch.backends.fp32_precision
     return precision == "tf32"
 
+# Pipelining depth of the row and conv kernels (add_layer_norm, spatial_gate): Triton's CUDA default, named so
+# that their launchers and their AOT variants (what the kernel report compiles) agree.
+ELEMENTWISE_NUM_STAGES = 3
+
 TRITON_DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -181,6 +185,52 @@ def values_times_probabilities_t(v_t: torch.Tensor, probabilities: torch.Tensor)
     on CPU.
     """
     return _ValuesTimesProbabilitiesT.apply(v_t, probabilities)
+
+
+# A fused op can take the nn.Linear that reads its output (``proj_weight``, ``proj_bias``): autograd then keeps
+# only the op's inputs, and the op's backward kernel recomputes the linear's input for its weight gradient.
+
+def project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The linear layer after a fused op, in the dtype of its input rows: what autocast runs it in (the rows are
+    already in the autocast dtype there; the weight and bias are cast as autocast casts them)."""
+    return torch.nn.functional.linear(rows, weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+
+
+def projection_input_grad(dout: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return dout.matmul(weight.to(dout.dtype))
+
+
+def projection_parameter_grads(dout: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dweight, dbias) of :func:`project` from its output's gradient and its input rows (recomputed): in the
+    rows' dtype, then cast to each parameter's, as autocast's linear and the cast of its parameters give them."""
+    drows = dout.reshape(-1, dout.shape[-1])
+    dweight = drows.t().matmul(rows.reshape(-1, rows.shape[-1])).to(weight.dtype)
+    return dweight, None if bias is None else drows.sum(0).to(bias.dtype)
+
+
+def check_projection(op: str, in_features: int, device: torch.device, weight, bias) -> None:
+    """Clear errors for a ``proj_weight`` / ``proj_bias`` pair that is not an nn.Linear's over ``in_features``."""
+    if weight is None:
+        if bias is not None:
+            raise ValueError(f"{op}: proj_bias was given without proj_weight; pass both (the weight and bias of "
+                             f"the nn.Linear that reads the output) or neither")
+        return
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or weight.shape[1] != in_features:
+        shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
+        raise ValueError(f"{op}: proj_weight must be (out_features, {in_features}), the weight of an nn.Linear "
+                         f"reading the op's {in_features} output channels, got {shape}")
+    if bias is not None and (not isinstance(bias, torch.Tensor) or tuple(bias.shape) != (weight.shape[0],)):
+        shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+        raise ValueError(f"{op}: proj_bias must have shape ({weight.shape[0]},) to match proj_weight, got {shape}")
+    for name, t in (("proj_weight", weight), ("proj_bias", bias)):
+        if t is None:
+            continue
+        if not t.is_floating_point():
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}; convert it with .float()")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device} but the input is on {device}; move the module to the "
+                             f"input's device")
 
 
 def tokens_as_image(x: torch.Tensor, height: int, width: int) -> torch.Tensor:

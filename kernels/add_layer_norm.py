@@ -29,16 +29,21 @@ import triton.language as tl
 
 from . import _common
 from ._common import (
+    ELEMENTWISE_NUM_STAGES,
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
     TRITON_DTYPES,
     KernelVariant,
     aot_signature,
     cdiv,
+    check_projection,
     layer_norm_input_grad,
     next_power_of_2,
     normalise_rows,
     on_device_of,
+    project,
+    projection_input_grad,
+    projection_parameter_grads,
     row_alignment,
     rows_per_tile,
     tile_offsets,
@@ -101,14 +106,17 @@ def _add_norm_forward_kernel(
 
 @triton.jit
 def _add_norm_backward_kernel(
-    x_ptr, delta_ptr, mean_ptr, rstd_ptr, weight_ptr, dnormed_ptr, dsummed_ptr, dx_ptr, ddelta_ptr,
-    weight_partial_ptr, bias_partial_ptr,
+    x_ptr, delta_ptr, mean_ptr, rstd_ptr, weight_ptr, bias_ptr, dnormed_ptr, dsummed_ptr, dx_ptr, ddelta_ptr,
+    normed_ptr, weight_partial_ptr, bias_partial_ptr,
     stride_xb, stride_xn, stride_xc, stride_db, stride_dn, stride_dc,
     stride_gb, stride_gn, stride_gc, stride_sb, stride_sn, stride_sc,
     num_rows, rows_per_image, tiles_per_program,
     CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, HAS_DELTA: tl.constexpr,
-    SUM_DTYPE: tl.constexpr, HAS_DSUMMED: tl.constexpr, WRITE_DDELTA: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    SUM_DTYPE: tl.constexpr, HAS_DSUMMED: tl.constexpr, WRITE_DDELTA: tl.constexpr, WRITE_NORMED: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
+    """With WRITE_NORMED, also the forward's normalised rows again, for the weight gradient of a linear layer
+    that reads them (the op's projection)."""
     chunk = tl.program_id(0)
     channels = tl.arange(0, CHANNELS_PAD)
     channel_valid = channels < CHANNELS
@@ -139,6 +147,11 @@ def _add_norm_backward_kernel(
         tl.store(dx_ptr + contiguous, dtotal.to(dx_ptr.dtype.element_ty), mask=valid)
         if WRITE_DDELTA:
             tl.store(ddelta_ptr + contiguous, dtotal.to(ddelta_ptr.dtype.element_ty), mask=valid)
+        if WRITE_NORMED:
+            # Last, and with the bias loaded here (a cache hit after the first tile): fewer values live at once.
+            bias = tl.load(bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
+            tl.store(normed_ptr + contiguous, (x_hat * weight[None, :] + bias[None, :]).to(normed_ptr.dtype.element_ty),
+                     mask=valid)
     tl.store(weight_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, weight_partial, mask=channel_valid)
     tl.store(bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
 
@@ -172,21 +185,25 @@ def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtyp
             *(x if delta is None else delta).stride(), num_rows, rows_per_image, eps,
             CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DELTA=delta is not None,
             ROW_ALIGN=row_alignment(x, x if delta is None else delta), num_warps=_NUM_WARPS,
+            num_stages=ELEMENTWISE_NUM_STAGES,
         )
     return summed, normed, mean, rstd
 
 
-def _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight):
-    """(dx, ddelta, dweight, dbias), each input's gradient in its dtype. The kernel recomputes the sum from ``x``
-    and ``delta`` (``x`` alone for a plain LayerNorm: ``delta`` None); ``dsummed`` None means the sum was not used
-    (or does not exist). ``ddelta`` is ``dx`` itself when the dtypes agree."""
+def _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight, bias, normed_dtype: torch.dtype,
+                     with_normed: bool):
+    """(dx, ddelta, dweight, dbias, normed), each input's gradient in its dtype. The kernel recomputes the sum from
+    ``x`` and ``delta`` (``x`` alone for a plain LayerNorm: ``delta`` None); ``dsummed`` None means the sum was not
+    used (or does not exist). ``ddelta`` is ``dx`` itself when the dtypes agree. ``normed`` is the forward's
+    normalised output again, in ``normed_dtype``, when ``with_normed`` (else an empty tensor)."""
     batch, rows_per_image, channels = x.shape
     num_rows = batch * rows_per_image
     dx = _common.kernel_buffer(x.shape, dtype=x.dtype, device=x.device)
     write_ddelta = delta is not None and delta.dtype != x.dtype
     ddelta = _common.kernel_buffer(x.shape, dtype=delta.dtype, device=x.device) if write_ddelta else dx
+    normed = _common.kernel_buffer(x.shape if with_normed else (0,), dtype=normed_dtype, device=x.device)
     if num_rows == 0:
-        return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight)
+        return dx, ddelta, torch.zeros_like(weight), torch.zeros_like(weight), normed
     channels_pad = next_power_of_2(channels)
     block_rows = rows_per_tile(channels_pad, _BACKWARD_TILE_ELEMENTS)
     num_tiles = cdiv(num_rows, block_rows)
@@ -199,71 +216,100 @@ def _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight):
     sum_dtype = x.dtype if delta is None else torch.promote_types(x.dtype, delta.dtype)
     with on_device_of(x):
         _add_norm_backward_kernel[(num_chunks,)](
-            x, delta_rows, mean, rstd, weight, dnormed, dsummed_rows, dx, ddelta, weight_partial, bias_partial,
+            x, delta_rows, mean, rstd, weight, bias, dnormed, dsummed_rows, dx, ddelta,
+            normed if with_normed else dx, weight_partial, bias_partial,
             *x.stride(), *delta_rows.stride(), *dnormed.stride(), *dsummed_rows.stride(),
             num_rows, rows_per_image, tiles_per_program,
             CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_rows, HAS_DELTA=delta is not None,
             SUM_DTYPE=TRITON_DTYPES[sum_dtype], HAS_DSUMMED=dsummed is not None, WRITE_DDELTA=write_ddelta,
-            ROW_ALIGN=row_alignment(x, delta_rows, dnormed, dsummed_rows), num_warps=_NUM_WARPS,
+            WRITE_NORMED=with_normed, ROW_ALIGN=row_alignment(x, delta_rows, dnormed, dsummed_rows),
+            num_warps=_NUM_WARPS, num_stages=ELEMENTWISE_NUM_STAGES,
         )
     # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
-    return dx, ddelta, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype)
+    return dx, ddelta, weight_partial.sum(0).to(weight.dtype), bias_partial.sum(0).to(weight.dtype), normed
+
+
+def _triton_forward_projected(x, delta, weight, bias, eps: float, normed_dtype: torch.dtype, proj_weight,
+                              proj_bias):
+    """(summed, out, mean, rstd): ``out`` is the normalised rows, or the projection of them with ``proj_weight``."""
+    summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
+    out = normed if proj_weight is None else project(normed, proj_weight, proj_bias)
+    return summed, out, mean, rstd
+
+
+def _projected_shape(x: torch.Tensor, proj_weight) -> tuple[int, ...]:
+    return tuple(x.shape) if proj_weight is None else (*x.shape[:-1], proj_weight.shape[0])
 
 
 @torch.library.custom_op("rgt_fast::add_layer_norm_forward", mutates_args=())
 def _add_layer_norm_forward_op(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                               eps: float, normed_dtype: torch.dtype
+                               eps: float, normed_dtype: torch.dtype, proj_weight: torch.Tensor | None,
+                               proj_bias: torch.Tensor | None
                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _triton_forward(x, delta, weight, bias, eps, normed_dtype)
+    return _triton_forward_projected(x, delta, weight, bias, eps, normed_dtype, proj_weight, proj_bias)
 
 
 @_add_layer_norm_forward_op.register_fake
-def _add_layer_norm_forward_fake(x, delta, weight, bias, eps, normed_dtype):
+def _add_layer_norm_forward_fake(x, delta, weight, bias, eps, normed_dtype, proj_weight, proj_bias):
     num_rows = x.shape[0] * x.shape[1]
     return (x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype)),
-            x.new_empty(x.shape, dtype=normed_dtype), x.new_empty((num_rows,), dtype=torch.float32),
-            x.new_empty((num_rows,), dtype=torch.float32))
+            x.new_empty(_projected_shape(x, proj_weight), dtype=normed_dtype),
+            x.new_empty((num_rows,), dtype=torch.float32), x.new_empty((num_rows,), dtype=torch.float32))
 
 
 @torch.library.custom_op("rgt_fast::add_layer_norm_backward", mutates_args=())
-def _add_layer_norm_backward_op(dsummed: torch.Tensor, dnormed: torch.Tensor, x: torch.Tensor, delta: torch.Tensor,
-                                mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor
-                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, ddelta, dweight, dbias = _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight)
+def _add_layer_norm_backward_op(dsummed: torch.Tensor | None, dnormed: torch.Tensor, x: torch.Tensor,
+                                delta: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor,
+                                normed_dtype: torch.dtype, with_normed: bool
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, ddelta, dweight, dbias, normed = _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight, bias,
+                                                          normed_dtype, with_normed)
     # A custom op may not return one tensor twice: when the dtypes agree the two gradients share values.
-    return dx, (ddelta.clone() if ddelta is dx else ddelta), dweight, dbias
+    return dx, (ddelta.clone() if ddelta is dx else ddelta), dweight, dbias, normed
 
 
 @_add_layer_norm_backward_op.register_fake
-def _add_layer_norm_backward_fake(dsummed, dnormed, x, delta, mean, rstd, weight):
+def _add_layer_norm_backward_fake(dsummed, dnormed, x, delta, mean, rstd, weight, bias, normed_dtype, with_normed):
     return (x.new_empty(x.shape), delta.new_empty(delta.shape), weight.new_empty(weight.shape),
-            weight.new_empty(weight.shape))
+            weight.new_empty(weight.shape), x.new_empty(x.shape if with_normed else (0,), dtype=normed_dtype))
 
 
-def _save_for_backward(ctx, x, delta, mean, rstd, weight):
+def _save_for_backward(ctx, x, delta, mean, rstd, weight, bias, normed_dtype, proj_weight, proj_bias):
     # The inputs, not the sum: in a block ``x`` is kept for the backward anyway (norm1, the HAI residual), and
-    # ``delta`` is the 16-bit attention output where the sum is the fp32 residual stream under autocast.
-    ctx.save_for_backward(x, delta, mean, rstd, weight)
+    # ``delta`` is the 16-bit attention output where the sum is the fp32 residual stream under autocast. With a
+    # projection, not the normalised rows either: the backward kernel writes them again for its weight gradient.
+    ctx.save_for_backward(x, delta, mean, rstd, weight, bias, proj_weight, proj_bias)
+    ctx.normed_dtype = normed_dtype
+
+
+def _gradients(launch_backward, ctx, dsummed, dout):
+    """(dx, ddelta, dweight, dbias, dproj_weight, dproj_bias) from ``launch_backward`` (a custom op or the
+    launcher, with the launcher's arguments); ``delta`` None for a plain LayerNorm."""
+    x, delta, mean, rstd, weight, bias, proj_weight, proj_bias = ctx.saved_tensors
+    projected = proj_weight is not None
+    if dout is None:
+        dnormed = torch.zeros_like(x, dtype=ctx.normed_dtype)
+    else:
+        dnormed = projection_input_grad(dout, proj_weight) if projected else dout
+    dx, ddelta, dweight, dbias, normed = launch_backward(dsummed, dnormed, x, delta, mean, rstd, weight, bias,
+                                                         ctx.normed_dtype, projected and dout is not None)
+    dproj_weight, dproj_bias = (projection_parameter_grads(dout, normed, proj_weight, proj_bias)
+                                if projected and dout is not None else (None, None))
+    return dx, ddelta, dweight, dbias, dproj_weight, dproj_bias
 
 
 def _setup_backward(ctx, inputs, output):
-    x, delta, weight, bias, eps, normed_dtype = inputs
+    x, delta, weight, bias, eps, normed_dtype, proj_weight, proj_bias = inputs
     _, _, mean, rstd = output
-    _save_for_backward(ctx, x, delta, mean, rstd, weight)
+    _save_for_backward(ctx, x, delta, mean, rstd, weight, bias, normed_dtype, proj_weight, proj_bias)
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _input_gradients(launch_backward, ctx, dsummed, dnormed):
-    """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
-    x, delta, mean, rstd, weight = ctx.saved_tensors
-    dsummed = torch.zeros_like(x, dtype=torch.promote_types(x.dtype, delta.dtype)) if dsummed is None else dsummed
-    dnormed = torch.zeros_like(x) if dnormed is None else dnormed
-    dx, ddelta, dweight, dbias = launch_backward(dsummed, dnormed, x, delta, mean, rstd, weight)
-    return dx, ddelta, dweight, dbias, None, None
-
-
-def _add_layer_norm_backward(ctx, dsummed, dnormed, _dmean, _drstd):
-    return _input_gradients(_add_layer_norm_backward_op, ctx, dsummed, dnormed)
+def _add_layer_norm_backward(ctx, dsummed, dout, _dmean, _drstd):
+    dx, ddelta, dweight, dbias, dproj_weight, dproj_bias = _gradients(_add_layer_norm_backward_op, ctx, dsummed,
+                                                                      dout)
+    return dx, ddelta, dweight, dbias, None, None, dproj_weight, dproj_bias
 
 
 _add_layer_norm_forward_op.register_autograd(_add_layer_norm_backward, setup_context=_setup_backward)
@@ -273,32 +319,38 @@ class _AddLayerNorm(torch.autograd.Function):
     """The eager-mode entry, straight to the launchers (the custom ops' dispatch costs CPU time per call)."""
 
     @staticmethod
-    def forward(ctx, x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
-        summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
-        _save_for_backward(ctx, x, delta, mean, rstd, weight)
-        return summed, normed
+    def forward(ctx, x, delta, weight, bias, eps: float, normed_dtype: torch.dtype, proj_weight, proj_bias):
+        summed, out, mean, rstd = _triton_forward_projected(x, delta, weight, bias, eps, normed_dtype, proj_weight,
+                                                            proj_bias)
+        _save_for_backward(ctx, x, delta, mean, rstd, weight, bias, normed_dtype, proj_weight, proj_bias)
+        return summed, out
 
     @staticmethod
-    def backward(ctx, dsummed, dnormed):
-        return _input_gradients(_triton_backward, ctx, dsummed, dnormed)
+    def backward(ctx, dsummed, dout):
+        dx, ddelta, dweight, dbias, dproj_weight, dproj_bias = _gradients(_triton_backward, ctx, dsummed, dout)
+        return dx, ddelta, dweight, dbias, None, None, dproj_weight, dproj_bias
 
 
-def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, *,
+                     proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """Plain-PyTorch :func:`layer_norm` with its dtype rules (any float dtypes, any device): computed in float32
     (float64 for float64 ``x``) whatever the parameters' dtypes, as the kernels compute; the output in the
-    autocast dtype under autocast, else ``x``'s; each parameter's gradient in its own dtype."""
+    autocast dtype under autocast, else ``x``'s; each parameter's gradient in its own dtype. The projection, when
+    given, runs in the output's dtype."""
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     normed = torch.nn.functional.layer_norm(x.to(compute_dtype), (x.shape[-1],), weight.to(compute_dtype),
-                                            bias.to(compute_dtype), eps)
-    return normed.to(_normed_dtype(x.dtype, x.device))
+                                            bias.to(compute_dtype), eps).to(_normed_dtype(x.dtype, x.device))
+    return normed if proj_weight is None else project(normed, proj_weight, proj_bias)
 
 
 def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                         eps: float, *, proj_weight: torch.Tensor | None = None,
+                         proj_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Plain-PyTorch :func:`add_layer_norm` with its dtype rules (any float dtypes, any device): the sum in the
-    promoted dtype of ``x`` and ``delta``, its LayerNorm as :func:`layer_norm_torch` computes it."""
+    promoted dtype of ``x`` and ``delta``, its LayerNorm (and projection) as :func:`layer_norm_torch` computes
+    it."""
     summed = x + delta
-    return summed, layer_norm_torch(summed, weight, bias, eps)
+    return summed, layer_norm_torch(summed, weight, bias, eps, proj_weight=proj_weight, proj_bias=proj_bias)
 
 
 def _check_inputs(x, delta, weight, bias, eps) -> None:
@@ -331,15 +383,21 @@ def _check_inputs(x, delta, weight, bias, eps) -> None:
 
 
 def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                   eps: float = 1e-5) -> tuple[torch.Tensor, torch.Tensor]:
+                   eps: float = 1e-5, *, proj_weight: torch.Tensor | None = None,
+                   proj_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + delta, LayerNorm(x + delta))`` over the last dim of (B, N, C) tensors.
 
     Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
     :func:`add_layer_norm_torch` otherwise. The sum has the promoted dtype of ``x`` and ``delta``; the
     normalised tensor has the autocast dtype when autocast is on (what the next matmul would cast it to),
     else the sum's. ``weight`` and ``bias`` may be in another float dtype than the sum.
+
+    With ``proj_weight`` (and optionally ``proj_bias``), the second result is instead the linear layer that reads
+    the normalised rows (the MLP's fc1), ``F.linear(normed, proj_weight, proj_bias)`` in the normalised rows' dtype
+    as autocast runs it; the normalised rows are then not kept for the backward (its kernel writes them again).
     """
     _check_inputs(x, delta, weight, bias, eps)
+    check_projection("add_layer_norm", x.shape[2], x.device, proj_weight, proj_bias)
     summed_dtype = torch.promote_types(x.dtype, delta.dtype)
     if summed_dtype in SUPPORTED_DTYPES and triton_runs_on(x):
         if x.shape[2] > _MAX_CHANNELS:
@@ -348,49 +406,60 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
         normed_dtype = _normed_dtype(summed_dtype, x.device)
         weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         if torch.compiler.is_compiling():
-            summed, normed, _, _ = _add_layer_norm_forward_op(x, delta, weight, bias, float(eps), normed_dtype)
-            return summed, normed
-        return _AddLayerNorm.apply(x, delta, weight, bias, float(eps), normed_dtype)
-    return add_layer_norm_torch(x, delta, weight, bias, eps)
+            summed, out, _, _ = _add_layer_norm_forward_op(x, delta, weight, bias, float(eps), normed_dtype,
+                                                           proj_weight, proj_bias)
+            return summed, out
+        return _AddLayerNorm.apply(x, delta, weight, bias, float(eps), normed_dtype, proj_weight, proj_bias)
+    return add_layer_norm_torch(x, delta, weight, bias, eps, proj_weight=proj_weight, proj_bias=proj_bias)
 
 
 @torch.library.custom_op("rgt_fast::layer_norm_forward", mutates_args=())
 def _layer_norm_forward_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                           normed_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _, normed, mean, rstd = _triton_forward(x, None, weight, bias, eps, normed_dtype)
-    return normed, mean, rstd
+                           normed_dtype: torch.dtype, proj_weight: torch.Tensor | None, proj_bias: torch.Tensor | None
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _, out, mean, rstd = _triton_forward_projected(x, None, weight, bias, eps, normed_dtype, proj_weight, proj_bias)
+    return out, mean, rstd
 
 
 @_layer_norm_forward_op.register_fake
-def _layer_norm_forward_fake(x, weight, bias, eps, normed_dtype):
+def _layer_norm_forward_fake(x, weight, bias, eps, normed_dtype, proj_weight, proj_bias):
     num_rows = x.shape[0] * x.shape[1]
-    return (x.new_empty(x.shape, dtype=normed_dtype), x.new_empty((num_rows,), dtype=torch.float32),
-            x.new_empty((num_rows,), dtype=torch.float32))
+    return (x.new_empty(_projected_shape(x, proj_weight), dtype=normed_dtype),
+            x.new_empty((num_rows,), dtype=torch.float32), x.new_empty((num_rows,), dtype=torch.float32))
 
 
 @torch.library.custom_op("rgt_fast::layer_norm_backward", mutates_args=())
 def _layer_norm_backward_op(dnormed: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                            weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dx, _, dweight, dbias = _triton_backward(None, dnormed, x, None, mean, rstd, weight)
-    return dx, dweight, dbias
+                            weight: torch.Tensor, bias: torch.Tensor, normed_dtype: torch.dtype, with_normed: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dx, _, dweight, dbias, normed = _triton_backward(None, dnormed, x, None, mean, rstd, weight, bias, normed_dtype,
+                                                     with_normed)
+    return dx, dweight, dbias, normed
 
 
 @_layer_norm_backward_op.register_fake
-def _layer_norm_backward_fake(dnormed, x, mean, rstd, weight):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+def _layer_norm_backward_fake(dnormed, x, mean, rstd, weight, bias, normed_dtype, with_normed):
+    return (x.new_empty(x.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape),
+            x.new_empty(x.shape if with_normed else (0,), dtype=normed_dtype))
+
+
+def _launch_layer_norm_backward_op(dsummed, dnormed, x, delta, mean, rstd, weight, bias, normed_dtype, with_normed):
+    """The layer_norm backward custom op with the launcher's arguments (no sum, no delta)."""
+    dx, dweight, dbias, normed = _layer_norm_backward_op(dnormed, x, mean, rstd, weight, bias, normed_dtype,
+                                                         with_normed)
+    return dx, None, dweight, dbias, normed
 
 
 def _setup_layer_norm_backward(ctx, inputs, output):
-    x, weight, bias, eps, normed_dtype = inputs
+    x, weight, bias, eps, normed_dtype, proj_weight, proj_bias = inputs
     _, mean, rstd = output
-    ctx.save_for_backward(x, mean, rstd, weight)
+    _save_for_backward(ctx, x, None, mean, rstd, weight, bias, normed_dtype, proj_weight, proj_bias)
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _layer_norm_backward(ctx, dnormed, _dmean, _drstd):
-    x, mean, rstd, weight = ctx.saved_tensors
-    dx, dweight, dbias = _layer_norm_backward_op(dnormed, x, mean, rstd, weight)
-    return dx, dweight, dbias, None, None
+def _layer_norm_backward(ctx, dout, _dmean, _drstd):
+    dx, _, dweight, dbias, dproj_weight, dproj_bias = _gradients(_launch_layer_norm_backward_op, ctx, None, dout)
+    return dx, dweight, dbias, None, None, dproj_weight, dproj_bias
 
 
 _layer_norm_forward_op.register_autograd(_layer_norm_backward, setup_context=_setup_layer_norm_backward)
@@ -400,26 +469,30 @@ class _LayerNorm(torch.autograd.Function):
     """The eager-mode entry of :func:`layer_norm`, straight to the launchers."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, normed_dtype: torch.dtype):
-        _, normed, mean, rstd = _triton_forward(x, None, weight, bias, eps, normed_dtype)
-        ctx.save_for_backward(x, mean, rstd, weight)
-        return normed
+    def forward(ctx, x, weight, bias, eps: float, normed_dtype: torch.dtype, proj_weight, proj_bias):
+        _, out, mean, rstd = _triton_forward_projected(x, None, weight, bias, eps, normed_dtype, proj_weight,
+                                                       proj_bias)
+        _save_for_backward(ctx, x, None, mean, rstd, weight, bias, normed_dtype, proj_weight, proj_bias)
+        return out
 
     @staticmethod
-    def backward(ctx, dnormed):
-        x, mean, rstd, weight = ctx.saved_tensors
-        dx, _, dweight, dbias = _triton_backward(None, dnormed, x, None, mean, rstd, weight)
-        return dx, dweight, dbias, None, None
+    def backward(ctx, dout):
+        dx, _, dweight, dbias, dproj_weight, dproj_bias = _gradients(_triton_backward, ctx, None, dout)
+        return dx, dweight, dbias, None, None, dproj_weight, dproj_bias
 
 
-def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5, *,
+               proj_weight: torch.Tensor | None = None, proj_bias: torch.Tensor | None = None) -> torch.Tensor:
     """LayerNorm over the last dim of a (B, N, C) tensor, output in the dtype the next matmul reads.
 
     Under autocast that is the autocast dtype (the value autocast would have cast the fp32 LayerNorm output
     to), which saves the cast's extra pass; otherwise ``x``'s dtype. Triton kernels where they can run, else
-    :func:`layer_norm_torch`. Parameters may be in another float dtype than ``x``.
+    :func:`layer_norm_torch`. Parameters may be in another float dtype than ``x``. With ``proj_weight`` (and
+    optionally ``proj_bias``), the result is the linear layer that reads the normalised rows (L-SA's qkv) instead,
+    as :func:`add_layer_norm` computes it, and the normalised rows are not kept for the backward.
     """
     _check_inputs(x, None, weight, bias, eps)
+    check_projection("layer_norm", x.shape[2], x.device, proj_weight, proj_bias)
     if x.dtype in SUPPORTED_DTYPES and triton_runs_on(x):
         if x.shape[2] > _MAX_CHANNELS:
             raise ValueError(f"layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
@@ -427,9 +500,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
         weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         normed_dtype = _normed_dtype(x.dtype, x.device)
         if torch.compiler.is_compiling():
-            return _layer_norm_forward_op(x, weight, bias, float(eps), normed_dtype)[0]
-        return _LayerNorm.apply(x, weight, bias, float(eps), normed_dtype)
-    return layer_norm_torch(x, weight, bias, eps)
+            return _layer_norm_forward_op(x, weight, bias, float(eps), normed_dtype, proj_weight, proj_bias)[0]
+        return _LayerNorm.apply(x, weight, bias, float(eps), normed_dtype, proj_weight, proj_bias)
+    return layer_norm_torch(x, weight, bias, eps, proj_weight=proj_weight, proj_bias=proj_bias)
 
 
 # Embed dims of the models: 180 (RGT, RGT-S), 60, 64 (the built-in demo models).
@@ -456,15 +529,19 @@ def aot_variants() -> list[KernelVariant]:
                     "weight_partial_ptr": "fp32", "bias_partial_ptr": "fp32",
                 }
                 stream_dtype = torch.float32 if stream == "fp32" else dtype
+                # The backward writes the normalised rows again when a projection follows (fc1 after norm2, qkv
+                # after L-SA's norm1), not without one (RG-SA's norm1, the op alone).
                 launches = (
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": True}),
-                    (_add_norm_backward_kernel, backward_tiles,
-                     {"HAS_DELTA": True, "SUM_DTYPE": TRITON_DTYPES[stream_dtype], "HAS_DSUMMED": True,
-                      "WRITE_DDELTA": stream != name}),
+                    *((_add_norm_backward_kernel, backward_tiles,
+                       {"HAS_DELTA": True, "SUM_DTYPE": TRITON_DTYPES[stream_dtype], "HAS_DSUMMED": True,
+                        "WRITE_DDELTA": stream != name, "WRITE_NORMED": write_normed})
+                      for write_normed in (True, False)),
                     (_add_norm_forward_kernel, forward_tiles, {"HAS_DELTA": False}),
-                    (_add_norm_backward_kernel, backward_tiles,
-                     {"HAS_DELTA": False, "SUM_DTYPE": TRITON_DTYPES[stream_dtype], "HAS_DSUMMED": False,
-                      "WRITE_DDELTA": False}),
+                    *((_add_norm_backward_kernel, backward_tiles,
+                       {"HAS_DELTA": False, "SUM_DTYPE": TRITON_DTYPES[stream_dtype], "HAS_DSUMMED": False,
+                        "WRITE_DDELTA": False, "WRITE_NORMED": write_normed})
+                      for write_normed in (True, False)),
                 )
                 # As in the model: contiguous (B, N, C) rows, the residual stream's and the 16-bit ones.
                 row_align = row_alignment(*(torch.empty(1, 64 * 64, channels, dtype=t, device="meta")
@@ -478,6 +555,6 @@ def aot_variants() -> list[KernelVariant]:
                                        *(f"{k}={v}" for k, v in {**tiles, **flags}.items() if k != "CHANNELS"),
                                        f"warps={_NUM_WARPS}"])
                     variants.append(KernelVariant(kernel=fn.__name__, fn=fn, signature=signature,
-                                                  constexprs=constexprs, num_warps=_NUM_WARPS, num_stages=1,
-                                                  uses_dot=False, config=config))
+                                                  constexprs=constexprs, num_warps=_NUM_WARPS,
+                                                  num_stages=ELEMENTWISE_NUM_STAGES, uses_dot=False, config=config))
     return variants

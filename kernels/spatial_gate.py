@@ -28,22 +28,26 @@ import math
 import numbers
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from . import _common
 from ._common import (
+    ELEMENTWISE_NUM_STAGES,
     SUPPORTED_DTYPES,
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
     cdiv,
+    check_projection,
     image_as_tokens,
     layer_norm_input_grad,
     next_power_of_2,
     normalise_rows,
     on_device_of,
+    project,
+    projection_input_grad,
+    projection_parameter_grads,
     row_alignment,
     rows_per_tile,
     tile_offsets,
@@ -275,7 +279,7 @@ def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.T
     _gate_norm_kernel[(cdiv(num_tokens, block_t),)](
         hidden, norm_weight, norm_bias, normed, *hidden.stride(), num_tokens, tokens_per_image, eps,
         CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, ROW_ALIGN=row_alignment(hidden),
-        num_warps=_NUM_WARPS,
+        num_warps=_NUM_WARPS, num_stages=ELEMENTWISE_NUM_STAGES,
     )
     return normed
 
@@ -295,7 +299,7 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
             hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),
             num_tokens, tokens_per_image, height, width,
             CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, ROW_ALIGN=row_alignment(hidden),
-            num_warps=num_warps,
+            num_warps=num_warps, num_stages=ELEMENTWISE_NUM_STAGES,
         )
     return out
 
@@ -333,7 +337,7 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
             conv_weight_partial, conv_bias_partial,
             *hidden.stride(), *dout.stride(), num_tokens, tokens_per_image, height, width, conv_tiles,
             CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, WRITE_GATE=with_gate,
-            ROW_ALIGN=row_alignment(hidden, dout), num_warps=num_warps,
+            ROW_ALIGN=row_alignment(hidden, dout), num_warps=num_warps, num_stages=ELEMENTWISE_NUM_STAGES,
         )
 
         block_t = rows_per_tile(channels_pad, _NORM_BACKWARD_TILE_ELEMENTS)
@@ -345,7 +349,7 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
             hidden, norm_weight, conv_weight, dconv, dhidden, norm_weight_partial, norm_bias_partial,
             *hidden.stride(), num_tokens, tokens_per_image, height, width, norm_tiles, eps,
             CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, ROW_ALIGN=row_alignment(hidden),
-            num_warps=_NORM_BACKWARD_NUM_WARPS,
+            num_warps=_NORM_BACKWARD_NUM_WARPS, num_stages=ELEMENTWISE_NUM_STAGES,
         )
     # torch's sum over the chunk dimension is a fixed-order reduction: the same bits on every run.
     return (dhidden,
@@ -354,15 +358,10 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
             conv_bias_partial.sum(0).to(conv_bias.dtype), gate)
 
 
-def _project(gate: torch.Tensor, proj_weight: torch.Tensor, proj_bias: torch.Tensor | None) -> torch.Tensor:
-    """The linear layer after the gate (the MLP's fc2) in the gate's dtype, as autocast runs it."""
-    return F.linear(gate, proj_weight.to(gate.dtype), None if proj_bias is None else proj_bias.to(gate.dtype))
-
-
 def _triton_forward_projected(hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
                               eps: float, proj_weight, proj_bias) -> torch.Tensor:
     gate = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
-    return gate if proj_weight is None else _project(gate, proj_weight, proj_bias)
+    return gate if proj_weight is None else project(gate, proj_weight, proj_bias)
 
 
 @torch.library.custom_op("rgt_fast::spatial_gate_forward", mutates_args=())
@@ -417,15 +416,11 @@ def _input_gradients(launch_backward, ctx, dout):
     """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
     hidden, norm_weight, norm_bias, conv_weight, conv_bias, proj_weight, proj_bias = ctx.saved_tensors
     projected = proj_weight is not None
-    dgate = dout.matmul(proj_weight.to(dout.dtype)) if projected else dout
+    dgate = projection_input_grad(dout, proj_weight) if projected else dout
     dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, gate = launch_backward(
         dgate, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight, conv_bias, ctx.eps, projected)
-    dproj_weight = dproj_bias = None
-    if projected:
-        # In the projection's dtype, then cast, as autocast's linear and the cast of its weight give them.
-        drows = dout.reshape(-1, dout.shape[-1])
-        dproj_weight = drows.t().matmul(gate.view(-1, gate.shape[-1])).to(proj_weight.dtype)
-        dproj_bias = None if proj_bias is None else drows.sum(0).to(proj_bias.dtype)
+    dproj_weight, dproj_bias = (projection_parameter_grads(dout, gate, proj_weight, proj_bias) if projected
+                                else (None, None))
     return (dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None, dproj_weight,
             dproj_bias)
 
@@ -470,33 +465,7 @@ def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weigh
     conv = torch.nn.functional.conv2d(tokens_as_image(normed, height, width), conv_weight, conv_bias, padding=1,
                                       groups=channels)
     gate = (first * image_as_tokens(conv)).to(hidden.dtype)
-    return gate if proj_weight is None else _project(gate, proj_weight, proj_bias)
-
-
-def _check_projection(channels: int, device: torch.device, proj_weight, proj_bias) -> None:
-    if proj_weight is None:
-        if proj_bias is not None:
-            raise ValueError("spatial_gate: proj_bias was given without proj_weight; pass both (the MLP's "
-                             "fc2.weight and fc2.bias) or neither")
-        return
-    if not isinstance(proj_weight, torch.Tensor) or proj_weight.dim() != 2 or proj_weight.shape[1] != channels:
-        shape = tuple(proj_weight.shape) if isinstance(proj_weight, torch.Tensor) else type(proj_weight).__name__
-        raise ValueError(f"spatial_gate: proj_weight must be (out_features, {channels}) for {2 * channels} hidden "
-                         f"channels (an nn.Linear weight), got {shape}")
-    if proj_bias is not None and (not isinstance(proj_bias, torch.Tensor)
-                                  or tuple(proj_bias.shape) != (proj_weight.shape[0],)):
-        shape = tuple(proj_bias.shape) if isinstance(proj_bias, torch.Tensor) else type(proj_bias).__name__
-        raise ValueError(f"spatial_gate: proj_bias must have shape ({proj_weight.shape[0]},) to match proj_weight, "
-                         f"got {shape}")
-    for name, t in (("proj_weight", proj_weight), ("proj_bias", proj_bias)):
-        if t is None:
-            continue
-        if not t.is_floating_point():
-            raise TypeError(f"spatial_gate: {name} must be a floating-point tensor, got {t.dtype}; convert it "
-                            f"with .float()")
-        if t.device != device:
-            raise ValueError(f"spatial_gate: {name} is on {t.device} but hidden is on {device}; move the module "
-                             f"with .to(hidden.device)")
+    return gate if proj_weight is None else project(gate, proj_weight, proj_bias)
 
 
 def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:
@@ -549,7 +518,7 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
     return ``hidden``'s dtype and give each parameter's gradient in its own dtype.
     """
     _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
-    _check_projection(hidden.shape[2] // 2, hidden.device, proj_weight, proj_bias)
+    check_projection("spatial_gate", hidden.shape[2] // 2, hidden.device, proj_weight, proj_bias)
     if hidden.dtype in SUPPORTED_DTYPES and triton_runs_on(hidden):
         if hidden.shape[2] // 2 > _MAX_CHANNELS:
             raise ValueError(f"spatial_gate: the Triton kernels take up to {_MAX_CHANNELS} gate channels, got "
@@ -606,5 +575,6 @@ def aot_variants() -> list[KernelVariant]:
                 config = " ".join([f"{name} C={channels}", *(f"{k}={v}" for k, v in tiles.items()),
                                    f"warps={num_warps}"])
                 variants.append(KernelVariant(kernel=fn.__name__, fn=fn, signature=signature, constexprs=constexprs,
-                                              num_warps=num_warps, num_stages=1, uses_dot=False, config=config))
+                                              num_warps=num_warps, num_stages=ELEMENTWISE_NUM_STAGES, uses_dot=False,
+                                              config=config))
     return variants

@@ -152,31 +152,46 @@ def is_affine_layer_norm(norm: nn.Module) -> bool:
     return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
 
 
+def is_plain_linear(layer: nn.Module) -> bool:
+    """Whether ``layer`` computes what a fused op's projection computes (so the op may take its parameters)."""
+    return type(layer) in (nn.Linear, TokenLinear)
+
+
 class FusedMLP(reference.MLP):
     """MLP whose GELU, spatial gate (LayerNorm, depthwise conv), product and fc2 are one fused op after fc1.
 
-    fc2 joins the op so that the gate's output is not kept for the backward (the op recomputes it there). The
-    torch backend runs the reference's ops in the reference's order, with the gate's conv on a channels-last
-    view (``FusedSpatialGate``): that is what PyTorch ran fastest on CPU. So does an ``act_layer`` other than exact
+    fc2 joins the op so that the gate's output is not kept for the backward (the op recomputes it there); in a
+    ``FusedBlock`` fc1 joins the op before it (``add_layer_norm``) for the same reason. The torch backend runs the
+    reference's ops in the reference's order, with the gate's conv on a channels-last view
+    (``FusedSpatialGate``): that is what PyTorch ran fastest on CPU. So does an ``act_layer`` other than exact
     GELU, on both backends; an fc2 other than a plain linear layer stays a module call after the fused gate.
     """
 
     backend = "auto"
 
+    def fuses(self, x: torch.Tensor) -> bool:
+        """Whether the fused gate runs on ``x`` (the fused op has no dropout)."""
+        return not (self.training and self.drop.p > 0) and uses_triton(self.backend, x) and is_exact_gelu(self.act)
+
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if (self.training and self.drop.p > 0) or not uses_triton(self.backend, x) or not is_exact_gelu(self.act):
-            return super().forward(x, H, W)  # the fused op has no dropout
+        if not self.fuses(x):
+            return super().forward(x, H, W)
+        return self.from_hidden(self.fc1(x), H, W)
+
+    def from_hidden(self, hidden: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The fused gate and fc2 on fc1's output (before the GELU)."""
         gate = self.sg
-        gate_args = (self.fc1(x), H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight, gate.conv.bias,
-                     gate.norm.eps)
-        if type(self.fc2) not in (nn.Linear, TokenLinear):
+        gate_args = (hidden, H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight, gate.conv.bias, gate.norm.eps)
+        if not is_plain_linear(self.fc2):
             return self.fc2(spatial_gate(*gate_args))
         return spatial_gate(*gate_args, proj_weight=self.fc2.weight, proj_bias=self.fc2.bias)
 
 
 class FusedBlock(reference.Block):
     """Block whose norms write what the next matmul reads (the autocast dtype under autocast), whose residual add
-    and ``norm2`` are one op, and whose HAI residual is one multiply-add. A ``norm_layer`` other than an affine
+    and ``norm2`` are one op, and whose HAI residual is one multiply-add. The linear layers after the norms (L-SA's
+    qkv, the MLP's fc1) join the norms' ops, so that the normalised rows are not kept for the backward; RG-SA's
+    norm1 output also feeds its reduction conv, and stays a separate op. A ``norm_layer`` other than an affine
     nn.LayerNorm takes the reference's path."""
 
     backend = "auto"
@@ -185,10 +200,23 @@ class FusedBlock(reference.Block):
         if not (uses_triton(self.backend, x) and is_affine_layer_norm(self.norm1)
                 and is_affine_layer_norm(self.norm2)):
             return super().forward(x, H, W)
-        normed = layer_norm(x, self.norm1.weight, self.norm1.bias, self.norm1.eps)
-        attended = self.drop_path(self.attn(normed, H, W))
-        summed, normed = add_layer_norm(x, attended, self.norm2.weight, self.norm2.bias, self.norm2.eps)
-        return torch.addcmul(summed + self.drop_path(self.mlp(normed, H, W)), x, self.gamma)
+        attended = self.drop_path(self.attend(x, H, W))
+        norm, mlp = self.norm2, self.mlp
+        if mlp.fuses(x) and is_plain_linear(mlp.fc1):
+            summed, hidden = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps,
+                                            proj_weight=mlp.fc1.weight, proj_bias=mlp.fc1.bias)
+            mixed = mlp.from_hidden(hidden, H, W)
+        else:
+            summed, normed = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps)
+            mixed = mlp(normed, H, W)
+        return torch.addcmul(summed + self.drop_path(mixed), x, self.gamma)
+
+    def attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        norm, attn = self.norm1, self.attn
+        if isinstance(attn, FusedLSA) and is_plain_linear(attn.qkv):
+            qkv = layer_norm(x, norm.weight, norm.bias, norm.eps, proj_weight=attn.qkv.weight, proj_bias=attn.qkv.bias)
+            return attn.from_qkv(qkv, H, W)
+        return attn(layer_norm(x, norm.weight, norm.bias, norm.eps), H, W)
 
 
 FUSED_CLASSES = {reference.LSA: FusedLSA, reference.RGSA: FusedRGSA, reference.MLP: FusedMLP,

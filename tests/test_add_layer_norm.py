@@ -409,3 +409,156 @@ def test_layer_norm_float64_dispatches_to_torch():
     (x, _, weight, bias), _ = make_inputs(1, 7, 12)
     x, weight, bias = x.double(), weight.double(), bias.double()
     assert torch.equal(aln.layer_norm(x, weight, bias, EPS), torch_layer_norm(x, weight, bias))
+
+
+# Both ops with the linear layer that reads the normalised rows fused in (``proj_weight``, ``proj_bias``), as the
+# fused model runs them: add_layer_norm with the MLP's fc1, layer_norm with L-SA's qkv.
+PROJECTED_NAMES = ("summed", "out", "d_x", "d_delta", "d_weight", "d_bias", "d_proj_weight", "d_proj_bias")
+OUT_FEATURES = 2 * 23 + 1  # odd, and wider than the rows as fc1 and qkv are
+
+
+def make_projected_inputs(batch, tokens, channels, strided=False):
+    inputs, grads = make_inputs(batch, tokens, channels, strided)
+    projection = [0.3 * torch.randn(OUT_FEATURES, channels, device=KERNEL_DEVICE),
+                  0.3 * torch.randn(OUT_FEATURES, device=KERNEL_DEVICE)]
+    return inputs + projection, [grads[0], torch.randn(batch, tokens, OUT_FEATURES, device=KERNEL_DEVICE)]
+
+
+def projected_reference(inputs, grads, dtypes, with_add=True):
+    """The reference block's add, LayerNorm and nn.Linear, all in ``dtypes`` (one per input)."""
+    x, delta, weight, bias, proj_weight, proj_bias = (t.detach().to(d).requires_grad_()
+                                                       for t, d in zip(inputs, dtypes))
+    summed = x + delta if with_add else x
+    out = torch.nn.functional.linear(torch_layer_norm(summed, weight, bias), proj_weight, proj_bias)
+    if with_add:
+        torch.autograd.backward([summed, out], [grads[0].to(summed.dtype), grads[1].to(out.dtype)])
+    else:
+        out.backward(grads[1].to(out.dtype))
+    return [summed.detach(), out.detach(), x.grad, delta.grad, weight.grad, bias.grad, proj_weight.grad,
+            proj_bias.grad]
+
+
+def projected_fused(inputs, grads, dtypes, with_add=True, add_op=aln.add_layer_norm, norm_op=aln.layer_norm):
+    """The op with the projection on NaN-surrounded views (see run_fused)."""
+    leaves = [t.detach().to(d).requires_grad_() for t, d in zip(inputs, dtypes)]
+    x, delta, weight, bias, proj_weight, proj_bias = guarded(*leaves)
+    if with_add:
+        summed, out = add_op(x, delta, weight, bias, EPS, proj_weight=proj_weight, proj_bias=proj_bias)
+        torch.autograd.backward([summed, out], [nan_surrounded(grads[0].to(summed.dtype)),
+                                                nan_surrounded(grads[1].to(out.dtype))])
+    else:
+        summed = leaves[0]
+        out = norm_op(x, weight, bias, EPS, proj_weight=proj_weight, proj_bias=proj_bias)
+        out.backward(nan_surrounded(grads[1].to(out.dtype)))
+    return [summed.detach(), out.detach()] + [t.grad for t in leaves]
+
+
+WITH_ADD = pytest.mark.parametrize("with_add", [True, False], ids=["add_layer_norm", "layer_norm"])
+
+
+@WITH_ADD
+@pytest.mark.parametrize("batch,tokens,channels", [(2, 37, 180), (1, 9, 23)])
+@pytest.mark.parametrize("strided", [False, True])
+def test_projection_fp32_matches_float64_reference(batch, tokens, channels, strided, with_add):
+    inputs, grads = make_projected_inputs(batch, tokens, channels, strided)
+    got = projected_fused(inputs, grads, (torch.float32,) * 6, with_add)
+    want = projected_reference(inputs, grads, (torch.float64,) * 6, with_add)
+    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+        if w is None:  # layer_norm has no delta
+            assert g is None, name
+            continue
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        assert_fp32_close_to_exact(g, w, name)
+
+
+@WITH_ADD
+def test_projection_under_autocast_within_flash_attention_bound(with_add):
+    """As the model runs them under bf16 autocast: the fp32 residual stream, a bf16 attention output, fp32
+    parameters; the projection in bf16 with bf16 output. Within FlashAttention's bound of the reference modules
+    under the same autocast; every gradient in its input's dtype."""
+    inputs, grads = make_projected_inputs(2, 45, 180)
+    inputs[1] = inputs[1].bfloat16()
+    dtypes = [t.dtype for t in inputs]
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16):
+        got = projected_fused(inputs, grads, dtypes, with_add)
+        baseline = projected_reference(inputs, grads, dtypes, with_add)
+    want = projected_reference(inputs, grads, (torch.float64,) * 6, with_add)
+    for name, g, b, w in zip(PROJECTED_NAMES, got, baseline, want, strict=True):
+        if w is None:
+            continue
+        assert g.dtype == b.dtype, (name, g.dtype, b.dtype)
+        assert_within_flash_attention_bound(g, b, w, 1e-3 * w.abs().max().item(), name)
+
+
+@WITH_ADD
+def test_projection_fallback_matches_float64_reference(with_add):
+    inputs, grads = make_projected_inputs(2, 13, 23)
+    got = projected_fused(inputs, grads, (torch.float64,) * 6, with_add, aln.add_layer_norm_torch,
+                          aln.layer_norm_torch)
+    want = projected_reference(inputs, grads, (torch.float64,) * 6, with_add)
+    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+        if w is not None:
+            torch.testing.assert_close(g, w, atol=1e-12, rtol=1e-10, msg=name)
+
+
+@WITH_ADD
+def test_projection_keeps_no_normalised_rows_for_the_backward(with_add):
+    """The point of fusing the linear layer: the op keeps its inputs and per-row statistics, not the normalised
+    rows, which the nn.Linear after an unfused LayerNorm would keep."""
+    inputs, grads = make_projected_inputs(2, 21, 30)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        if with_add:
+            aln.add_layer_norm(*leaves[:4], EPS, proj_weight=leaves[4], proj_bias=leaves[5])
+        else:
+            aln.layer_norm(leaves[0], *leaves[2:4], EPS, proj_weight=leaves[4], proj_bias=leaves[5])
+    rows = {t.untyped_storage().data_ptr() for t in saved if t.dim() == 3}
+    assert rows == {t.untyped_storage().data_ptr() for t in leaves[:2 if with_add else 1]}
+
+
+def test_projection_without_bias_and_with_the_sum_unused():
+    inputs, grads = make_projected_inputs(2, 19, 30)
+    leaves = [t.clone().requires_grad_() for t in inputs[:5]]
+    _, out = aln.add_layer_norm(*leaves[:4], EPS, proj_weight=leaves[4])
+    out.backward(grads[1])
+    references = [t.detach().double().requires_grad_() for t in inputs[:5]]
+    x, delta, weight, bias, proj_weight = references
+    torch.nn.functional.linear(torch_layer_norm(x + delta, weight, bias), proj_weight).backward(grads[1].double())
+    for name, g, w in zip(("d_x", "d_delta", "d_weight", "d_bias", "d_proj_weight"), leaves, references):
+        assert_fp32_close_to_exact(g.grad, w.grad, name)
+
+
+@WITH_ADD
+def test_projection_torch_compile_fullgraph_matches_eager(with_add):
+    inputs, grads = make_projected_inputs(1, 21, 30)
+
+    def add_op(*args, **kwargs):
+        summed, out = aln.add_layer_norm(*args, **kwargs)
+        return summed, out * 2.0
+
+    def norm_op(*args, **kwargs):
+        return aln.layer_norm(*args, **kwargs) * 2.0
+
+    torch._dynamo.reset()
+    compiled = [torch.compile(op, backend="aot_eager", fullgraph=True) for op in (add_op, norm_op)]
+    got = projected_fused(inputs, grads, (torch.float32,) * 6, with_add, *compiled)
+    want = projected_fused(inputs, grads, (torch.float32,) * 6, with_add, add_op, norm_op)
+    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+        assert (g is None and w is None) or torch.equal(g, w), name
+
+
+@pytest.mark.parametrize("projection,error,message", [
+    (dict(proj_bias=torch.ones(5)), ValueError, "proj_bias was given without proj_weight"),
+    (dict(proj_weight=torch.ones(9, 11)), ValueError, r"proj_weight must be \(out_features, 12\)"),
+    (dict(proj_weight=torch.ones(9, 12), proj_bias=torch.ones(8)), ValueError, r"proj_bias must have shape \(9,\)"),
+    (dict(proj_weight=torch.ones(9, 12, dtype=torch.int32)), TypeError, "proj_weight must be a floating-point"),
+    (dict(proj_weight=torch.ones(9, 12, device="meta")), ValueError, "proj_weight is on meta"),
+])
+def test_bad_projections_are_rejected_with_guidance(projection, error, message):
+    inputs, _ = make_inputs(1, 6, 12)
+    projection = {k: v if v.device.type == "meta" else v.to(KERNEL_DEVICE) for k, v in projection.items()}
+    with pytest.raises(error, match=f"^add_layer_norm: {message}"):
+        aln.add_layer_norm(*inputs, **projection)
+    with pytest.raises(error, match=f"^layer_norm: {message}"):
+        aln.layer_norm(inputs[0], *inputs[2:], **projection)

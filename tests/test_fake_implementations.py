@@ -66,19 +66,30 @@ def test_spatial_gate(projected):
                         (randn(2, height * width, channels), hidden, height, width, *parameters, 1e-5, projected))
 
 
+PROJECTED = pytest.mark.parametrize("projected", [False, True], ids=["norm", "norm+projection"])
+
+
+@PROJECTED
 @pytest.mark.parametrize("delta_dtype", [torch.float32, torch.bfloat16])
-def test_add_layer_norm(delta_dtype):
+def test_add_layer_norm(delta_dtype, projected):
     x, delta, weight, bias = randn(2, 9, 20), randn(2, 9, 20, dtype=delta_dtype), randn(20), randn(20)
-    assert_fake_matches(ops.add_layer_norm_forward.default, (x, delta, weight, bias, 1e-5, torch.bfloat16))
-    summed, normed, mean, rstd = ops.add_layer_norm_forward(x, delta, weight, bias, 1e-5, torch.bfloat16)
-    assert_fake_matches(ops.add_layer_norm_backward.default,
-                        (randn(*summed.shape), randn(*normed.shape, dtype=normed.dtype), x, delta, mean, rstd,
-                         weight))
+    projection = (randn(7, 20), randn(7)) if projected else (None, None)
+    forward_args = (x, delta, weight, bias, 1e-5, torch.bfloat16, *projection)
+    assert_fake_matches(ops.add_layer_norm_forward.default, forward_args)
+    summed, _, mean, rstd = ops.add_layer_norm_forward(*forward_args)
+    dnormed = randn(*x.shape, dtype=torch.bfloat16)
+    for dsummed in (randn(*summed.shape), None):
+        assert_fake_matches(ops.add_layer_norm_backward.default,
+                            (dsummed, dnormed, x, delta, mean, rstd, weight, bias, torch.bfloat16, projected))
 
 
-def test_layer_norm():
+@PROJECTED
+def test_layer_norm(projected):
     x, weight, bias = randn(2, 9, 20), randn(20), randn(20)
-    assert_fake_matches(ops.layer_norm_forward.default, (x, weight, bias, 1e-5, torch.bfloat16))
-    normed, mean, rstd = ops.layer_norm_forward(x, weight, bias, 1e-5, torch.bfloat16)
+    projection = (randn(7, 20), randn(7)) if projected else (None, None)
+    forward_args = (x, weight, bias, 1e-5, torch.bfloat16, *projection)
+    assert_fake_matches(ops.layer_norm_forward.default, forward_args)
+    _, mean, rstd = ops.layer_norm_forward(*forward_args)
     assert_fake_matches(ops.layer_norm_backward.default,
-                        (randn(*normed.shape, dtype=normed.dtype), x, mean, rstd, weight))
+                        (randn(*x.shape, dtype=torch.bfloat16), x, mean, rstd, weight, bias, torch.bfloat16,
+                         projected))

@@ -290,8 +290,11 @@ class LSA(TokenImageLayout, nn.Module):
         return torch.cat(outputs, dim=2)
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        B, L, C = x.shape
-        qkv = self.qkv(x)
+        return self.from_qkv(self.qkv(x), H, W)
+
+    def from_qkv(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """Everything after the qkv projection: both window branches, the LCM (``get_v``) and ``proj``."""
+        C = qkv.shape[-1] // 3
         attended = self.attend(qkv, H, W)
         lcm = self.image_to_tokens(self.get_v(self.tokens_to_image(qkv[..., 2 * C:], H, W)))
         return self.proj_drop(self.proj(attended + lcm))
