@@ -90,12 +90,12 @@ def test_spatial_gate_rows(load_benchmark, dtype, with_backward):
     assert row["speedup"] == 1.0
 
 
-@pytest.mark.parametrize("with_add", [True, False])
+@pytest.mark.parametrize("variant", ["add+norm+fc1", "norm+qkv", "norm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_backward", [False, True])
-def test_add_layer_norm_rows(load_benchmark, dtype, with_backward, with_add):
+def test_add_layer_norm_rows(load_benchmark, dtype, with_backward, variant):
     bench = load_benchmark("bench_add_layer_norm")
-    row = bench.run_row("smoke", 2, 37, dtype, with_backward, 1, with_add)
+    row = bench.run_row("smoke", 2, 37, dtype, with_backward, 1, variant)
     assert_measured(row, ("fused", "reference"), [] if with_backward else ["max_abs_diff"],
                     max_abs_diff_bound(dtype))
 
