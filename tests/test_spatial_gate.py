@@ -185,20 +185,6 @@ def test_empty_batch_gives_empty_output_and_zero_parameter_grads():
         assert torch.equal(g, torch.zeros_like(g))
 
 
-def test_torch_compile_fullgraph_matches_eager():
-    hidden, params, dout = make_inputs(1, 6, 7, 10)
-
-    def block(h, height, width, *p):
-        return fused(h, height, width, *p) * 2.0
-
-    torch._dynamo.reset()
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    got = output_and_grads(hidden, params, dout, 6, 7, torch.float32, compiled)
-    want = output_and_grads(hidden, params, dout, 6, 7, torch.float32, block)
-    for name, g, w in zip(NAMES, got, want):
-        assert torch.equal(g, w), name
-
-
 def _good_inputs():
     hidden, params, _ = make_inputs(1, 4, 5, 6)
     return [hidden, 4, 5, *params]
@@ -346,17 +332,19 @@ def test_projection_keeps_no_gate_sized_activation_for_the_backward():
     assert hidden.grad is not None and torch.isfinite(hidden.grad).all()
 
 
-def test_projection_torch_compile_fullgraph_matches_eager():
-    hidden, params, dout = projected_inputs(1, 6, 7, 10)
+@pytest.mark.parametrize("with_projection", [False, True], ids=["gate", "gate+projection"])
+def test_torch_compile_fullgraph_matches_eager(with_projection):
+    hidden, params, dout = (projected_inputs if with_projection else make_inputs)(1, 6, 7, 10)
+    op, names = (projected, PROJECTED_NAMES) if with_projection else (fused, NAMES)
 
     def block(h, height, width, *p):
-        return projected(h, height, width, *p) * 2.0
+        return op(h, height, width, *p) * 2.0
 
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     got = output_and_grads(hidden, params, dout, 6, 7, torch.float32, compiled)
     want = output_and_grads(hidden, params, dout, 6, 7, torch.float32, block)
-    for name, g, w in zip(PROJECTED_NAMES, got, want, strict=True):
+    for name, g, w in zip(names, got, want, strict=True):
         assert torch.equal(g, w), name
 
 
