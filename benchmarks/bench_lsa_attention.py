@@ -22,6 +22,8 @@ import sys
 from kernel_timing import DEVICE, write_rows  # first: it turns Triton's interpreter off
 import torch
 
+from rgt_fast.bench import describe_failure, time_breakdown
+
 SPLIT = [8, 32]
 EMBED_DIM = 180
 NUM_HEADS = 6
@@ -131,22 +133,27 @@ def make_flex():
     return flex
 
 
-def timed(fn, grad_to_none):
+def timed(fn):
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median")
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def forward_backward_step(impl, module, qkv, H, W, grad_out):
+    """One forward+backward of ``impl`` from cleared gradients (no accumulation into earlier ones)."""
+    def step():
+        qkv.grad = None
+        module.zero_grad(set_to_none=True)
+        impl(module, qkv, H, W).backward(grad_out)
+    return step
 
 
 def measure(impl, module, qkv, H, W, grad_out):
     """(forward ms, forward+backward ms, peak MB of one forward+backward above the inputs)."""
-    parameters = [p for p in module.parameters() if p.requires_grad]
     with torch.no_grad():
-        forward_ms = timed(lambda: impl(module, qkv, H, W), None)
-
-    def forward_backward():
-        impl(module, qkv, H, W).backward(grad_out)
-
-    backward_ms = timed(forward_backward, [qkv, *parameters])
+        forward_ms = timed(lambda: impl(module, qkv, H, W))
+    forward_backward = forward_backward_step(impl, module, qkv, H, W, grad_out)
+    backward_ms = timed(forward_backward)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -157,18 +164,9 @@ def measure(impl, module, qkv, H, W, grad_out):
 
 def time_breakdowns(impl, module, qkv, H, W, grad_out) -> dict:
     """The kernels with the most GPU time in one forward and in one forward+backward (rgt_fast.bench)."""
-    from rgt_fast.bench import time_breakdown
-
     device = torch.device(DEVICE)
-
-    def forward_backward():
-        # Without gradients left from the timing, the profile holds no accumulation into them.
-        qkv.grad = None
-        module.zero_grad(set_to_none=True)
-        impl(module, qkv, H, W).backward(grad_out)
-
     breakdowns = {"fwd": time_breakdown(torch.no_grad()(lambda: impl(module, qkv, H, W)), device),
-                  "fwd+bwd": time_breakdown(forward_backward, device)}
+                  "fwd+bwd": time_breakdown(forward_backward_step(impl, module, qkv, H, W, grad_out), device)}
     qkv.grad = None
     return breakdowns
 
@@ -215,7 +213,7 @@ def run_row(row, flex, quick):
     except torch.cuda.OutOfMemoryError:
         result["pass"] = "OOM"
     except Exception as error:  # the timings below still run and say whether the fused op works at all
-        result["pass"] = f"{type(error).__name__}: {str(error)[:200]}"
+        result["pass"] = describe_failure(error)
     torch.cuda.empty_cache()
     implementations = {"fused": fused, "reference": reference, "torch_sdpa": torch_sdpa}
     # FlexAttention compiles anew for every shape and dtype (tens of seconds): bf16 only, the issue's comparison.
@@ -230,11 +228,11 @@ def run_row(row, flex, quick):
                 try:
                     result["fused_time_breakdown"] = time_breakdowns(impl, module, qkv, H, W, grad_out)
                 except Exception as error:  # the profile is a diagnosis: the timings stand without it
-                    result["fused_time_breakdown_failed"] = f"{type(error).__name__}: {str(error)[:200]}"
+                    result["fused_time_breakdown_failed"] = describe_failure(error)
         except torch.cuda.OutOfMemoryError:
             result["errors"][impl_name] = "OOM"
         except Exception as error:  # a failing baseline (FlexAttention's compiler, say) must not end the run
-            result["errors"][impl_name] = f"{type(error).__name__}: {str(error)[:200]}"
+            result["errors"][impl_name] = describe_failure(error)
         qkv.grad = None
         torch.cuda.empty_cache()
     fused_ms, fused_fb = result["ms"].get("fused"), result["fwd_bwd_ms"].get("fused")

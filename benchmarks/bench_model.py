@@ -21,8 +21,8 @@ from kernel_timing import write_rows  # first: it turns Triton's interpreter off
 import torch
 
 from rgt_fast import accelerate, load_model
-from rgt_fast.bench import (autocast_to, build_pair, device_name, failures, format_table, guarded, inference_row,
-                            training_row)
+from rgt_fast.bench import (autocast_to, build_pair, describe_failure, device_name, failures, format_table, guarded,
+                            inference_row, training_row)
 from rgt_fast.inference import default_device
 from rgt_fast.upscale_cli import default_weights
 
@@ -144,7 +144,7 @@ def main() -> int:
         try:
             drift.extend(low_precision_drift(device))
         except Exception as error:  # the timed rows still count
-            drift.append({"error": f"{type(error).__name__}: {str(error)[:300]}"})
+            drift.append({"error": describe_failure(error)})
         save()
 
     def measure(row_fn, name, *row_args) -> None:

@@ -19,6 +19,7 @@ from kernel_timing import DEVICE, benchmark_main, measure  # first: it turns Tri
 import torch
 import torch.nn.functional as F
 
+from rgt_fast.bench import describe_failure
 from rgt_fast.kernels.rgsa_attention import rgsa_attention
 
 HEADS, DQK, DV = 6, 15, 30
@@ -95,7 +96,7 @@ def run_row(name, batch, tokens, keys, dtype, with_backward, rep_ms):
         except torch.cuda.OutOfMemoryError:
             row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, "out of memory"
         except Exception as error:  # e.g. no SDPA kernel for these head dims: record it and go on
-            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, f"{type(error).__name__}: {error}"[:200]
+            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, describe_failure(error)
         torch.cuda.empty_cache()
     for other in ("reference", "sdpa"):
         if row.get("fused_ms") and row.get(f"{other}_ms"):

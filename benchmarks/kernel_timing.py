@@ -12,7 +12,7 @@ os.environ.pop("TRITON_INTERPRET", None)
 
 import torch  # noqa: E402
 
-from rgt_fast.bench import autocast_to  # noqa: E402
+from rgt_fast.bench import autocast_to, describe_failure  # noqa: E402
 from rgt_fast.files import write_atomically  # noqa: E402
 
 # Where the benchmarks put their tensors; the tests run the benchmarks' rows on CPU tensors in the interpreter.
@@ -84,7 +84,7 @@ def time_fused_and_reference(row: dict, implementations: dict, leaves: list, gra
         except torch.cuda.OutOfMemoryError:
             row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, "out of memory"
         except Exception as error:  # a kernel that fails on this device must not end the benchmark
-            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, f"{type(error).__name__}: {str(error)[:200]}"
+            row[f"{impl_name}_ms"], row[f"{impl_name}_error"] = None, describe_failure(error)
         torch.cuda.empty_cache()
     if len(outputs) == 2:
         row["max_abs_diff"] = (outputs["fused"] - outputs["reference"]).abs().max().item()

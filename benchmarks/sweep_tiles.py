@@ -28,6 +28,7 @@ import sys
 from kernel_timing import DEVICE, write_rows  # first: it turns Triton's interpreter off
 import torch
 
+from rgt_fast.bench import describe_failure
 from rgt_fast.kernels import lsa_attention as lsa
 from rgt_fast.kernels import rgsa_attention as rgsa
 from rgt_fast.kernels import spatial_gate as gate
@@ -143,7 +144,7 @@ def sweep(kernel: str, rep_ms: int, time_ms=None):
             except torch.cuda.OutOfMemoryError as error:
                 row["error"] = f"out of memory: {str(error)[:200]}"
             except Exception as error:  # a candidate that fails to compile or launch: the others still count
-                row["error"] = f"{type(error).__name__}: {str(error)[:300]}"
+                row["error"] = describe_failure(error)
             yield row
     finally:
         set_tiles(kernel, shipped)

@@ -176,7 +176,8 @@ def _out_of_memory(err: torch.cuda.OutOfMemoryError) -> str:
     return f"out of memory: {str(err).splitlines()[0][:200]}"
 
 
-def _failure(err: Exception) -> str:
+def describe_failure(err: Exception) -> str:
+    """An exception as a benchmark row records it: its type and the start of its message."""
     return f"{type(err).__name__}: {str(err)[:300]}"
 
 
@@ -197,7 +198,7 @@ def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: t
         except torch.cuda.OutOfMemoryError as err:
             row[f"{label}_error"] = _out_of_memory(err)
         except Exception as err:  # a kernel that fails on this device: the other model's figures still count
-            row[f"{label}_error"] = _failure(err)
+            row[f"{label}_error"] = describe_failure(err)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     medians = interleaved_median_ms(list(fitting.values()), warmup, iters, device)
@@ -212,7 +213,7 @@ def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: t
         try:
             row[f"{label}_time_breakdown"] = time_breakdown(call, device)
         except Exception as err:  # the profile is a diagnosis: the row's figures stand without it
-            row[f"{label}_time_breakdown_failed"] = _failure(err)
+            row[f"{label}_time_breakdown_failed"] = describe_failure(err)
     return firsts
 
 
@@ -285,7 +286,7 @@ def guarded(rows: list, row_fn: Callable[..., dict], name: str, *args) -> None:
     except torch.cuda.OutOfMemoryError as err:
         rows.append({"name": name, "error": _out_of_memory(err)})
     except Exception as err:
-        rows.append({"name": name, "error": _failure(err)})
+        rows.append({"name": name, "error": describe_failure(err)})
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
