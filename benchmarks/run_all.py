@@ -3,14 +3,14 @@
     python benchmarks/run_all.py [--tests [--tests-budget SECONDS] [--test-files FILE ...]] [--quick]
                                  [--benchmarks [SCRIPT ...]] [--budget SECONDS] [--out DIR] [--results-dir DIR]
 
-With ``--tests``, the CUDA test files run first, several at once (compiling kernels keeps a CPU core busy per
-process), until ``--tests-budget``; of test_model.py only the tests that use the GPU run (GPU_TEST_SELECTION).
-``--test-files`` and ``--benchmarks`` choose a subset, so that a short device lease can finish what an earlier
-run left unmeasured. Each benchmark script is then run in its own process with ``--json``, within
-its share of the time left (see SHARE_WEIGHTS); a script that fails or times out is recorded with its exit code, the
-rows it wrote before it stopped, and the tail of its output, and the others still run. The result file is
-``benchmarks/results/<device>-<date>.json`` (and a copy in ``--out``), with device, versions and commit; ``--out``
-also gets every step's whole output, as ``<device>-<date>-logs.tar.gz``.
+With ``--tests``, the CUDA test files run first, several at once and the longest split into shards (compiling
+kernels keeps a CPU core busy per process), until ``--tests-budget``; of test_model.py only the tests that use the
+GPU run (GPU_TEST_SELECTION). ``--test-files`` and ``--benchmarks`` choose a subset, so that a short device lease
+can finish what an earlier run left unmeasured. Each benchmark script is then run in its own process with
+``--json``, within its share of the time left (see SHARE_WEIGHTS); a script that fails or times out is recorded with
+its exit code, the rows it wrote before it stopped, and the tail of its output, and the others still run. The result
+file is ``benchmarks/results/<device>-<date>.json`` (and a copy in ``--out``), with device, versions and commit;
+``--out`` also gets every step's whole output, as ``<device>-<date>-logs.tar.gz``.
 """
 from __future__ import annotations
 
@@ -37,8 +37,9 @@ BENCHMARKS = ("bench_model.py", "bench_rgsa_attention.py", "bench_lsa_attention.
 # no early script can take the whole budget; what a script leaves unused passes on to the next ones. The weights
 # follow the work: RG-SA runs three implementations up to a million tokens, L-SA compiles FlexAttention at every
 # shape, the model runs two networks at five points (on the H100, a share of 96 s covered only the first two and
-# the drift); the spatial gate, the norms and the launch costs are quick.
-SHARE_WEIGHTS = {"bench_rgsa_attention.py": 3, "bench_lsa_attention.py": 3, "bench_model.py": 4}
+# the drift, and no run has yet reached its training rows); the spatial gate, the norms and the launch costs are
+# quick.
+SHARE_WEIGHTS = {"bench_rgsa_attention.py": 3, "bench_lsa_attention.py": 3, "bench_model.py": 5}
 # A benchmark given less than this would only record its own timeout.
 _MIN_SCRIPT_SECONDS = 30
 # The longest first, so that they start at once; the whole model before the single kernels.
@@ -52,8 +53,13 @@ CUDA_TESTS = ("tests/test_model.py", "tests/test_lsa_attention.py", "tests/test_
 WARM_UPS = {"bench_model.py": ["--warm"]}
 # pytest -k selections for test files whose other tests need no GPU (CI runs those): only these run here.
 GPU_TEST_SELECTION = {"tests/test_model.py": "triton"}
-# Test files running at once: each compiles its kernels on one CPU core, and the tests themselves are small.
-TEST_PROCESSES = max(1, min(len(CUDA_TESTS), (os.cpu_count() or 2) // 2))
+# Files split into this many processes (contiguous slices, tests/conftest.py's RGT_FAST_TEST_SHARD): compiling
+# their kernel variants one after another took test_model and test_rgsa_attention past 240 s on the H100.
+TEST_SHARDS = {"tests/test_model.py": 3, "tests/test_lsa_attention.py": 3, "tests/test_rgsa_attention.py": 3,
+               "tests/test_spatial_gate.py": 2, "tests/test_add_layer_norm.py": 2}
+# Test processes running at once: each compiles its kernels on one CPU core, and the tests themselves are small;
+# two cores stay for the benchmarks' warm-ups.
+TEST_PROCESSES = max(1, (os.cpu_count() or 2) - 2)
 _PYTEST_SUMMARY = re.compile(r"^=*\s*(\d+ (?:passed|failed|skipped|errors?|deselected|xfailed|xpassed).*?)\s*=*$",
                              flags=re.M)
 
@@ -127,28 +133,43 @@ def finish_warm_up(process: subprocess.Popen, started: float, log, timeout: floa
     return {"exit_code": code, "seconds": round(time.perf_counter() - started, 1)}
 
 
+def test_jobs(files: tuple[str, ...]) -> list[tuple[str, str, str | None]]:
+    """(name in the report, test file, shard) for each pytest process to run; a file in TEST_SHARDS is N jobs named
+    ``file [K/N]``."""
+    jobs = []
+    for test_file in files:
+        count = TEST_SHARDS.get(test_file, 1)
+        if count == 1:
+            jobs.append((test_file, test_file, None))
+        else:
+            jobs += [(f"{test_file} [{k}/{count}]", test_file, f"{k}/{count}") for k in range(1, count + 1)]
+    return jobs
+
+
 def run_test_files(files: tuple[str, ...], deadline: float, env: dict, log_dir: Path, on_result) -> dict:
-    """Each test file in a pytest process of its own, TEST_PROCESSES at a time, all stopped at ``deadline``
-    (exit code 124); a file that cannot start with _MIN_SCRIPT_SECONDS left is skipped. ``on_result(file, entry)``
-    is called as each one ends."""
-    pending, running, results = list(files), {}, {}
+    """Each test file (or shard of one, see TEST_SHARDS) in a pytest process of its own, TEST_PROCESSES at a time,
+    all stopped at ``deadline`` (exit code 124); one that cannot start with _MIN_SCRIPT_SECONDS left is skipped.
+    ``on_result(name, entry)`` is called as each one ends."""
+    jobs = test_jobs(files)
+    pending, running, results = list(jobs), {}, {}
     while pending or running:
         while pending and len(running) < TEST_PROCESSES:
-            test_file = pending.pop(0)
+            name, test_file, shard = pending.pop(0)
             if deadline - time.perf_counter() < _MIN_SCRIPT_SECONDS:
-                results[test_file] = {"skipped": "the test budget ran out before it could start"}
-                on_result(test_file, results[test_file])
+                results[name] = {"skipped": "the test budget ran out before it could start"}
+                on_result(name, results[name])
                 continue
-            log = log_dir / _log_name(test_file)
+            log = log_dir / _log_name(name)
             handle = log.open("w")
             selection = ["-k", GPU_TEST_SELECTION[test_file]] if test_file in GPU_TEST_SELECTION else []
             process = subprocess.Popen(
                 [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=10", *selection,
                  test_file],
-                cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-            running[test_file] = (process, time.perf_counter(), log, handle)
+                cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**env, "RGT_FAST_TEST_SHARD": shard} if shard else env)
+            running[name] = (process, time.perf_counter(), log, handle)
         time.sleep(0.2)
-        for test_file, (process, started, log, handle) in list(running.items()):
+        for name, (process, started, log, handle) in list(running.items()):
             code = process.poll()
             if code is None and time.perf_counter() >= deadline:
                 code = _stop(process)
@@ -156,11 +177,11 @@ def run_test_files(files: tuple[str, ...], deadline: float, env: dict, log_dir: 
                 continue
             handle.close()
             output = log.read_text(errors="replace")
-            print(f"== {test_file} (exit {code})\n{output[-4000:]}", flush=True)
-            results[test_file] = _test_entry(code, output, time.perf_counter() - started)
-            on_result(test_file, results[test_file])
-            del running[test_file]
-    return {test_file: results[test_file] for test_file in files}
+            print(f"== {name} (exit {code})\n{output[-4000:]}", flush=True)
+            results[name] = _test_entry(code, output, time.perf_counter() - started)
+            on_result(name, results[name])
+            del running[name]
+    return {name: results[name] for name, _, _ in jobs}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -59,3 +59,19 @@ def whole_window_tiles(monkeypatch):
     window_tile = (window_tokens, window_tokens, 4, 2)
     monkeypatch.setattr(lsa, "_CONFIGS", {kernel: {dot_class: window_tile for dot_class in classes}
                                           for kernel, classes in lsa._CONFIGS.items()})
+
+
+@pytest.hookimpl(trylast=True)  # after -k and -m have deselected theirs, so that the slices are even
+def pytest_collection_modifyitems(config, items):
+    """RGT_FAST_TEST_SHARD=K/N keeps the K-th of N contiguous slices of the collected tests (K from 1), so that a
+    GPU run can spread one file over several processes. Contiguous, because neighbouring tests share compiled
+    kernel variants, which a process then compiles once."""
+    shard = os.environ.get("RGT_FAST_TEST_SHARD")
+    if not shard:
+        return
+    index, count = (int(part) for part in shard.split("/"))
+    if not 1 <= index <= count:
+        raise pytest.UsageError(f"RGT_FAST_TEST_SHARD={shard}: expected K/N with 1 <= K <= N")
+    start, stop = (len(items) * (index - 1)) // count, (len(items) * index) // count
+    config.hook.pytest_deselected(items=items[:start] + items[stop:])
+    items[:] = items[start:stop]

@@ -2,6 +2,8 @@
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from pathlib import Path
@@ -218,6 +220,36 @@ def test_chosen_test_files_and_benchmarks_alone_run_with_their_selection(run_all
     assert list(report["tests"]) == [files[0]]
     assert report["tests"][files[0]]["summary"].startswith("1 passed, 1 deselected")
     assert list(report["benchmarks"]) == [scripts[0]]
+
+
+SHARD_TESTS = ("import os\n\ndef test_sees_its_shard():\n"
+               "    print('shard', os.environ.get('RGT_FAST_TEST_SHARD'))\n"
+               "    assert os.environ.get('RGT_FAST_TEST_SHARD') in ('1/2', '2/2')\n")
+
+
+def test_a_sharded_file_runs_as_one_process_per_shard(run_all, monkeypatch, tmp_path):
+    files = write_scripts(tmp_path, test_sharded=SHARD_TESTS, test_whole=PASSING_TESTS)
+    monkeypatch.setattr(run_all, "CUDA_TESTS", files)
+    monkeypatch.setattr(run_all, "TEST_SHARDS", {files[0]: 2})
+    monkeypatch.setattr(run_all, "BENCHMARKS", ())
+    assert run_all.main(["--tests", "--results-dir", str(tmp_path / "results")]) == 0
+    tests = read_report(tmp_path / "results")["tests"]
+    assert list(tests) == [f"{files[0]} [1/2]", f"{files[0]} [2/2]", files[1]]
+    assert all(entry["exit_code"] == 0 for entry in tests.values())
+
+
+def collected(test_file: str, shard: str | None) -> list[str]:
+    env = {**os.environ, "RGT_FAST_TEST_SHARD": shard or ""}
+    listing = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              test_file], cwd=RUN_ALL_PATH.parent.parent, env=env, capture_output=True, text=True)
+    return [line for line in listing.stdout.splitlines() if "::" in line]
+
+
+def test_shards_are_contiguous_slices_that_cover_the_file():
+    whole = collected("tests/test_kernel_casts.py", None)
+    shards = [collected("tests/test_kernel_casts.py", f"{k}/3") for k in (1, 2, 3)]
+    assert len(whole) >= 3 and all(shards)
+    assert sum(shards, []) == whole
 
 
 def test_an_empty_benchmark_list_runs_none(run_all, monkeypatch, tmp_path):
