@@ -121,6 +121,9 @@ def main() -> int:
                         help="measure nothing: compile the kernels of every CUDA row at once, in parallel "
                              "processes, into Triton's cache (run_all.py starts this while the tests run)")
     parser.add_argument("--warm-up", choices=WARM_UPS, help=argparse.SUPPRESS)
+    parser.add_argument("--rows", nargs="+", choices=[spec[0] for spec in CUDA_ROWS], metavar="NAME",
+                        help="on CUDA, only these rows (a short device lease finishing what a run left unmeasured); "
+                             "the drift runs with the bf16 inference row")
     args = parser.parse_args()
     device = default_device()
     if args.warm or args.warm_up:
@@ -156,6 +159,8 @@ def main() -> int:
     if device.type == "cuda":
         pairs = {}  # scale -> (reference, fused) with the same weights, built once
         for name, mode, scale, shape, dtype in CUDA_ROWS:
+            if args.rows and name not in args.rows:
+                continue
             if scale not in pairs:
                 pairs[scale] = build_pair("RGT", scale, device)
             x = torch.rand(*shape, device=device)
@@ -165,7 +170,7 @@ def main() -> int:
             if name == INFERENCE_ROWS["bf16"]:
                 measure_drift()  # before the long rows, which a device's time limit may cut
             if name == TRAINING_ROWS["fp32"]:
-                del pairs[2]  # the 1024x1024 image wants the memory
+                pairs.pop(2, None)  # the 1024x1024 image wants the memory
     else:
         reference, fused = build_pair("RGT-S", 4, device)
         x = torch.rand(1, 3, 64, 64)

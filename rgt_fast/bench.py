@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import datetime as dt
 import gc
@@ -161,11 +162,11 @@ def time_breakdown(fn: Callable[[], object], device: torch.device) -> list[dict]
             for e in ranked]
 
 
-def autocast_to(device: torch.device, dtype: torch.dtype | None):
+def autocast_to(device: torch.device, dtype: torch.dtype | None, cache_enabled: bool = True):
     """Autocast to a 16-bit ``dtype``; None or float32 runs the models as they are."""
     if dtype in (None, torch.float32):
         return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
 
 
 def _dtype_label(dtype: torch.dtype | None) -> str:
@@ -183,7 +184,7 @@ def describe_failure(err: Exception) -> str:
 
 def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: torch.device, warmup: int,
              iters: int) -> dict:
-    """Fill ``row`` with the first result, median ms and peak MB of each of the "reference" and "fused" calls.
+    """Fill ``row`` with the first result, median ms and peak MB of each call ("reference", "fused" and any others).
 
     A model that runs out of memory (or fails otherwise) gets a ``<model>_error`` entry and the other is still
     measured: at the largest sizes the reference is expected not to fit, and the fused model's figures are the point
@@ -204,7 +205,7 @@ def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: t
     medians = interleaved_median_ms(list(fitting.values()), warmup, iters, device)
     for label, median in zip(fitting, medians):
         row[f"{label}_ms"] = median
-    if len(fitting) == len(name_to_call):
+    if "reference" in fitting and "fused" in fitting:
         row["speedup"] = row["reference_ms"] / row["fused_ms"]
     for label, call in fitting.items():
         row[f"{label}_peak_mb"] = peak_mb(call, device)
@@ -242,22 +243,50 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
     """One Adam step on an L1 loss; both models start from the same weights and take the same steps.
 
     Each model keeps one optimizer throughout, so the timed steps and the peak memory are those of steady-state
-    training: Adam's state exists before they start."""
+    training: Adam's state exists before they start. On CUDA, each model's step is also timed as ``rgt-fast train``
+    runs it: fused Adam, recorded once as a CUDA graph and replayed (``<model>_graph``, on a copy of the model);
+    its memory is the graph's private pool, which keeps the step's activations between replays."""
+    from .training.cuda_graph import CapturedStep, make_capturable
+    from .training.trainer import EAGER_STEPS_BEFORE_CAPTURE
+
     device = x.device
     target = torch.rand(x.shape[0], x.shape[1], x.shape[2] * reference.upscale, x.shape[3] * reference.upscale,
                         device=device)
 
+    def update(model, optimizer):
+        def forward_backward_update(lq, gt):
+            with autocast_to(device, dtype, cache_enabled=False):
+                loss = torch.nn.functional.l1_loss(model(lq).float(), gt)
+            loss.backward()
+            optimizer.step()
+            return loss.detach()
+        return forward_backward_update
+
     def stepper(model):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-7)
+        forward_backward_update = update(model, optimizer)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
-            with autocast_to(device, dtype):
-                loss = torch.nn.functional.l1_loss(model(x).float(), target)
-            loss.backward()
-            optimizer.step()
-            return loss.item()
+            return forward_backward_update(x, target).item()
         return step
+
+    pools_mb = {}
+
+    def graph_stepper(label, model):
+        model = copy.deepcopy(model)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-7, fused=True)
+        forward_backward_update = update(model, optimizer)
+        for _ in range(EAGER_STEPS_BEFORE_CAPTURE):
+            optimizer.zero_grad(set_to_none=True)
+            forward_backward_update(x, target)
+        make_capturable(optimizer)
+        _synchronize(device)
+        torch.cuda.empty_cache()
+        reserved = torch.cuda.memory_reserved(device)
+        captured = CapturedStep(forward_backward_update, optimizer, x, target)
+        pools_mb[label] = (torch.cuda.memory_reserved(device) - reserved) / 2**20
+        return lambda: captured(x, target).item()
 
     def seeded(step):
         # Both models' first steps see the same random state, so that their losses are comparable.
@@ -270,11 +299,24 @@ def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: in
     fused.train()
     row = {"name": name, "mode": "train", "shape": list(x.shape), "dtype": _dtype_label(dtype)}
     steps = {"reference": stepper(reference), "fused": stepper(fused)}
+    if device.type == "cuda":
+        for label, model in (("reference", reference), ("fused", fused)):
+            try:
+                steps[f"{label}_graph"] = graph_stepper(f"{label}_graph", model)
+            except Exception as err:  # a model whose step cannot be recorded: its eager figures still count
+                row[f"{label}_graph_error"] = describe_failure(err)
     losses = _compare(row, {label: seeded(step) for label, step in steps.items()}, device, warmup, iters)
-    if len(losses) == 2:
+    if "reference" in losses and "fused" in losses:
         row["max_abs_err"] = abs(losses["reference"] - losses["fused"])
     for label in losses:
         row[f"{label}_it_per_s"] = 1000.0 / row[f"{label}_ms"]
+    for label, pool_mb in pools_mb.items():
+        if f"{label}_peak_mb" in row:
+            row[f"{label}_peak_mb"] += pool_mb
+    if "fused_graph_ms" in row and "reference_ms" in row:
+        row["graph_speedup"] = row["reference_ms"] / row["fused_graph_ms"]
+    if "fused_graph_ms" in row and "reference_graph_ms" in row:
+        row["graph_vs_graph_speedup"] = row["reference_graph_ms"] / row["fused_graph_ms"]
     return row
 
 
@@ -307,8 +349,11 @@ def device_name(device: torch.device) -> str:
 
 
 def _source_commit() -> tuple[str, bool | None]:
-    """The git commit of the project checkout this package runs from (and whether tracked files differ from it);
-    RGT_FAST_COMMIT, or "unknown", for an installed copy or a machine without git."""
+    """RGT_FAST_COMMIT when set (a copied working tree can carry stale git metadata: the device machine's said
+    0a2e25f for the tree of 309cd67); else the git commit of the project checkout this package runs from (and
+    whether tracked files differ from it); "unknown" for an installed copy or a machine without git."""
+    if os.environ.get("RGT_FAST_COMMIT"):
+        return os.environ["RGT_FAST_COMMIT"], None
     checkout = Path(__file__).resolve().parent.parent
     try:
         top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=checkout, capture_output=True, text=True,
@@ -321,7 +366,7 @@ def _source_commit() -> tuple[str, bool | None]:
                                     capture_output=True, text=True).stdout.strip())
         return commit, dirty
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("RGT_FAST_COMMIT", "unknown"), None
+        return "unknown", None
 
 
 def _cpu_name() -> str:

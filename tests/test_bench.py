@@ -66,3 +66,12 @@ def test_rows_record_where_each_model_spends_its_time(monkeypatch):
     row = bench.inference_row("unprofiled", reference, fused, x, None, warmup=0, iters=1)
     assert row["fused_time_breakdown_failed"] == "RuntimeError: profiler unavailable"
     assert row["fused_ms"] > 0 and not bench.failures(row)
+
+
+def test_environment_names_the_commit_it_is_told_over_what_git_says(monkeypatch):
+    monkeypatch.delenv("RGT_FAST_COMMIT", raising=False)
+    from_git = bench.environment(torch.device("cpu"))["commit"]
+    assert from_git != "0" * 40
+    monkeypatch.setenv("RGT_FAST_COMMIT", "0" * 40)
+    told = bench.environment(torch.device("cpu"))
+    assert told["commit"] == "0" * 40 and told["dirty"] is None

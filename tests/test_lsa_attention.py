@@ -241,7 +241,13 @@ def test_strided_qkv_view_gives_the_contiguous_result(allow_tf32, whole_window_t
     assert torch.equal(result["out"], contiguous["out"])
     assert torch.equal(result["qkv"], contiguous["qkv"])
     for grad, contiguous_grad in zip(result["tables"], contiguous["tables"]):
-        assert torch.equal(grad, contiguous_grad)
+        if DEVICE == "cpu" or extra_channels % 2 == 0 or dtype == torch.float32:
+            assert torch.equal(grad, contiguous_grad)
+        else:
+            # An odd stride compiles the 16-bit kernels with 2-byte loads instead of 4-byte pairs: another register
+            # layout, whose reductions may add the table's float32 partial sums in another order. On the H200
+            # (run of 309cd67) the tables differed while the output and dqkv stayed bitwise the same.
+            torch.testing.assert_close(grad, contiguous_grad, rtol=1e-5, atol=1e-5 * contiguous_grad.abs().max())
 
 
 @pytest.mark.parametrize("allow_tf32", [True], indirect=True)

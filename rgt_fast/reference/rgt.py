@@ -476,7 +476,9 @@ class RGT(TokenImageLayout, nn.Module):
         self.in_chans = in_chans
         self.img_range = img_range
         mean = RGB_MEAN if in_chans == 3 else (0.0,)
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        # Not in the official state_dict; a buffer so that it moves with the model instead of being copied from the
+        # CPU on every forward (a copy that also cannot be recorded in a CUDA graph).
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
         self.conv_first = nn.Conv2d(in_chans, embed_dim, 3, 1, 1)
         self.num_layers = depth
         self.num_features = self.embed_dim = embed_dim
@@ -534,7 +536,7 @@ class RGT(TokenImageLayout, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        mean = self.mean.to(dtype=x.dtype, device=x.device)
+        mean = self.mean.to(dtype=x.dtype)
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x

@@ -94,6 +94,7 @@ TRAIN_SCHEMA = Section({
         "ema_decay": 0.0,
         "amp": "none",
         "compile": False,
+        "cuda_graph": True,
     }),
     "val": Section({"val_freq": REQUIRED, "save_img": False, "metrics": Section(each=_METRIC)}, optional=True),
     "logger": Section({"print_freq": 100, "save_checkpoint_freq": 5000, "use_tb_logger": False,

@@ -35,6 +35,7 @@ from .. import create_model_from_kwargs
 from ..checkpoint import CheckpointError, add_derived_buffers, describe_mismatch, read_state_dict
 from .checkpoints import (ExperimentPaths, atomic_save, capture_rng, load_file, load_training_state, net_file_of_state,
                           restore_rng, resumes_exactly, seed_everything)
+from .cuda_graph import CapturedStep, capture_problem, make_capturable, portable_optimizer_state, set_learning_rate
 from .data import EvaluationPairs, build_training_loader
 from .evaluate import build_metrics, evaluate_set
 from .logs import attach_log_file, configure_console_logging, detach_log_file, hold_records_for_log_file
@@ -45,6 +46,9 @@ logger = logging.getLogger(__name__)
 OPTIMIZERS = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW}
 PIXEL_LOSSES = {"L1Loss": F.l1_loss, "MSELoss": F.mse_loss}
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Eager steps before the step is recorded as a CUDA graph: the first creates the optimizer's state, and the first
+# ones compile the Triton kernels and time cuDNN's algorithms, none of which a recording may do.
+EAGER_STEPS_BEFORE_CAPTURE = 3
 
 
 class ProcessSetup(NamedTuple):
@@ -114,7 +118,7 @@ class LearningRateSchedule:
 
     def __init__(self, optimizer: torch.optim.Optimizer, scheduler: Mapping[str, Any], warmup_iter: int):
         self.optimizer = optimizer
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self.base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         self.scheduler = dict(scheduler)
         self.warmup_iter = warmup_iter
         self._period_ends = list(itertools.accumulate(self.scheduler.get("periods", [])))
@@ -147,7 +151,7 @@ class LearningRateSchedule:
 
     def apply(self, iteration: int) -> None:
         for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.learning_rate(base_lr, iteration)
+            set_learning_rate(group, self.learning_rate(base_lr, iteration))
 
     def state_dict(self) -> dict[str, Any]:
         return {**self.scheduler, "warmup_iter": self.warmup_iter, "base_lrs": self.base_lrs}
@@ -272,6 +276,9 @@ class Trainer:
         self.pixel_loss = build_pixel_loss(train_options["pixel_opt"])
         self.amp_dtype = AMP_DTYPES[require_choice(train_options["amp"], "train.amp", AMP_DTYPES)]
         self.grad_scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype is torch.float16 else None
+        self.graph_problem = self._graph_problem(train_options["cuda_graph"])
+        self.captured: CapturedStep | None = None
+        self._eager_steps = 0
 
         train_set = options["datasets"]["train"]
         self.batch_size = train_set["batch_size_per_gpu"]
@@ -289,6 +296,21 @@ class Trainer:
         self.tensorboard = self._open_tensorboard()
         if state is not None:
             self._resume(state, state_path)
+
+    def _graph_problem(self, wanted: bool) -> str | None:
+        """Why the training step runs eagerly instead of as a CUDA graph (None when it will be recorded)."""
+        if not wanted:
+            return "train.cuda_graph is false"
+        problem = capture_problem(self.optimizer, self.device)
+        if problem is None and self.process.world_size > 1:
+            problem = "DistributedDataParallel's gradient all-reduce is not recorded"
+        if problem is None and self.grad_scaler is not None:
+            problem = "fp16's loss scaling reads the gradients' finiteness on the CPU; train.amp: bf16 needs none"
+        if problem is None and self.options["train"]["compile"]:
+            problem = "train.compile is on (torch.compile(mode='reduce-overhead') records graphs itself)"
+        if problem is not None and self.device.type == "cuda":
+            logger.info("the training step runs eagerly, not as a CUDA graph: %s", problem)
+        return problem
 
     def _state_to_resume(self, auto_resume: bool) -> tuple[Path | None, dict[str, Any] | None]:
         if auto_resume:
@@ -447,21 +469,55 @@ class Trainer:
         lq = batch["lq"].to(self.device, non_blocking=True)
         gt = batch["gt"].to(self.device, non_blocking=True)
         self.schedule.apply(self.iteration)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            sr = self.model(lq)
-        loss = self.pixel_loss(sr.float(), gt)
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.grad_scaler is not None:
-            self.grad_scaler.scale(loss).backward()
-            self.grad_scaler.step(self.optimizer)
-            self.grad_scaler.update()
+        if self.captured is not None and self.captured.fits(lq, gt):
+            loss = self.captured(lq, gt)
+        elif (self.graph_problem is None and self.captured is None
+              and self._eager_steps >= EAGER_STEPS_BEFORE_CAPTURE):
+            loss = self._capture_and_step(lq, gt)
         else:
-            loss.backward()
-            self.optimizer.step()
+            loss = self._eager_step(lq, gt)
         if self.ema is not None:
             self.ema.update(self.net)
-        self._loss_sum += loss.detach()
+        self._loss_sum += loss
         self._loss_count += 1
+
+    def _forward_backward_update(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """The step after the gradients are cleared, eager or recorded: the loss, detached."""
+        # The autocast cache of casted weights would outlive a recording; each weight is cast once per step anyway.
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
+                            cache_enabled=False):
+            sr = self.model(lq)
+        loss = self.pixel_loss(sr.float(), gt)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach()
+
+    def _eager_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        self._eager_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.grad_scaler is None:
+            return self._forward_backward_update(lq, gt)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype):
+            sr = self.model(lq)
+        loss = self.pixel_loss(sr.float(), gt)
+        self.grad_scaler.scale(loss).backward()
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
+        return loss.detach()
+
+    def _capture_and_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        make_capturable(self.optimizer)
+        try:
+            self.captured = CapturedStep(self._forward_backward_update, self.optimizer, lq, gt)
+        except RuntimeError as err:
+            # Recording runs nothing: the weights and the optimizer's state are as before, and the step runs eagerly.
+            self.graph_problem = f"recording failed: {str(err).splitlines()[0][:300]}"
+            logger.warning("could not record the training step as a CUDA graph (%s); training eagerly",
+                           self.graph_problem)
+            return self._eager_step(lq, gt)
+        logger.info("recorded the training step as a CUDA graph (lq %s, gt %s); later batches of that shape replay it",
+                    tuple(lq.shape), tuple(gt.shape))
+        return self.captured(lq, gt)
 
     def _after_step(self) -> None:
         logger_options, val = self.options["logger"], self.options["val"]
@@ -473,7 +529,7 @@ class Trainer:
             self.validate()
 
     def current_lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _log_progress(self) -> None:
         loss = self._loss_sum / self._loss_count
@@ -512,7 +568,7 @@ class Trainer:
         atomic_save(weights, self.paths.net_file(self.iteration))
         atomic_save(weights, self.paths.net_file("latest"))
         state = {"iter": self.iteration, "epoch": self.epoch, "samples_into_epoch": self.samples_into_epoch,
-                 "seed": self.seed, "optimizers": [self.optimizer.state_dict()],
+                 "seed": self.seed, "optimizers": [portable_optimizer_state(self.optimizer)],
                  "schedulers": [self.schedule.state_dict()], "rng": rng, "best_metrics": self.best}
         if self.ema is not None:
             state["ema"] = {"decay": self.ema.decay}
