@@ -149,6 +149,14 @@ def test_recorded_training_matches_eager_training_on_the_gpu(smoke_dir):
     assert train("name=eager", *common, "train.cuda_graph=false") == 0
     assert train("name=graph", *common) == 0
     assert "recorded the training step as a CUDA graph" in log_text("graph")
+    # cuDNN's timed algorithms and atomic reductions may differ in the last bits, which Adam turns into updates of
+    # up to the learning rate for parameters without a clear gradient; a recorded step that kept the learning rate
+    # from before the milestone at iteration 3, or skipped the update, would differ by a third of the updates or
+    # more. So: the replayed run's updates since iteration 2 (both runs eager until 3) against the eager run's.
+    start = torch.load(Path("experiments/eager/models/net_g_2.pth"), weights_only=True)["params"]
     expected, replayed = final_weights("eager"), final_weights("graph")
-    for key, value in expected.items():
-        torch.testing.assert_close(replayed[key], value, rtol=1e-4, atol=1e-6, msg=key)
+    keys = [key for key, value in start.items() if value.is_floating_point()]
+    update = torch.cat([(expected[key] - start[key]).flatten().double() for key in keys])
+    difference = torch.cat([(replayed[key] - expected[key]).flatten().double() for key in keys])
+    assert update.norm() > 0
+    assert difference.norm() < 0.05 * update.norm()
