@@ -184,7 +184,7 @@ def describe_failure(err: Exception) -> str:
 
 def _compare(row: dict, name_to_call: dict[str, Callable[[], object]], device: torch.device, warmup: int,
              iters: int) -> dict:
-    """Fill ``row`` with the first result, median ms and peak MB of each call ("reference", "fused" and any others).
+    """Fill ``row`` with the first result, median ms and peak MB of each of the "reference" and "fused" calls.
 
     A model that runs out of memory (or fails otherwise) gets a ``<model>_error`` entry and the other is still
     measured: at the largest sizes the reference is expected not to fit, and the fused model's figures are the point
@@ -239,84 +239,97 @@ def inference_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: i
     return row
 
 
+def _l1_update(model, optimizer, dtype):
+    """One training step after the gradients are cleared: forward under autocast to ``dtype``, L1 loss, backward,
+    optimizer step; returns the loss, detached. The autocast weight cache is off, as a CUDA graph needs."""
+    def forward_backward_update(lq, gt):
+        with autocast_to(lq.device, dtype, cache_enabled=False):
+            loss = torch.nn.functional.l1_loss(model(lq).float(), gt)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+    return forward_backward_update
+
+
+def _upscaled_target(model, x: torch.Tensor) -> torch.Tensor:
+    return torch.rand(x.shape[0], x.shape[1], x.shape[2] * model.upscale, x.shape[3] * model.upscale,
+                      device=x.device)
+
+
+def _seeded(step):
+    # Both models' first steps see the same random state, so that their losses are comparable.
+    def first_step():
+        torch.manual_seed(0)
+        return step()
+    return first_step
+
+
 def training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: int, iters: int) -> dict:
     """One Adam step on an L1 loss; both models start from the same weights and take the same steps.
 
     Each model keeps one optimizer throughout, so the timed steps and the peak memory are those of steady-state
-    training: Adam's state exists before they start. On CUDA, each model's step is also timed as ``rgt-fast train``
-    runs it: fused Adam, recorded once as a CUDA graph and replayed (``<model>_graph``, on a copy of the model);
-    its memory is the graph's private pool, which keeps the step's activations between replays."""
-    from .training.cuda_graph import CapturedStep, make_capturable
-    from .training.trainer import EAGER_STEPS_BEFORE_CAPTURE
-
-    device = x.device
-    target = torch.rand(x.shape[0], x.shape[1], x.shape[2] * reference.upscale, x.shape[3] * reference.upscale,
-                        device=device)
-
-    def update(model, optimizer):
-        def forward_backward_update(lq, gt):
-            with autocast_to(device, dtype, cache_enabled=False):
-                loss = torch.nn.functional.l1_loss(model(lq).float(), gt)
-            loss.backward()
-            optimizer.step()
-            return loss.detach()
-        return forward_backward_update
+    training: Adam's state exists before they start."""
+    target = _upscaled_target(reference, x)
 
     def stepper(model):
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-7)
-        forward_backward_update = update(model, optimizer)
+        forward_backward_update = _l1_update(model, optimizer, dtype)
 
         def step():
             optimizer.zero_grad(set_to_none=True)
             return forward_backward_update(x, target).item()
         return step
 
+    reference.train()
+    fused.train()
+    row = {"name": name, "mode": "train", "shape": list(x.shape), "dtype": _dtype_label(dtype)}
+    losses = _compare(row, {label: _seeded(stepper(model)) for label, model in
+                            (("reference", reference), ("fused", fused))}, device=x.device, warmup=warmup,
+                      iters=iters)
+    if len(losses) == 2:
+        row["max_abs_err"] = abs(losses["reference"] - losses["fused"])
+    for label in losses:
+        row[f"{label}_it_per_s"] = 1000.0 / row[f"{label}_ms"]
+    return row
+
+
+def graph_training_row(name: str, reference, fused, x: torch.Tensor, dtype, warmup: int, iters: int) -> dict:
+    """The training step as ``rgt-fast train`` runs it on CUDA, for each model (on a copy): fused Adam, a few eager
+    steps, then the step recorded once as a CUDA graph and replayed. Peak memory includes the graph's private pool,
+    which keeps the step's activations between replays."""
+    from .training.cuda_graph import CapturedStep, make_capturable
+    from .training.trainer import EAGER_STEPS_BEFORE_CAPTURE
+
+    target = _upscaled_target(reference, x)
     pools_mb = {}
 
     def graph_stepper(label, model):
-        model = copy.deepcopy(model)
+        model = copy.deepcopy(model).train()
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-7, fused=True)
-        forward_backward_update = update(model, optimizer)
+        forward_backward_update = _l1_update(model, optimizer, dtype)
         for _ in range(EAGER_STEPS_BEFORE_CAPTURE):
             optimizer.zero_grad(set_to_none=True)
             forward_backward_update(x, target)
         make_capturable(optimizer)
-        _synchronize(device)
+        _synchronize(x.device)
         torch.cuda.empty_cache()
-        reserved = torch.cuda.memory_reserved(device)
+        reserved = torch.cuda.memory_reserved(x.device)
         captured = CapturedStep(forward_backward_update, optimizer, x, target)
-        pools_mb[label] = (torch.cuda.memory_reserved(device) - reserved) / 2**20
+        pools_mb[label] = (torch.cuda.memory_reserved(x.device) - reserved) / 2**20
         return lambda: captured(x, target).item()
 
-    def seeded(step):
-        # Both models' first steps see the same random state, so that their losses are comparable.
-        def first_step():
-            torch.manual_seed(0)
-            return step()
-        return first_step
-
-    reference.train()
-    fused.train()
-    row = {"name": name, "mode": "train", "shape": list(x.shape), "dtype": _dtype_label(dtype)}
-    steps = {"reference": stepper(reference), "fused": stepper(fused)}
-    if device.type == "cuda":
-        for label, model in (("reference", reference), ("fused", fused)):
-            try:
-                steps[f"{label}_graph"] = graph_stepper(f"{label}_graph", model)
-            except Exception as err:  # a model whose step cannot be recorded: its eager figures still count
-                row[f"{label}_graph_error"] = describe_failure(err)
-    losses = _compare(row, {label: seeded(step) for label, step in steps.items()}, device, warmup, iters)
-    if "reference" in losses and "fused" in losses:
-        row["max_abs_err"] = abs(losses["reference"] - losses["fused"])
-    for label in losses:
-        row[f"{label}_it_per_s"] = 1000.0 / row[f"{label}_ms"]
+    row = {"name": name, "mode": "train-graph", "shape": list(x.shape), "dtype": _dtype_label(dtype)}
+    steps = {}
+    for label, model in (("reference", reference), ("fused", fused)):
+        try:
+            steps[label] = graph_stepper(label, model)
+        except Exception as err:  # a model whose step cannot be recorded: the other's figures still count
+            row[f"{label}_error"] = describe_failure(err)
+    _compare(row, steps, device=x.device, warmup=warmup, iters=iters)
     for label, pool_mb in pools_mb.items():
-        if f"{label}_peak_mb" in row:
+        if f"{label}_ms" in row:
+            row[f"{label}_it_per_s"] = 1000.0 / row[f"{label}_ms"]
             row[f"{label}_peak_mb"] += pool_mb
-    if "fused_graph_ms" in row and "reference_ms" in row:
-        row["graph_speedup"] = row["reference_ms"] / row["fused_graph_ms"]
-    if "fused_graph_ms" in row and "reference_graph_ms" in row:
-        row["graph_vs_graph_speedup"] = row["reference_graph_ms"] / row["fused_graph_ms"]
     return row
 
 

@@ -322,6 +322,12 @@ def accelerate(model: Any, *, backend: str = "auto") -> RGT:
             fused.set_submodule(name, copy.deepcopy(module))
     # assign=True keeps each tensor's dtype and device; the clones share no storage with ``model``.
     fused.load_state_dict({key: value.clone() for key, value in state_dict.items()}, strict=True, assign=True)
+    # The buffers outside the state_dict (the RGB mean) join the weights, instead of staying where they were made.
+    device = fused.conv_first.weight.device
+    for name, buffer in list(fused.named_buffers()):
+        if name not in state_dict:
+            module_name, _, buffer_name = name.rpartition(".")
+            fused.get_submodule(module_name).register_buffer(buffer_name, buffer.to(device), persistent=False)
     fused_modules = dict(fused.named_modules())
     for name, module in network.named_modules():
         target = fused_modules[name]

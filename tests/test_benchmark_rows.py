@@ -189,6 +189,10 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     inference.update(speedup=2.6, reference_peak_mb=100.0, fused_peak_mb=60.0, fused_time_breakdown=[
         {"name": "_lsa_fwd_kernel", "ms": 1.25, "share": 0.4, "count": 36}])
     training = bench.training_row(bench_model.TRAINING_ROWS["bf16"], reference, fused, x, torch.bfloat16, 0, 1)
+    training.update(reference_ms=500.0, reference_peak_mb=1000.0)
+    # rgt-fast train's recorded step: twice the reference's eager speed, 0.7 of its memory.
+    graph = {"name": bench_model.GRAPH_TRAINING_ROW, "mode": "train-graph", "reference_ms": 400.0, "fused_ms": 250.0,
+             "fused_peak_mb": 700.0, "reference_it_per_s": 2.5, "fused_it_per_s": 4.0}
     big = {"name": bench_model.BIG_IMAGE_ROW, "fused_ms": 900.0, "fused_peak_mb": 30 * 1024.0,
            "reference_error": "out of memory: CUDA out of memory. Tried to allocate 48.00 GiB."}
     report = {"environment": {"device": "NVIDIA H100 80GB HBM3", "commit": "abc"},
@@ -197,7 +201,7 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
               "benchmarks": {
                   "bench_rgsa_attention.py": {"exit_code": 0, "results": {"rows": [rgsa_forward, rgsa_backward]}},
                   "bench_lsa_attention.py": {"exit_code": 124, "seconds": 90.0, "results": {"rows": [lsa_row]}},
-                  "bench_model.py": {"exit_code": 0, "results": {"results": [inference, training, big],
+                  "bench_model.py": {"exit_code": 0, "results": {"results": [inference, training, graph, big],
                                                                   "low_precision_drift": []}},
                   "bench_spatial_gate.py": {"exit_code": 0, "results": {"rows": [
                       gate.run_row("train", 2, 5, 7, torch.bfloat16, False, 1)]}},
@@ -228,7 +232,10 @@ def test_summary_checks_each_issue_target_against_the_rows_the_benchmarks_write(
     assert verdict(bench_model.INFERENCE_ROWS["bf16"], "speedup") == "met"
     assert verdict(bench_model.INFERENCE_ROWS["bf16"], "peak memory") == "missed"  # 0.6 > 0.5
     assert verdict(bench_model.INFERENCE_ROWS["fp32"], "speedup") == "not measured"
-    assert verdict(bench_model.TRAINING_ROWS["bf16"], "iterations/s") == "measured"
+    assert verdict(f'{bench_model.TRAINING_ROWS["bf16"]}: iterations/s') == "measured"
+    assert verdict(bench_model.GRAPH_TRAINING_ROW, "iterations/s") == "measured"
+    assert verdict(bench_model.GRAPH_TRAINING_ROW, "eager step, speedup") == "met"
+    assert verdict(bench_model.GRAPH_TRAINING_ROW, "eager step, memory") == "missed"
     assert verdict(bench_model.TRAINING_ROWS["fp32"], "iterations/s") == "not measured"
     assert verdict(bench_model.BIG_IMAGE_ROW) == "met"
     assert "reference: out of memory" in text
@@ -306,7 +313,8 @@ def test_every_model_row_has_a_warm_up_that_runs(load_benchmark, monkeypatch):
     """Each warm-up (one per CUDA row, and the drift's) runs its model calls: here a small model stands in on CPU
     tensors, at small sizes, with the rows' modes and dtypes."""
     bench_model = load_benchmark("bench_model")
-    assert set(bench_model.WARM_UPS) == {spec[0] for spec in bench_model.CUDA_ROWS} | {"drift"}
+    assert set(bench_model.WARM_UPS) == {spec[0] for spec in bench_model.CUDA_ROWS
+                                         if spec[0] != bench_model.GRAPH_TRAINING_ROW} | {"drift"}
     small = dict(depth=[2], num_heads=[6], embed_dim=36)
 
     def small_pair(model, scale, device):

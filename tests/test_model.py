@@ -388,6 +388,17 @@ def test_accelerate_keeps_the_dtype_and_device_of_each_tensor():
         k: (v.dtype, v.device) for k, v in reference.state_dict().items()}
 
 
+@pytest.mark.parametrize("device", [
+    "cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU; on the "
+                                                         "CPU, the same check of the buffers' placement runs"))])
+def test_accelerate_puts_the_buffers_outside_the_state_dict_with_the_weights(device):
+    """The RGB mean is no weight: accelerate() must not leave it on the CPU beside CUDA weights (each forward would
+    copy it, and a CUDA graph cannot record that copy)."""
+    fused = accelerate(perturbed_reference().to(device), backend="torch")
+    assert fused.mean.device == fused.conv_first.weight.device == torch.device(device, 0 if device == "cuda" else None)
+    assert "mean" not in fused.state_dict()
+
+
 def test_accelerate_refuses_hooks_it_cannot_carry():
     reference = perturbed_reference()
     reference.layers[0].blocks[0].attn.attns[0].register_forward_hook(lambda *args: None)

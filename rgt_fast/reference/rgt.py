@@ -536,7 +536,7 @@ class RGT(TokenImageLayout, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
-        mean = self.mean.to(dtype=x.dtype)
+        mean = self.mean.to(device=x.device, dtype=x.dtype)  # no copy where the model's .to() moved it
         x = (x - mean) * self.img_range
         x = self.conv_first(x)
         x = self.conv_after_body(self.forward_features(x)) + x

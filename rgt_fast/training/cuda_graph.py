@@ -71,8 +71,21 @@ class CapturedStep:
         self.lq, self.gt = lq.detach().clone(), gt.detach().clone()
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):  # records on a stream of its own, as capture requires
-            self.loss = body(self.lq, self.gt)
+        device = self.lq.device
+        # Recording needs a stream other than the default one. torch.cuda.graph would leave that stream current if
+        # the recording failed, so the stream is entered here, where it is left whatever happens.
+        torch.cuda.synchronize(device)
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            # thread_local: DataLoader's pin-memory thread may allocate pinned memory meanwhile, which "global"
+            # would count as an error of this recording.
+            self.graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self.loss = body(self.lq, self.gt)
+            finally:
+                self.graph.capture_end()
+        torch.cuda.current_stream(device).wait_stream(stream)
 
     def fits(self, lq: torch.Tensor, gt: torch.Tensor) -> bool:
         return (lq.shape, lq.dtype, gt.shape, gt.dtype) == (self.lq.shape, self.lq.dtype, self.gt.shape,
