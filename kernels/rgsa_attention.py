@@ -72,7 +72,8 @@ _LN_2 = tl.constexpr(math.log(2.0))
 _MAX_HEAD_DIM = 128
 # (BLOCK_M, largest BLOCK_N, num_warps, num_stages) per kernel and operand precision, for maps of at most
 # _SMALL_MAP keys (training) and for larger ones. Chosen from kernel times on an H200 among the tiles that
-# compile without register spills on sm_80 and sm_90a (python -m rgt_fast.kernels.report). FMA dots ("ieee")
+# compile without register spills on sm_80 and sm_90a (python -m rgt_fast.kernels.report); the 16-bit forward of
+# large maps from benchmarks/sweep_tiles.py at N' = 1024 (128x32: 0.962 ms against 1.110 for 128x64). FMA dots ("ieee")
 # hold whole operand tiles per thread, hence their smaller tiles. A map of N' <= BLOCK_N keys is one key
 # block, which selects the fused dQ/dK/dV backward.
 # The dK/dV tiles of small maps are one warp each where registers allow: in the [16, BLOCK_M] x [BLOCK_M, D]
@@ -80,7 +81,7 @@ _MAX_HEAD_DIM = 128
 # the training shape's backward 1.5x faster.
 _SMALL_MAP = 16
 _TILE_TABLE = {
-    ("forward", "16bit"): ((128, 64, 4, 2), (128, 64, 4, 2)),
+    ("forward", "16bit"): ((128, 64, 4, 2), (128, 32, 4, 2)),
     ("forward", "tf32"): ((128, 64, 4, 2), (128, 32, 4, 2)),
     ("forward", "ieee"): ((64, 64, 4, 2), (64, 64, 4, 2)),
     ("dq", "16bit"): ((64, 64, 4, 2), (64, 64, 4, 2)),
