@@ -37,12 +37,12 @@ LSA_SPLIT = [8, 32]
 LSA_EMBED_DIM, LSA_HEADS = 180, 6
 # kernel -> (shape name, candidates); each candidate (BLOCK_M, BLOCK_N, num_warps, num_stages).
 CANDIDATES = {
-    "lsa_fwd": ("lsa-train", [(128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (64, 16, 4, 2), (128, 16, 8, 2)]),
+    "lsa_fwd": ("lsa-train", [(64, 16, 4, 2), (128, 32, 8, 2), (128, 64, 8, 2), (64, 32, 4, 2), (128, 16, 8, 2)]),
     "lsa_dq": ("lsa-train", [(64, 32, 4, 2), (128, 32, 8, 2), (64, 64, 4, 2), (32, 32, 4, 2)]),
     "lsa_dkdv": ("lsa-train", [(16, 64, 4, 2), (32, 64, 4, 2), (16, 32, 4, 2), (32, 128, 8, 2)]),
     "lsa_score_grad_sum": ("lsa-train", [(64, 64, 4, 2), (128, 64, 8, 2), (64, 128, 8, 2), (32, 64, 4, 2)]),
-    "rgsa_forward": ("rgsa-infer-1024", [(128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3),
-                                         (128, 32, 4, 2)]),
+    "rgsa_forward": ("rgsa-infer-1024", [(128, 32, 4, 2), (128, 64, 4, 2), (128, 128, 8, 2), (128, 64, 8, 2),
+                                         (64, 64, 4, 3)]),
     "gate_conv_backward": ("gate-train", [(32, 64, 4), (8, 64, 1), (8, 64, 2)]),
 }
 # L-SA: (batch, height, width), shifted windows; RG-SA: (queries, keys) of one image, 6 heads of 15/30; spatial

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -25,12 +26,25 @@ class _HeldRecords(logging.Handler):
 _held: _HeldRecords | None = None
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to ``sys.stderr`` as it is when a message comes, not as it was when logging was set up: a caller that
+    redirects stderr later (a notebook cell, pytest's capture) still gets the messages."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_console_logging(rank: int = 0) -> None:
     """Progress on the console from rank 0; other ranks print warnings only, so a problem on any rank shows."""
     global _console
     PACKAGE_LOGGER.setLevel(logging.INFO)
     if _console is None:
-        _console = logging.StreamHandler()
+        _console = _StderrHandler()
         _console.setFormatter(_FORMAT)
         PACKAGE_LOGGER.addHandler(_console)
     _console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
