@@ -190,23 +190,35 @@ def values_times_probabilities_t(v_t: torch.Tensor, probabilities: torch.Tensor)
 # A fused op can take the nn.Linear that reads its output (``proj_weight``, ``proj_bias``): autograd then keeps
 # only the op's inputs, and the op's backward kernel recomputes the linear's input for its weight gradient.
 
-def project(rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The linear layer after a fused op, in the dtype of its input rows: what autocast runs it in (the rows are
-    already in the autocast dtype there; the weight and bias are cast as autocast casts them)."""
+def project_if_given(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """A fused op's output: its rows, or the linear layer after the op applied to them when the op was given one,
+    in the rows' dtype: what autocast runs it in (the rows are already in the autocast dtype there; the weight and
+    bias are cast as autocast casts them)."""
+    if weight is None:
+        return rows
     return torch.nn.functional.linear(rows, weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
 
 
-def projection_input_grad(dout: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return dout.matmul(weight.to(dout.dtype))
-
-
-def projection_parameter_grads(dout: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
-                               bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(dweight, dbias) of :func:`project` from its output's gradient and its input rows (recomputed): in the
+def _projection_parameter_grads(dout: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,
+                                bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(dweight, dbias) of the projection from its output's gradient and its input rows (recomputed): in the
     rows' dtype, then cast to each parameter's, as autocast's linear and the cast of its parameters give them."""
     drows = dout.reshape(-1, dout.shape[-1])
     dweight = drows.t().matmul(rows.reshape(-1, rows.shape[-1])).to(weight.dtype)
     return dweight, None if bias is None else drows.sum(0).to(bias.dtype)
+
+
+def backward_through_projection(dout: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                                launch_backward) -> tuple:
+    """The gradients of an op whose output went through :func:`project_if_given`, plus (dweight, dbias) of the
+    projection (None without one). ``launch_backward(drows, write_rows)`` runs the op's own backward from the
+    gradient of its rows and returns (*its gradients, rows): the rows the projection read, which its backward
+    kernel writes again when ``write_rows``, since autograd did not keep them."""
+    if weight is None:
+        *grads, _ = launch_backward(dout, False)
+        return (*grads, None, None)
+    *grads, rows = launch_backward(dout.matmul(weight.to(dout.dtype)), True)
+    return (*grads, *_projection_parameter_grads(dout, rows, weight, bias))
 
 
 def check_projection(op: str, in_features: int, device: torch.device, weight, bias) -> None:

@@ -35,15 +35,14 @@ from ._common import (
     TRITON_DTYPES,
     KernelVariant,
     aot_signature,
+    backward_through_projection,
     cdiv,
     check_projection,
     layer_norm_input_grad,
     next_power_of_2,
     normalise_rows,
     on_device_of,
-    project,
-    projection_input_grad,
-    projection_parameter_grads,
+    project_if_given,
     row_alignment,
     rows_per_tile,
     tile_offsets,
@@ -233,8 +232,7 @@ def _triton_forward_projected(x, delta, weight, bias, eps: float, normed_dtype: 
                               proj_bias):
     """(summed, out, mean, rstd): ``out`` is the normalised rows, or the projection of them with ``proj_weight``."""
     summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
-    out = normed if proj_weight is None else project(normed, proj_weight, proj_bias)
-    return summed, out, mean, rstd
+    return summed, project_if_given(normed, proj_weight, proj_bias), mean, rstd
 
 
 def _projected_shape(x: torch.Tensor, proj_weight) -> tuple[int, ...]:
@@ -287,16 +285,14 @@ def _gradients(launch_backward, ctx, dsummed, dout):
     """(dx, ddelta, dweight, dbias, dproj_weight, dproj_bias) from ``launch_backward`` (a custom op or the
     launcher, with the launcher's arguments); ``delta`` None for a plain LayerNorm."""
     x, delta, mean, rstd, weight, bias, proj_weight, proj_bias = ctx.saved_tensors
-    projected = proj_weight is not None
-    if dout is None:
-        dnormed = torch.zeros_like(x, dtype=ctx.normed_dtype)
-    else:
-        dnormed = projection_input_grad(dout, proj_weight) if projected else dout
-    dx, ddelta, dweight, dbias, normed = launch_backward(dsummed, dnormed, x, delta, mean, rstd, weight, bias,
-                                                         ctx.normed_dtype, projected and dout is not None)
-    dproj_weight, dproj_bias = (projection_parameter_grads(dout, normed, proj_weight, proj_bias)
-                                if projected and dout is not None else (None, None))
-    return dx, ddelta, dweight, dbias, dproj_weight, dproj_bias
+
+    def launch(dnormed, write_normed):
+        return launch_backward(dsummed, dnormed, x, delta, mean, rstd, weight, bias, ctx.normed_dtype,
+                               write_normed)
+
+    if dout is None:  # only the sum is used further on: no gradient reaches the projection
+        return backward_through_projection(torch.zeros_like(x, dtype=ctx.normed_dtype), None, None, launch)
+    return backward_through_projection(dout, proj_weight, proj_bias, launch)
 
 
 def _setup_backward(ctx, inputs, output):
@@ -340,7 +336,7 @@ def layer_norm_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     compute_dtype = torch.promote_types(x.dtype, torch.float32)
     normed = torch.nn.functional.layer_norm(x.to(compute_dtype), (x.shape[-1],), weight.to(compute_dtype),
                                             bias.to(compute_dtype), eps).to(_normed_dtype(x.dtype, x.device))
-    return normed if proj_weight is None else project(normed, proj_weight, proj_bias)
+    return project_if_given(normed, proj_weight, proj_bias)
 
 
 def add_layer_norm_torch(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -38,6 +38,7 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    backward_through_projection,
     cdiv,
     check_projection,
     image_as_tokens,
@@ -45,9 +46,7 @@ from ._common import (
     next_power_of_2,
     normalise_rows,
     on_device_of,
-    project,
-    projection_input_grad,
-    projection_parameter_grads,
+    project_if_given,
     row_alignment,
     rows_per_tile,
     tile_offsets,
@@ -361,7 +360,7 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
 def _triton_forward_projected(hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
                               eps: float, proj_weight, proj_bias) -> torch.Tensor:
     gate = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
-    return gate if proj_weight is None else project(gate, proj_weight, proj_bias)
+    return project_if_given(gate, proj_weight, proj_bias)
 
 
 @torch.library.custom_op("rgt_fast::spatial_gate_forward", mutates_args=())
@@ -415,12 +414,9 @@ def _setup_backward(ctx, inputs, output):
 def _input_gradients(launch_backward, ctx, dout):
     """The gradients of every forward input, from ``launch_backward`` (the custom op or the launcher)."""
     hidden, norm_weight, norm_bias, conv_weight, conv_bias, proj_weight, proj_bias = ctx.saved_tensors
-    projected = proj_weight is not None
-    dgate = projection_input_grad(dout, proj_weight) if projected else dout
-    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, gate = launch_backward(
-        dgate, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight, conv_bias, ctx.eps, projected)
-    dproj_weight, dproj_bias = (projection_parameter_grads(dout, gate, proj_weight, proj_bias) if projected
-                                else (None, None))
+    dhidden, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, dproj_weight, dproj_bias = \
+        backward_through_projection(dout, proj_weight, proj_bias, lambda dgate, write_gate: launch_backward(
+            dgate, hidden, ctx.height, ctx.width, norm_weight, norm_bias, conv_weight, conv_bias, ctx.eps, write_gate))
     return (dhidden, None, None, dnorm_weight, dnorm_bias, dconv_weight, dconv_bias, None, dproj_weight,
             dproj_bias)
 
@@ -465,7 +461,7 @@ def spatial_gate_torch(hidden: torch.Tensor, height: int, width: int, norm_weigh
     conv = torch.nn.functional.conv2d(tokens_as_image(normed, height, width), conv_weight, conv_bias, padding=1,
                                       groups=channels)
     gate = (first * image_as_tokens(conv)).to(hidden.dtype)
-    return gate if proj_weight is None else project(gate, proj_weight, proj_bias)
+    return project_if_given(gate, proj_weight, proj_bias)
 
 
 def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps) -> None:
