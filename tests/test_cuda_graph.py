@@ -141,6 +141,14 @@ def test_a_step_that_cannot_be_recorded_trains_eagerly_with_a_warning(smoke_dir,
         assert torch.equal(value, trained[key]), key
 
 
+@pytest.mark.parametrize("override", ["network_g.use_chk=true", "train.amp=fp16", "train.cuda_graph=false"])
+def test_steps_that_cannot_or_should_not_be_recorded_run_eagerly(smoke_dir, eager_replay, override):
+    """Gradient checkpointing saves and restores the CUDA random state, fp16's loss scaling reads the gradients on
+    the CPU: neither may be recorded, whatever the device."""
+    assert train("name=eager", f"train.total_iter={EAGER_STEPS_BEFORE_CAPTURE + 2}", override) == 0
+    assert eager_replay.recorded == []
+
+
 @pytest.mark.skipif(not ON_GPU, reason="recording a CUDA graph needs a GPU; the CPU tests above check the trainer's "
                                        "side with an eager stand-in")
 def test_recorded_training_matches_eager_training_on_the_gpu(smoke_dir):

@@ -308,6 +308,9 @@ class Trainer:
             problem = "fp16's loss scaling reads the gradients' finiteness on the CPU; train.amp: bf16 needs none"
         if problem is None and self.options["train"]["compile"]:
             problem = "train.compile is on (torch.compile(mode='reduce-overhead') records graphs itself)"
+        if problem is None and self.options["network_g"].get("use_chk"):
+            problem = ("network_g.use_chk: gradient checkpointing saves and restores the CUDA random state around "
+                       "each block, which a recording cannot")
         if problem is not None and self.device.type == "cuda":
             logger.info("the training step runs eagerly, not as a CUDA graph: %s", problem)
         return problem
