@@ -297,7 +297,7 @@ def graph_training_row(name: str, reference, fused, x: torch.Tensor, dtype, warm
     """The training step as ``rgt-fast train`` runs it on CUDA, for each model (on a copy): fused Adam, a few eager
     steps, then the step recorded once as a CUDA graph and replayed. Peak memory includes the graph's private pool,
     which keeps the step's activations between replays."""
-    from .training.cuda_graph import CapturedStep, make_capturable
+    from .training.cuda_graph import CapturedStep
     from .training.trainer import EAGER_STEPS_BEFORE_CAPTURE
 
     target = _upscaled_target(reference, x)
@@ -310,7 +310,6 @@ def graph_training_row(name: str, reference, fused, x: torch.Tensor, dtype, warm
         for _ in range(EAGER_STEPS_BEFORE_CAPTURE):
             optimizer.zero_grad(set_to_none=True)
             forward_backward_update(x, target)
-        make_capturable(optimizer)
         _synchronize(x.device)
         torch.cuda.empty_cache()
         reserved = torch.cuda.memory_reserved(x.device)

@@ -72,14 +72,18 @@ def test_capture_problem_names_what_prevents_recording():
 
 class EagerReplay:
     """Stands in for CapturedStep on the CPU: "recording" runs nothing, and each call runs the step eagerly on the
-    copied-in batch, as a replay would run the recorded one."""
+    copied-in batch, as a replay would run the recorded one. Like CapturedStep it makes the optimizer capturable,
+    except that PyTorch's capturable optimizers refuse CPU parameters: the learning rates become tensors, which the
+    schedule must then fill for the replays to train like eager steps."""
     recorded: list[tuple] = []
     fail_with: str | None = None
 
     def __init__(self, body, optimizer, lq, gt):
         if EagerReplay.fail_with:
             raise RuntimeError(EagerReplay.fail_with)
-        assert isinstance(optimizer.param_groups[0]["lr"], torch.Tensor)
+        make_capturable(optimizer)
+        for group in optimizer.param_groups:
+            group["capturable"] = False
         self.body, self.optimizer = body, optimizer
         self.lq, self.gt = lq.clone(), gt.clone()
         EagerReplay.recorded.append((tuple(lq.shape), tuple(gt.shape)))
@@ -99,14 +103,6 @@ def eager_replay(monkeypatch):
     EagerReplay.recorded, EagerReplay.fail_with = [], None
     monkeypatch.setattr(trainer, "CapturedStep", EagerReplay)
     monkeypatch.setattr(trainer, "capture_problem", lambda optimizer, device: None)
-
-    def tensor_learning_rates(optimizer):
-        # PyTorch's capturable optimizers refuse CPU parameters; the learning rate still becomes a tensor.
-        make_capturable(optimizer)
-        for group in optimizer.param_groups:
-            group["capturable"] = False
-
-    monkeypatch.setattr(trainer, "make_capturable", tensor_learning_rates)
     return EagerReplay
 
 

@@ -63,12 +63,13 @@ class CapturedStep:
     recorded at construction, on tensors shaped as ``lq`` and ``gt``; calling it copies a batch in, replays, and
     returns the loss tensor, which the next call overwrites.
 
-    Recording does not run the step: the first call does. The optimizer must be ``make_capturable`` and its state
-    initialised (one eager step) before, as must everything a first call compiles or tunes (Triton kernels, cuDNN
-    algorithms)."""
+    Recording does not run the step: the first call does. It makes ``optimizer`` capturable
+    (:func:`make_capturable`); the optimizer's state must exist before (one eager step), as must everything a first
+    call compiles or tunes (Triton kernels, cuDNN algorithms)."""
 
     def __init__(self, body: StepBody, optimizer: torch.optim.Optimizer, lq: torch.Tensor, gt: torch.Tensor):
         self.lq, self.gt = lq.detach().clone(), gt.detach().clone()
+        make_capturable(optimizer)
         optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         device = self.lq.device

@@ -35,7 +35,7 @@ from .. import create_model_from_kwargs
 from ..checkpoint import CheckpointError, add_derived_buffers, describe_mismatch, read_state_dict
 from .checkpoints import (ExperimentPaths, atomic_save, capture_rng, load_file, load_training_state, net_file_of_state,
                           restore_rng, resumes_exactly, seed_everything)
-from .cuda_graph import CapturedStep, capture_problem, make_capturable, portable_optimizer_state, set_learning_rate
+from .cuda_graph import CapturedStep, capture_problem, portable_optimizer_state, set_learning_rate
 from .data import EvaluationPairs, build_training_loader
 from .evaluate import build_metrics, evaluate_set
 from .logs import attach_log_file, configure_console_logging, detach_log_file, hold_records_for_log_file
@@ -484,13 +484,16 @@ class Trainer:
         self._loss_sum += loss
         self._loss_count += 1
 
-    def _forward_backward_update(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        """The step after the gradients are cleared, eager or recorded: the loss, detached."""
+    def _loss(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
         # The autocast cache of casted weights would outlive a recording; each weight is cast once per step anyway.
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None,
                             cache_enabled=False):
             sr = self.model(lq)
-        loss = self.pixel_loss(sr.float(), gt)
+        return self.pixel_loss(sr.float(), gt)
+
+    def _forward_backward_update(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+        """The step after the gradients are cleared, eager or recorded: the loss, detached."""
+        loss = self._loss(lq, gt)
         loss.backward()
         self.optimizer.step()
         return loss.detach()
@@ -500,16 +503,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.grad_scaler is None:
             return self._forward_backward_update(lq, gt)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype):
-            sr = self.model(lq)
-        loss = self.pixel_loss(sr.float(), gt)
+        loss = self._loss(lq, gt)
         self.grad_scaler.scale(loss).backward()
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
         return loss.detach()
 
     def _capture_and_step(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
-        make_capturable(self.optimizer)
         try:
             self.captured = CapturedStep(self._forward_backward_update, self.optimizer, lq, gt)
         except RuntimeError as err:
