@@ -11,7 +11,9 @@ output and the product: five tensors of the size of the output or larger, each w
 * Forward: a norm kernel reads the second half of ``hidden`` once and writes the normalised map (in the input
   dtype, which is where autocast rounds it too, as the conv's bf16 input); a conv kernel reads its 3x3
   neighbourhoods (cache hits after the first), adds the bias, multiplies by GELU of the first half and
-  writes the output. Nothing is saved for the backward except ``hidden``, which the reference keeps too.
+  writes the output. Nothing is saved for the backward except ``hidden``, which the reference keeps too. In
+  inference (``reuse_hidden``) both maps go into ``hidden`` itself, the normalised map over its second half and
+  the output over its first: the op then needs no memory beyond its input.
 * Backward: the norm kernel runs again to recompute the normalised map. A conv-backward kernel recomputes
   the conv output, writes the gradient of the first half of ``hidden`` and the conv output's gradient, and
   accumulates the conv weight and bias gradients. A norm-backward kernel applies the transposed conv
@@ -99,12 +101,13 @@ def _pixel_of(tokens, tokens_per_image, width):
 
 @triton.jit
 def _shifted_rows(ptr, tokens, token_valid, row, column, channels, channel_valid, dy, dx, height, width,
-                  CHANNELS: tl.constexpr):
-    """fp32 rows of the contiguous (tokens, CHANNELS) map at ``ptr`` taken dy rows and dx columns away from each
-    token's pixel; zeros where that falls outside the image (the conv's zero padding)."""
+                  ROW_STRIDE: tl.constexpr):
+    """fp32 rows of the (tokens, channels) map at ``ptr``, whose rows lie ROW_STRIDE elements apart, taken dy rows
+    and dx columns away from each token's pixel; zeros where that falls outside the image (the conv's zero
+    padding)."""
     inside = token_valid & (row + dy >= 0) & (row + dy < height) & (column + dx >= 0) & (column + dx < width)
     neighbour = tokens + dy * width + dx
-    return tl.load(ptr + _wide(neighbour)[:, None] * CHANNELS + channels[None, :],
+    return tl.load(ptr + _wide(neighbour)[:, None] * ROW_STRIDE + channels[None, :],
                    mask=inside[:, None] & channel_valid[None, :], other=0.0).to(tl.float32)
 
 
@@ -127,7 +130,11 @@ def _gate_norm_kernel(
     stride_hb, stride_hn, stride_hc,
     num_tokens, tokens_per_image, eps,
     CHANNELS: tl.constexpr, CHANNELS_PAD: tl.constexpr, BLOCK_T: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    NORMED_OFFSET: tl.constexpr, MAP_ROW_STRIDE: tl.constexpr,
 ):
+    """The normalised second half of ``hidden``, written at ``normed_ptr + NORMED_OFFSET`` in rows MAP_ROW_STRIDE
+    elements apart: a map of its own, or (in place) the second half of a contiguous ``hidden`` itself, where each
+    program reads its rows whole before it writes them."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_valid = tokens < num_tokens
     channels = tl.arange(0, CHANNELS_PAD)
@@ -137,21 +144,22 @@ def _gate_norm_kernel(
     weight = tl.load(norm_weight_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     bias = tl.load(norm_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)
     normed = x_hat * weight[None, :] + bias[None, :]
-    tl.store(normed_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :], normed.to(normed_ptr.dtype.element_ty),
-             mask=token_valid[:, None] & channel_valid[None, :])
+    tl.store(normed_ptr + NORMED_OFFSET + _wide(tokens)[:, None] * MAP_ROW_STRIDE + channels[None, :],
+             normed.to(normed_ptr.dtype.element_ty), mask=token_valid[:, None] & channel_valid[None, :])
 
 
 @triton.jit
 def _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels, channel_valid,
-                    tokens_per_image, height, width, CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    tokens_per_image, height, width, ROW_STRIDE: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_C: tl.constexpr):
-    """The depthwise 3x3 conv (zero padding) of the normalised map plus its bias, at a tile of tokens."""
+    """The depthwise 3x3 conv (zero padding) of the normalised map (rows ROW_STRIDE elements apart) plus its bias,
+    at a tile of tokens."""
     row, column = _pixel_of(tokens, tokens_per_image, width)
     acc = tl.zeros([BLOCK_T, BLOCK_C], tl.float32)
     acc += tl.load(conv_bias_ptr + channels, mask=channel_valid, other=0.0).to(tl.float32)[None, :]
     for tap in tl.static_range(9):
         taps = _shifted_rows(normed_ptr, tokens, token_valid, row, column, channels, channel_valid,
-                             tap // 3 - 1, tap % 3 - 1, height, width, CHANNELS)
+                             tap // 3 - 1, tap % 3 - 1, height, width, ROW_STRIDE)
         weight = tl.load(conv_weight_ptr + channels * 9 + tap, mask=channel_valid, other=0.0).to(tl.float32)
         acc += taps * weight[None, :]
     return acc
@@ -163,17 +171,21 @@ def _gate_conv_kernel(
     stride_hb, stride_hn, stride_hc,
     num_tokens, tokens_per_image, height, width,
     CHANNELS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr, ROW_ALIGN: tl.constexpr,
+    NORMED_OFFSET: tl.constexpr, MAP_ROW_STRIDE: tl.constexpr,
 ):
+    """The gate at a tile of tokens and channels, from the normalised map that _gate_norm_kernel wrote (same
+    NORMED_OFFSET and MAP_ROW_STRIDE); written in rows MAP_ROW_STRIDE elements apart. In place, the output takes
+    the first half of ``hidden``: each program reads that half only at its own tile, before writing it."""
     tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     token_valid = tokens < num_tokens
     channels = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     channel_valid = channels < CHANNELS
-    conv = _conv_of_normed(normed_ptr, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
-                           channel_valid, tokens_per_image, height, width, CHANNELS, BLOCK_T, BLOCK_C)
+    conv = _conv_of_normed(normed_ptr + NORMED_OFFSET, conv_weight_ptr, conv_bias_ptr, tokens, token_valid, channels,
+                           channel_valid, tokens_per_image, height, width, MAP_ROW_STRIDE, BLOCK_T, BLOCK_C)
     valid = token_valid[:, None] & channel_valid[None, :]
     first_half = tl.load(hidden_ptr + tile_offsets(tokens, channels, tokens_per_image, stride_hb, stride_hn, stride_hc,
                                                    ROW_ALIGN), mask=valid, other=0.0).to(tl.float32)
-    tl.store(out_ptr + _wide(tokens)[:, None] * CHANNELS + channels[None, :],
+    tl.store(out_ptr + _wide(tokens)[:, None] * MAP_ROW_STRIDE + channels[None, :],
              (_gelu(first_half) * conv).to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -268,36 +280,56 @@ def _gate_norm_backward_kernel(
     tl.store(norm_bias_partial_ptr + chunk.to(tl.int64) * CHANNELS + channels, bias_partial, mask=channel_valid)
 
 
-def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.Tensor:
+def _write_normed(hidden: torch.Tensor, normed: torch.Tensor, norm_weight, norm_bias, eps: float, normed_offset: int,
+                  map_row_stride: int) -> None:
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
     channels_pad = next_power_of_2(channels)
     block_t = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
     num_tokens = batch * tokens_per_image
-    normed = _common.kernel_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
     _gate_norm_kernel[(cdiv(num_tokens, block_t),)](
         hidden, norm_weight, norm_bias, normed, *hidden.stride(), num_tokens, tokens_per_image, eps,
         CHANNELS=channels, CHANNELS_PAD=channels_pad, BLOCK_T=block_t, ROW_ALIGN=row_alignment(hidden),
+        NORMED_OFFSET=normed_offset, MAP_ROW_STRIDE=map_row_stride,
         num_warps=_NUM_WARPS, num_stages=ELEMENTWISE_NUM_STAGES,
     )
+
+
+def _normed(hidden: torch.Tensor, norm_weight, norm_bias, eps: float) -> torch.Tensor:
+    """The normalised second half of ``hidden`` as a contiguous (tokens, C) map of its own."""
+    channels = hidden.shape[2] // 2
+    normed = _common.kernel_buffer((hidden.shape[0] * hidden.shape[1], channels), dtype=hidden.dtype,
+                                   device=hidden.device)
+    _write_normed(hidden, normed, norm_weight, norm_bias, eps, 0, channels)
     return normed
 
 
 def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
-                    eps: float) -> torch.Tensor:
+                    eps: float, in_place: bool) -> torch.Tensor:
+    """The gate; ``in_place`` (a contiguous ``hidden`` that nothing reads afterwards) puts the normalised map in
+    hidden's second half and returns the gate as a view of its first half, so that the op needs no memory of its
+    own."""
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
-    out = _common.kernel_buffer((batch, tokens_per_image, channels), dtype=hidden.dtype, device=hidden.device)
+    if in_place:
+        out = hidden[..., :channels]
+    else:
+        out = _common.kernel_buffer((batch, tokens_per_image, channels), dtype=hidden.dtype, device=hidden.device)
     num_tokens = batch * tokens_per_image
     if num_tokens == 0:
         return out
     with on_device_of(hidden):
-        normed = _normed(hidden, norm_weight, norm_bias, eps)
+        if in_place:
+            normed, normed_offset, map_row_stride = hidden, channels, two_channels
+            _write_normed(hidden, normed, norm_weight, norm_bias, eps, normed_offset, map_row_stride)
+        else:
+            normed, normed_offset, map_row_stride = _normed(hidden, norm_weight, norm_bias, eps), 0, channels
         block_t, block_c, num_warps = _CONV_TILES["forward"]
         _gate_conv_kernel[(cdiv(num_tokens, block_t), cdiv(channels, block_c))](
             hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),
             num_tokens, tokens_per_image, height, width,
             CHANNELS=channels, BLOCK_T=block_t, BLOCK_C=block_c, ROW_ALIGN=row_alignment(hidden),
+            NORMED_OFFSET=normed_offset, MAP_ROW_STRIDE=map_row_stride,
             num_warps=num_warps, num_stages=ELEMENTWISE_NUM_STAGES,
         )
     return out
@@ -358,8 +390,8 @@ def _triton_backward(dout, hidden, height: int, width: int, norm_weight, norm_bi
 
 
 def _triton_forward_projected(hidden, height: int, width: int, norm_weight, norm_bias, conv_weight, conv_bias,
-                              eps: float, proj_weight, proj_bias) -> torch.Tensor:
-    gate = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
+                              eps: float, proj_weight, proj_bias, in_place: bool = False) -> torch.Tensor:
+    gate = _triton_forward(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps, in_place)
     return project_if_given(gate, proj_weight, proj_bias)
 
 
@@ -500,7 +532,7 @@ def _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, co
 def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: torch.Tensor,
                  norm_bias: torch.Tensor, conv_weight: torch.Tensor, conv_bias: torch.Tensor,
                  eps: float = 1e-5, *, proj_weight: torch.Tensor | None = None,
-                 proj_bias: torch.Tensor | None = None) -> torch.Tensor:
+                 proj_bias: torch.Tensor | None = None, reuse_hidden: bool = False) -> torch.Tensor:
     """``x1 * dwconv3x3(LayerNorm(x2))`` with ``x1, x2 = GELU(hidden).chunk(2, -1)``: (B, H*W, 2C) -> (B, H*W, C).
 
     With ``proj_weight`` (and optionally ``proj_bias``), the linear layer after the gate too, the MLP's fc2:
@@ -512,6 +544,12 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
     :func:`spatial_gate_torch` otherwise. Parameters may be in another float dtype than ``hidden`` (fp32
     parameters under autocast); both paths compute the gate in fp32 (the PyTorch one in fp64 for fp64 ``hidden``),
     return ``hidden``'s dtype and give each parameter's gradient in its own dtype.
+
+    ``reuse_hidden=True`` says that nothing reads ``hidden`` afterwards (an MLP's fc1 output in inference). The
+    Triton kernels then write the normalised map and the gate into hidden's own memory instead of two new
+    (B, H*W, C) buffers, when ``hidden`` is contiguous and no autograd graph records the op (which would keep
+    ``hidden`` for the backward) and outside torch.compile; ``hidden`` holds garbage afterwards, and without a
+    projection the result is a view of its first half. Otherwise the flag changes nothing.
     """
     _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
     check_projection("spatial_gate", hidden.shape[2] // 2, hidden.device, proj_weight, proj_bias)
@@ -524,6 +562,10 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
         args = (hidden, int(height), int(width), *params, float(eps), proj_weight, proj_bias)
         if torch.compiler.is_compiling():
             return _spatial_gate_forward_op(*args)
+        records_graph = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (hidden, *params, proj_weight, proj_bias))
+        if reuse_hidden and hidden.is_contiguous() and not records_graph:
+            return _triton_forward_projected(*args, in_place=True)
         return _SpatialGate.apply(*args)
     return spatial_gate_torch(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,
                               proj_weight=proj_weight, proj_bias=proj_bias)
@@ -547,9 +589,14 @@ def aot_variants() -> list[KernelVariant]:
             channels_pad = next_power_of_2(channels)
             row_tokens = rows_per_tile(channels_pad, _ROW_TILE_ELEMENTS)
             backward_tiles, backward_warps = _conv_launch("backward")
+            forward_tiles, forward_warps = _conv_launch("forward")
+            # The normalised map and the gate in maps of their own, and in place in hidden (inference).
+            map_layouts = (dict(NORMED_OFFSET=0, MAP_ROW_STRIDE=channels),
+                           dict(NORMED_OFFSET=channels, MAP_ROW_STRIDE=2 * channels))
             launches = (
-                (_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens), _NUM_WARPS),
-                (_gate_conv_kernel, *_conv_launch("forward")),
+                *((_gate_norm_kernel, dict(CHANNELS_PAD=channels_pad, BLOCK_T=row_tokens, **layout), _NUM_WARPS)
+                  for layout in map_layouts),
+                *((_gate_conv_kernel, {**forward_tiles, **layout}, forward_warps) for layout in map_layouts),
                 # With the projection after the gate (the model's MLP) and without it.
                 *((_gate_conv_backward_kernel, {**backward_tiles, "WRITE_GATE": write_gate}, backward_warps)
                   for write_gate in (True, False)),

@@ -114,6 +114,15 @@ class FusedLSA(ChannelsLastLayout, reference.LSA):
 
     backend = "auto"
 
+    def from_qkv(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        # The reference's sum, with both terms as temporaries: they are freed once added, not held through proj.
+        return self.proj_drop(self.proj(self.attend(qkv, H, W) + self.local_context(qkv, H, W)))
+
+    def local_context(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The LCM (``get_v``) on the value third of the qkv tokens."""
+        C = qkv.shape[-1] // 3
+        return self.image_to_tokens(self.get_v(self.tokens_to_image(qkv[..., 2 * C:], H, W)))
+
     def attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         # The fused op has no dropout on attention probabilities, and it splits C into num_heads equal heads: with
         # an odd num_heads the official branches have num_heads // 2 heads of (C/2) // (num_heads // 2) channels.
@@ -179,12 +188,13 @@ class FusedMLP(reference.MLP):
         return self.from_hidden(self.fc1(x), H, W)
 
     def from_hidden(self, hidden: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """The fused gate and fc2 on fc1's output (before the GELU)."""
+        """The fused gate and fc2 on fc1's output (before the GELU), which nothing reads afterwards: in inference
+        the gate works in its memory (``reuse_hidden``)."""
         gate = self.sg
         gate_args = (hidden, H, W, gate.norm.weight, gate.norm.bias, gate.conv.weight, gate.conv.bias, gate.norm.eps)
         if not is_plain_linear(self.fc2):
-            return self.fc2(spatial_gate(*gate_args))
-        return spatial_gate(*gate_args, proj_weight=self.fc2.weight, proj_bias=self.fc2.bias)
+            return self.fc2(spatial_gate(*gate_args, reuse_hidden=True))
+        return spatial_gate(*gate_args, proj_weight=self.fc2.weight, proj_bias=self.fc2.bias, reuse_hidden=True)
 
 
 class FusedBlock(reference.Block):
@@ -200,16 +210,28 @@ class FusedBlock(reference.Block):
         if not (uses_triton(self.backend, x) and is_affine_layer_norm(self.norm1)
                 and is_affine_layer_norm(self.norm2)):
             return super().forward(x, H, W)
+        summed, mixed = self.attend_and_mix(x, H, W)
+        out_dtype = torch.promote_types(torch.promote_types(summed.dtype, mixed.dtype),
+                                        torch.promote_types(x.dtype, self.gamma.dtype))
+        if torch.is_grad_enabled() or summed.dtype != out_dtype:
+            return torch.addcmul(summed + mixed, x, self.gamma)
+        # Inference: the same sums in the same order, into summed's memory (nothing else reads it), two (B, N, C)
+        # activations less at the end of every block, where inference peaked.
+        return summed.add_(mixed).addcmul_(x, self.gamma)
+
+    def attend_and_mix(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + attention, MLP branch) with drop-path applied; the attention's output and the MLP's hidden
+        activations are freed on return, before the block's last sums."""
         attended = self.drop_path(self.attend(x, H, W))
         norm, mlp = self.norm2, self.mlp
         if mlp.fuses(x) and is_plain_linear(mlp.fc1):
             summed, hidden = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps,
                                             proj_weight=mlp.fc1.weight, proj_bias=mlp.fc1.bias)
-            mixed = mlp.from_hidden(hidden, H, W)
-        else:
-            summed, normed = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps)
-            mixed = mlp(normed, H, W)
-        return torch.addcmul(summed + self.drop_path(mixed), x, self.gamma)
+            del attended  # not held through the MLP, whose gate is the block's largest transient in inference
+            return summed, self.drop_path(mlp.from_hidden(hidden, H, W))
+        summed, normed = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps)
+        del attended
+        return summed, self.drop_path(mlp(normed, H, W))
 
     def attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         norm, attn = self.norm1, self.attn

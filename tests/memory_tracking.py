@@ -12,8 +12,10 @@ class PeakLiveBytes(TorchDispatchMode):
     views of it live; a tensor from before the mode counts from its first view made within. Unlike a process's
     resident set, no allocator state or other thread disturbs the count."""
 
-    def __init__(self):
+    def __init__(self, ignored=()):
+        """``ignored``: tensors (parameters, inputs) whose storages are never counted, views of them included."""
         super().__init__()
+        self.ignored = {t.untyped_storage().data_ptr() for t in ignored}
         self.live = {}  # storage address -> [tensors alive on it, bytes]
         self.current = 0
         self.peak = 0
@@ -32,7 +34,7 @@ class PeakLiveBytes(TorchDispatchMode):
                 continue
             storage = t.untyped_storage()
             address = storage.data_ptr()
-            if address == 0:
+            if address == 0 or address in self.ignored:
                 continue
             if address in self.live:
                 self.live[address][0] += 1

@@ -361,3 +361,48 @@ def test_bad_projections_are_rejected_with_guidance(projection, error, message):
     projection = {name: t.to(args[0].device) if t.device.type != "meta" else t for name, t in projection.items()}
     with pytest.raises(error, match=message):
         sg.spatial_gate(*args, proj_weight=projection.get("proj_weight"), proj_bias=projection.get("proj_bias"))
+
+
+def _no_graph_outputs(hidden, params, height, width, with_projection, reuse_hidden):
+    kwargs = dict(proj_weight=params[4], proj_bias=params[5]) if with_projection else {}
+    with torch.no_grad():
+        return sg.spatial_gate(hidden, height, width, *params[:4], EPS, reuse_hidden=reuse_hidden, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,height,width,channels", [(2, 5, 7, 12), (1, 9, 13, 70)])
+@pytest.mark.parametrize("with_projection", [False, True], ids=["gate", "gate+projection"])
+def test_reused_hidden_gives_the_same_result_without_buffers_of_its_own(batch, height, width, channels, dtype,
+                                                                        with_projection):
+    """Inference's in-place gate: the normalised map and the gate are written into hidden itself (no kernel
+    buffer). The gate is bitwise the one computed in buffers of their own, and is the first half of hidden's
+    memory; the projection reads it there with another row stride, which may change the matmul's order of sums."""
+    hidden, params, _ = projected_inputs(batch, height, width, channels)
+    hidden = hidden.to(dtype)
+    want = _no_graph_outputs(hidden.clone(), params, height, width, with_projection, reuse_hidden=False)
+    buffers_before = len(sg._common.kernel_buffer.allocations)
+    got = _no_graph_outputs(hidden, params, height, width, with_projection, reuse_hidden=True)
+    assert len(sg._common.kernel_buffer.allocations) == buffers_before
+    if with_projection:
+        torch.testing.assert_close(got, want, rtol=0, atol=torch.finfo(dtype).eps * want.abs().max().item())
+    else:
+        assert torch.equal(got, want)
+        assert got.data_ptr() == hidden.data_ptr() and got.stride()[1:] == (2 * channels, 1)
+
+
+@pytest.mark.parametrize("case", ["recorded by autograd", "not contiguous"])
+def test_reuse_hidden_leaves_hidden_alone_where_it_cannot_apply(case):
+    """Where the backward needs hidden, or hidden is a strided view, the flag changes nothing: hidden keeps its
+    values and the gradients are the oracle's."""
+    strided = case == "not contiguous"
+    hidden, params, dout = projected_inputs(2, 6, 5, 12, strided=strided)
+    leaf = hidden.clone().requires_grad_(not strided)
+    before = leaf.detach().clone()
+    out = sg.spatial_gate(leaf, 6, 5, *params[:4], EPS, proj_weight=params[4], proj_bias=params[5],
+                          reuse_hidden=True)
+    assert torch.equal(leaf.detach(), before)
+    want = projected_oracle(hidden, params, dout, 6, 5)
+    assert_fp32_close_to_exact(out.detach(), want[0], "out")
+    if not strided:
+        out.backward(dout)
+        assert_fp32_close_to_exact(leaf.grad, want[1], "d_hidden")
