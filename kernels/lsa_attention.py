@@ -855,6 +855,27 @@ def _branch_geometry(H: int, W: int, split_size: tuple[int, int], shifted: bool,
         col_runs=_axis_runs(W, padded_W, win_cols, win_cols // 2 if shifted else 0))
 
 
+def _windows_of(image, geometries) -> tuple[torch.Tensor, ...]:
+    """(qk, v_t) window storage of each branch, filled from the image (B, H, W, 3, 2, heads, head_dim)."""
+    batch, heads, head_dim = image.shape[0], image.shape[5], image.shape[6]
+    windows = []
+    for branch, geometry in enumerate(geometries):
+        window_shape = (batch, *geometry.window_order, heads)
+        qk = geometry.new_windows(image, 2, *window_shape, *geometry.window, head_dim)
+        v_t = geometry.new_windows(image, *window_shape, head_dim, *geometry.window)
+        geometry.copy_q_k_v(qk, v_t, image[:, :, :, :, branch], into_windows=True)
+        windows += [qk, v_t]
+    return tuple(windows)
+
+
+def _image_of(geometries, image_shape, outputs_t) -> torch.Tensor:
+    """The image (B, H, W, 2, heads, head_dim) of both branches' transposed window outputs."""
+    image = outputs_t[0].new_empty(image_shape)  # both branches together write every element
+    for branch, (geometry, out_t) in enumerate(zip(geometries, outputs_t)):
+        geometry.copy_runs(geometry.transposed_in_image_order(out_t), image[:, :, :, branch], into_windows=False)
+    return image
+
+
 class _WindowPartition(torch.autograd.Function):
     """q, k and v of both branches from the qkv image (B, H, W, 3, 2, heads, head_dim), in window storage:
     q and k as (2, B, outer, inner, heads, win_rows, win_cols, head_dim), v transposed as (B, outer, inner, heads,
@@ -865,15 +886,7 @@ class _WindowPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx, image, geometries):
         ctx.geometries, ctx.image_shape = geometries, image.shape
-        batch, heads, head_dim = image.shape[0], image.shape[5], image.shape[6]
-        windows = []
-        for branch, geometry in enumerate(geometries):
-            window_shape = (batch, *geometry.window_order, heads)
-            qk = geometry.new_windows(image, 2, *window_shape, *geometry.window, head_dim)
-            v_t = geometry.new_windows(image, *window_shape, head_dim, *geometry.window)
-            geometry.copy_q_k_v(qk, v_t, image[:, :, :, :, branch], into_windows=True)
-            windows += [qk, v_t]
-        return tuple(windows)
+        return _windows_of(image, geometries)
 
     @staticmethod
     def backward(ctx, *grad_windows):
@@ -891,10 +904,7 @@ class _WindowMerge(torch.autograd.Function):
     @staticmethod
     def forward(ctx, geometries, image_shape, *outputs_t):
         ctx.geometries = geometries
-        image = outputs_t[0].new_empty(image_shape)  # both branches together write every element
-        for branch, (geometry, out_t) in enumerate(zip(geometries, outputs_t)):
-            geometry.copy_runs(geometry.transposed_in_image_order(out_t), image[:, :, :, branch], into_windows=False)
-        return image
+        return _image_of(geometries, image_shape, outputs_t)
 
     @staticmethod
     def backward(ctx, grad_image):
@@ -923,7 +933,12 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
     heads_per_branch = num_heads // 2
     head_dim = embed_dim // num_heads
     geometries = tuple(_branch_geometry(H, W, tuple(split_size), shifted, branch) for branch in (0, 1))
-    windows = _WindowPartition.apply(qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim), geometries)
+    qkv_image = qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim)
+    # Without an autograd graph the copies run as plain functions: under no_grad, Dynamo breaks the graph at an
+    # autograd.Function whose forward stores its context.
+    recording = torch.is_grad_enabled()
+    windows = (_WindowPartition.apply(qkv_image, geometries) if recording and qkv_image.requires_grad
+               else _windows_of(qkv_image, geometries))
     outputs_t = []
     for branch, (geometry, table) in enumerate(zip(geometries, (bias_table_0, bias_table_1))):
         win_rows, win_cols = geometry.window
@@ -947,7 +962,11 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
                            in zip(q.split(sizes), k.split(sizes), v_t.split(sizes), steps)]
             out_t = steps_out_t[0] if len(steps_out_t) == 1 else torch.cat(steps_out_t)
         outputs_t.append(out_t.view(batch, *geometry.window_order, heads_per_branch, head_dim, *geometry.window))
-    image = _WindowMerge.apply(geometries, (batch, H, W, 2, heads_per_branch, head_dim), *outputs_t)
+    image_shape = (batch, H, W, 2, heads_per_branch, head_dim)
+    if recording and any(t.requires_grad for t in outputs_t):
+        image = _WindowMerge.apply(geometries, image_shape, *outputs_t)
+    else:
+        image = _image_of(geometries, image_shape, outputs_t)
     return image.view(batch, H * W, embed_dim)
 
 

@@ -479,18 +479,20 @@ def test_create_and_load_model_return_the_fused_model(tmp_path):
 
 
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_device), "torch"])
-def test_compile_has_no_graph_breaks_inside_a_block(backend):
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["autograd", "no_grad"])  # no_grad: in-place sums
+def test_compile_has_no_graph_breaks_inside_a_block(backend, grad_enabled):
     device = TRITON_DEVICE if backend == "triton" else "cpu"
     reference = perturbed_reference().to(device)
     fused = accelerate(reference, backend=backend).eval()
     block = fused.layers[0].blocks[2]  # shifted L-SA
     rgsa_block = fused.layers[0].blocks[1]
     x = torch.randn(1, 18 * 20, 72, device=device)
-    for module in (block, rgsa_block):
-        explanation = torch._dynamo.explain(module)(x, 18, 20)
-        assert explanation.graph_break_count == 0, explanation.break_reasons
-        compiled = torch.compile(module, backend="eager", fullgraph=True)
-        torch.testing.assert_close(compiled(x, 18, 20), module(x, 18, 20))
+    with torch.set_grad_enabled(grad_enabled):
+        for module in (block, rgsa_block):
+            explanation = torch._dynamo.explain(module)(x, 18, 20)
+            assert explanation.graph_break_count == 0, explanation.break_reasons
+            compiled = torch.compile(module, backend="eager", fullgraph=True)
+            torch.testing.assert_close(compiled(x, 18, 20), module(x, 18, 20))
 
 
 def test_training_after_inference_mode_in_the_same_process():
