@@ -118,11 +118,6 @@ class FusedLSA(ChannelsLastLayout, reference.LSA):
         # The reference's sum, with both terms as temporaries: they are freed once added, not held through proj.
         return self.proj_drop(self.proj(self.attend(qkv, H, W) + self.local_context(qkv, H, W)))
 
-    def local_context(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        """The LCM (``get_v``) on the value third of the qkv tokens."""
-        C = qkv.shape[-1] // 3
-        return self.image_to_tokens(self.get_v(self.tokens_to_image(qkv[..., 2 * C:], H, W)))
-
     def attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         # The fused op has no dropout on attention probabilities, and it splits C into num_heads equal heads: with
         # an odd num_heads the official branches have num_heads // 2 heads of (C/2) // (num_heads // 2) channels.

@@ -294,10 +294,14 @@ class LSA(TokenImageLayout, nn.Module):
 
     def from_qkv(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Everything after the qkv projection: both window branches, the LCM (``get_v``) and ``proj``."""
-        C = qkv.shape[-1] // 3
         attended = self.attend(qkv, H, W)
-        lcm = self.image_to_tokens(self.get_v(self.tokens_to_image(qkv[..., 2 * C:], H, W)))
+        lcm = self.local_context(qkv, H, W)
         return self.proj_drop(self.proj(attended + lcm))
+
+    def local_context(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
+        """The LCM (``get_v``) on the value third of the qkv tokens."""
+        C = qkv.shape[-1] // 3
+        return self.image_to_tokens(self.get_v(self.tokens_to_image(qkv[..., 2 * C:], H, W)))
 
 
 def recursion_count(H: int, W: int, training: bool) -> int:
