@@ -122,6 +122,12 @@ def kernel_buffer(shape, *, dtype: torch.dtype, device: torch.device) -> torch.T
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def autograd_records(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd would record an op on these tensors (None allowed): then it may keep them for the
+    backward, and an op must not reuse their memory."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def triton_runs_on(t: torch.Tensor) -> bool:
     """True when a Triton kernel can execute on this tensor's device (CUDA, or CPU under the interpreter)."""
     return t.is_cuda or (INTERPRET and t.device.type == "cpu")
@@ -196,7 +202,11 @@ def project_if_given(rows: torch.Tensor, weight: torch.Tensor | None, bias: torc
     bias are cast as autocast casts them)."""
     if weight is None:
         return rows
-    return torch.nn.functional.linear(rows, weight.to(rows.dtype), None if bias is None else bias.to(rows.dtype))
+    # One 2-D matmul with the bias added inside (addmm), also where the rows are a strided view (the gate inside
+    # fc1's output): PyTorch's linear runs such 3-D input as a matmul and then a separate bias add.
+    projected = torch.nn.functional.linear(rows.flatten(0, -2), weight.to(rows.dtype),
+                                           None if bias is None else bias.to(rows.dtype))
+    return projected.view(*rows.shape[:-1], weight.shape[0])
 
 
 def _projection_parameter_grads(dout: torch.Tensor, rows: torch.Tensor, weight: torch.Tensor,

@@ -35,6 +35,7 @@ from ._common import (
     TRITON_DTYPES,
     KernelVariant,
     aot_signature,
+    autograd_records,
     backward_through_projection,
     cdiv,
     check_projection,
@@ -163,15 +164,17 @@ def _normed_dtype(summed_dtype: torch.dtype, device: torch.device) -> torch.dtyp
     return summed_dtype
 
 
-def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtype):
-    """(summed, normed, mean, rstd); without ``delta`` the rows of ``x`` are normalised and summed is x."""
+def _triton_forward(x, delta, weight, bias, eps: float, normed_dtype: torch.dtype, normed_into_delta: bool = False):
+    """(summed, normed, mean, rstd); without ``delta`` the rows of ``x`` are normalised and summed is x.
+    ``normed_into_delta`` (a contiguous ``delta`` of dtype ``normed_dtype`` that nothing reads afterwards) writes the
+    normalised rows over ``delta``: each program reads its rows before it writes them."""
     batch, rows_per_image, channels = x.shape
     num_rows = batch * rows_per_image
     if delta is None:
         summed = x
     else:
         summed = _common.kernel_buffer(x.shape, dtype=torch.promote_types(x.dtype, delta.dtype), device=x.device)
-    normed = _common.kernel_buffer(x.shape, dtype=normed_dtype, device=x.device)
+    normed = delta if normed_into_delta else _common.kernel_buffer(x.shape, dtype=normed_dtype, device=x.device)
     mean = _common.kernel_buffer((num_rows,), dtype=torch.float32, device=x.device)
     rstd = _common.kernel_buffer((num_rows,), dtype=torch.float32, device=x.device)
     if num_rows == 0:
@@ -229,9 +232,9 @@ def _triton_backward(dsummed, dnormed, x, delta, mean, rstd, weight, bias, norme
 
 
 def _triton_forward_projected(x, delta, weight, bias, eps: float, normed_dtype: torch.dtype, proj_weight,
-                              proj_bias):
+                              proj_bias, normed_into_delta: bool = False):
     """(summed, out, mean, rstd): ``out`` is the normalised rows, or the projection of them with ``proj_weight``."""
-    summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype)
+    summed, normed, mean, rstd = _triton_forward(x, delta, weight, bias, eps, normed_dtype, normed_into_delta)
     return summed, project_if_given(normed, proj_weight, proj_bias), mean, rstd
 
 
@@ -380,7 +383,8 @@ def _check_inputs(x, delta, weight, bias, eps) -> None:
 
 def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                    eps: float = 1e-5, *, proj_weight: torch.Tensor | None = None,
-                   proj_bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                   proj_bias: torch.Tensor | None = None, reuse_delta: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + delta, LayerNorm(x + delta))`` over the last dim of (B, N, C) tensors.
 
     Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
@@ -391,6 +395,11 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
     With ``proj_weight`` (and optionally ``proj_bias``), the second result is instead the linear layer that reads
     the normalised rows (the MLP's fc1), ``F.linear(normed, proj_weight, proj_bias)`` in the normalised rows' dtype
     as autocast runs it; the normalised rows are then not kept for the backward (its kernel writes them again).
+
+    ``reuse_delta=True`` says that nothing reads ``delta`` afterwards (a block's attention output in inference):
+    the Triton kernel then writes the normalised rows over it instead of into a new buffer, when ``delta`` is
+    contiguous and already in their dtype, no autograd graph records the op (which would keep ``delta`` for the
+    backward), and outside torch.compile. ``delta`` holds them afterwards; otherwise the flag changes nothing.
     """
     _check_inputs(x, delta, weight, bias, eps)
     check_projection("add_layer_norm", x.shape[2], x.device, proj_weight, proj_bias)
@@ -404,6 +413,11 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
         if torch.compiler.is_compiling():
             summed, out, _, _ = _add_layer_norm_forward_op(x, delta, weight, bias, float(eps), normed_dtype,
                                                            proj_weight, proj_bias)
+            return summed, out
+        if (reuse_delta and delta.is_contiguous() and delta.dtype == normed_dtype
+                and not autograd_records(x, delta, weight, bias, proj_weight, proj_bias)):
+            summed, out, _, _ = _triton_forward_projected(x, delta, weight, bias, float(eps), normed_dtype,
+                                                          proj_weight, proj_bias, normed_into_delta=True)
             return summed, out
         return _AddLayerNorm.apply(x, delta, weight, bias, float(eps), normed_dtype, proj_weight, proj_bias)
     return add_layer_norm_torch(x, delta, weight, bias, eps, proj_weight=proj_weight, proj_bias=proj_bias)

@@ -40,6 +40,7 @@ from ._common import (
     TRITON_DTYPE_NAMES,
     KernelVariant,
     aot_signature,
+    autograd_records,
     backward_through_projection,
     cdiv,
     check_projection,
@@ -562,9 +563,7 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
         args = (hidden, int(height), int(width), *params, float(eps), proj_weight, proj_bias)
         if torch.compiler.is_compiling():
             return _spatial_gate_forward_op(*args)
-        records_graph = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (hidden, *params, proj_weight, proj_bias))
-        if reuse_hidden and hidden.is_contiguous() and not records_graph:
+        if reuse_hidden and hidden.is_contiguous() and not autograd_records(hidden, *params, proj_weight, proj_bias):
             return _triton_forward_projected(*args, in_place=True)
         return _SpatialGate.apply(*args)
     return spatial_gate_torch(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps,

@@ -115,8 +115,11 @@ class FusedLSA(ChannelsLastLayout, reference.LSA):
     backend = "auto"
 
     def from_qkv(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        # The reference's sum, with both terms as temporaries: they are freed once added, not held through proj.
-        return self.proj_drop(self.proj(self.attend(qkv, H, W) + self.local_context(qkv, H, W)))
+        attended = self.attend(qkv, H, W)
+        lcm = self.local_context(qkv, H, W)
+        attended = attended.add_(lcm) if sums_in_place(attended, lcm) else attended + lcm
+        del lcm  # neither term is held through proj
+        return self.proj_drop(self.proj(attended))
 
     def attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         # The fused op has no dropout on attention probabilities, and it splits C into num_heads equal heads: with
@@ -143,6 +146,12 @@ class FusedRGSA(ChannelsLastLayout, reference.RGSA):
         op = rgsa_attention if uses_triton(self.backend, q) else rgsa_attention_torch
         out = op(q, k, v, self.scale)
         return self.proj_drop(self.proj(out.reshape(B, N, C)))
+
+
+def sums_in_place(total: torch.Tensor, *terms: torch.Tensor) -> bool:
+    """Whether a sum into ``total``, a temporary its caller owns, may go into total's memory: in inference (no
+    autograd graph, which might keep ``total`` for a backward) when ``total`` already has the result's dtype."""
+    return not torch.is_grad_enabled() and all(torch.promote_types(total.dtype, t.dtype) == total.dtype for t in terms)
 
 
 def is_exact_gelu(act: nn.Module) -> bool:
@@ -206,13 +215,11 @@ class FusedBlock(reference.Block):
                 and is_affine_layer_norm(self.norm2)):
             return super().forward(x, H, W)
         summed, mixed = self.attend_and_mix(x, H, W)
-        out_dtype = torch.promote_types(torch.promote_types(summed.dtype, mixed.dtype),
-                                        torch.promote_types(x.dtype, self.gamma.dtype))
-        if torch.is_grad_enabled() or summed.dtype != out_dtype:
-            return torch.addcmul(summed + mixed, x, self.gamma)
-        # Inference: the same sums in the same order, into summed's memory (nothing else reads it), two (B, N, C)
-        # activations less at the end of every block, where inference peaked.
-        return summed.add_(mixed).addcmul_(x, self.gamma)
+        if sums_in_place(summed, mixed, x, self.gamma):
+            # The same sums in the same order, into summed's memory: two (B, N, C) activations less at the end of
+            # every block, where inference peaked.
+            return summed.add_(mixed).addcmul_(x, self.gamma)
+        return torch.addcmul(summed + mixed, x, self.gamma)
 
     def attend_and_mix(self, x: torch.Tensor, H: int, W: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + attention, MLP branch) with drop-path applied; the attention's output and the MLP's hidden
@@ -220,11 +227,13 @@ class FusedBlock(reference.Block):
         attended = self.drop_path(self.attend(x, H, W))
         norm, mlp = self.norm2, self.mlp
         if mlp.fuses(x) and is_plain_linear(mlp.fc1):
+            # In inference the normalised rows take the attention output's memory (reuse_delta), which is then
+            # not held through the MLP.
             summed, hidden = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps,
-                                            proj_weight=mlp.fc1.weight, proj_bias=mlp.fc1.bias)
-            del attended  # not held through the MLP, whose gate is the block's largest transient in inference
+                                            proj_weight=mlp.fc1.weight, proj_bias=mlp.fc1.bias, reuse_delta=True)
+            del attended
             return summed, self.drop_path(mlp.from_hidden(hidden, H, W))
-        summed, normed = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps)
+        summed, normed = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps, reuse_delta=True)
         del attended
         return summed, self.drop_path(mlp(normed, H, W))
 

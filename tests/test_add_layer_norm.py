@@ -562,3 +562,44 @@ def test_bad_projections_are_rejected_with_guidance(projection, error, message):
         aln.add_layer_norm(*inputs, **projection)
     with pytest.raises(error, match=f"^layer_norm: {message}"):
         aln.layer_norm(inputs[0], *inputs[2:], **projection)
+
+
+@pytest.mark.parametrize("with_projection", [False, True], ids=["normed", "normed+projection"])
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16 autocast"])
+def test_reused_delta_gives_the_same_result_without_a_buffer_for_the_normalised_rows(with_projection, autocast):
+    """Inference's in-place normalisation: the rows are written over delta (same dtype: the attention's output
+    under autocast) instead of into a kernel buffer, and both results are bitwise the buffered ones."""
+    (x, delta, weight, bias), _ = make_inputs(2, 37, 60)
+    if autocast:  # as in the model: the residual stream in fp32, the attention output in the autocast dtype
+        delta = delta.to(torch.bfloat16)
+    projection = dict(proj_weight=torch.randn(70, 60, device=KERNEL_DEVICE),
+                      proj_bias=torch.randn(70, device=KERNEL_DEVICE)) if with_projection else {}
+    with torch.no_grad(), torch.autocast(KERNEL_DEVICE, dtype=torch.bfloat16, enabled=autocast):
+        want = aln.add_layer_norm(x, delta.clone(), weight, bias, EPS, **projection)
+        buffers_before = len(aln._common.kernel_buffer.allocations)
+        got = aln.add_layer_norm(x, delta, weight, bias, EPS, reuse_delta=True, **projection)
+    # The sum's buffer and the row statistics only.
+    assert [numel for _, _, numel in aln._common.kernel_buffer.allocations[buffers_before:]] == [x.numel(), 74, 74]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    if not with_projection:
+        assert got[1].data_ptr() == delta.data_ptr()
+
+
+@pytest.mark.parametrize("case", ["recorded by autograd", "not contiguous", "another dtype"])
+def test_reuse_delta_leaves_delta_alone_where_it_cannot_apply(case):
+    """Where the backward needs delta, delta is a strided view, or the normalised rows have another dtype, the
+    flag changes nothing: delta keeps its values and the results are the float64 reference's."""
+    inputs, grads = make_inputs(2, 37, 60, strided=case == "not contiguous")
+    x, delta, weight, bias = inputs
+    if case == "another dtype":
+        delta = delta.to(torch.bfloat16)
+    delta.requires_grad_(case == "recorded by autograd")
+    before = delta.detach().clone()
+    with torch.autocast(KERNEL_DEVICE, dtype=torch.float16, enabled=case == "another dtype"):
+        summed, normed = aln.add_layer_norm(x, delta, weight, bias, EPS, reuse_delta=True)
+    assert torch.equal(delta.detach(), before)
+    want = run_reference([x, delta.detach().float(), weight, bias], grads, FP64)
+    assert_fp32_close_to_exact(summed.detach(), want[0], "summed")
+    if case != "another dtype":
+        assert_fp32_close_to_exact(normed.detach(), want[1], "normed")
