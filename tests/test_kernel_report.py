@@ -80,10 +80,10 @@ def test_elementwise_kernels_compile_for_both_archs_without_spills(tmp_path):
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     rows = [report.ReportRow(**fields) for fields in json.loads(json_path.read_text())]
     assert {r.kernel for r in rows} == ELEMENTWISE_KERNELS
-    # spatial gate: 4 kernels (the conv backward with and without the projection's input) x 3 dtypes; add +
-    # LayerNorm: forward and backward (with and without the projection's input), with and without the add, x 5
-    # (dtype, residual-stream dtype) pairs
-    assert len(rows) == 2 * (5 * 3 + 6 * 5)
+    # spatial gate: the norm and conv kernels with their maps in buffers and in place, the conv backward with and
+    # without the projection's input, the norm backward, x 3 dtypes; add + LayerNorm: forward and backward (with
+    # and without the projection's input), with and without the add, x 5 (dtype, residual-stream dtype) pairs
+    assert len(rows) == 2 * (7 * 3 + 6 * 5)
     for r in rows:
         assert r.error is None and r.spill_bytes == 0 and 0 < r.registers <= 255 and not r.uses_dot, r
 
