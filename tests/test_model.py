@@ -291,7 +291,7 @@ def test_triton_backend_matches_reference(training, ieee_convolutions, whole_win
 
 
 @needs_triton_device
-def test_triton_backend_draws_drop_path_like_the_reference(ieee_convolutions):
+def test_triton_backend_draws_drop_path_like_the_reference(ieee_convolutions, whole_window_tiles):
     """Stochastic depth in training: same seed, same dropped samples, same output and gradients."""
     reference = perturbed_reference(drop_path_rate=0.5).to(TRITON_DEVICE).train()
     fused = accelerate(reference, backend="triton")
@@ -312,7 +312,7 @@ def test_triton_backend_draws_drop_path_like_the_reference(ieee_convolutions):
 
 @needs_triton_device
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_backend_under_autocast_within_flash_attention_bound(dtype):
+def test_triton_backend_under_autocast_within_flash_attention_bound(dtype, whole_window_tiles):
     """Whole model, eval, under autocast: the fused model's error against the float64 reference is at most twice
     the reference's own error under the same autocast, plus a small absolute term."""
     reference = perturbed_reference().to(TRITON_DEVICE).eval()
@@ -335,7 +335,7 @@ def training_step(model, x, grad, dtype=None):
 
 
 @needs_triton_device
-def test_triton_backend_training_under_autocast_within_flash_attention_bound():
+def test_triton_backend_training_under_autocast_within_flash_attention_bound(whole_window_tiles):
     """A bf16 autocast training step, as training and the benchmark run it (the norms' and the gate's ops with
     their projections, the recomputed activations): the output within FlashAttention's bound of the float64
     reference, against the reference's own error under the same autocast; so is the gradient of all parameters
@@ -488,9 +488,7 @@ def test_compile_has_no_graph_breaks_inside_a_block(backend, grad_enabled):
     x = torch.randn(1, 18 * 20, 72, device=device)
     with torch.set_grad_enabled(grad_enabled):
         for module in (block, rgsa_block):
-            explanation = torch._dynamo.explain(module)(x, 18, 20)
-            assert explanation.graph_break_count == 0, explanation.break_reasons
-            compiled = torch.compile(module, backend="eager", fullgraph=True)
+            compiled = torch.compile(module, backend="eager", fullgraph=True)  # a graph break raises, with its reason
             torch.testing.assert_close(compiled(x, 18, 20), module(x, 18, 20))
 
 
