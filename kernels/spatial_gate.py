@@ -312,19 +312,17 @@ def _triton_forward(hidden, height: int, width: int, norm_weight, norm_bias, con
     own."""
     batch, tokens_per_image, two_channels = hidden.shape
     channels = two_channels // 2
+    num_tokens = batch * tokens_per_image
     if in_place:
-        out = hidden[..., :channels]
+        out, normed, normed_offset, map_row_stride = hidden[..., :channels], hidden, channels, two_channels
     else:
         out = _common.kernel_buffer((batch, tokens_per_image, channels), dtype=hidden.dtype, device=hidden.device)
-    num_tokens = batch * tokens_per_image
+        normed = _common.kernel_buffer((num_tokens, channels), dtype=hidden.dtype, device=hidden.device)
+        normed_offset, map_row_stride = 0, channels
     if num_tokens == 0:
         return out
     with on_device_of(hidden):
-        if in_place:
-            normed, normed_offset, map_row_stride = hidden, channels, two_channels
-            _write_normed(hidden, normed, norm_weight, norm_bias, eps, normed_offset, map_row_stride)
-        else:
-            normed, normed_offset, map_row_stride = _normed(hidden, norm_weight, norm_bias, eps), 0, channels
+        _write_normed(hidden, normed, norm_weight, norm_bias, eps, normed_offset, map_row_stride)
         block_t, block_c, num_warps = _CONV_TILES["forward"]
         _gate_conv_kernel[(cdiv(num_tokens, block_t), cdiv(channels, block_c))](
             hidden, normed, conv_weight, conv_bias, out, *hidden.stride(),

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .kernels._common import SUPPORTED_DTYPES, image_as_tokens, tokens_as_image, triton_runs_on
+from .kernels._common import (SUPPORTED_DTYPES, autograd_records, image_as_tokens, tokens_as_image,
+                             triton_runs_on)
 from .kernels.add_layer_norm import add_layer_norm, layer_norm
 from .kernels.lsa_attention import lsa_attention, lsa_attention_torch
 from .kernels.rgsa_attention import rgsa_attention, rgsa_attention_torch
@@ -149,9 +150,11 @@ class FusedRGSA(ChannelsLastLayout, reference.RGSA):
 
 
 def sums_in_place(total: torch.Tensor, *terms: torch.Tensor) -> bool:
-    """Whether a sum into ``total``, a temporary its caller owns, may go into total's memory: in inference (no
-    autograd graph, which might keep ``total`` for a backward) when ``total`` already has the result's dtype."""
-    return not torch.is_grad_enabled() and all(torch.promote_types(total.dtype, t.dtype) == total.dtype for t in terms)
+    """Whether a sum into ``total``, a temporary its caller owns, may go into total's memory: when no autograd graph
+    records the sum (it might keep ``total`` for a backward), the rule the kernels' reuse flags follow, and
+    ``total`` already has the result's dtype."""
+    return (not autograd_records(total, *terms)
+            and all(torch.promote_types(total.dtype, t.dtype) == total.dtype for t in terms))
 
 
 def is_exact_gelu(act: nn.Module) -> bool:
@@ -273,12 +276,13 @@ class RGT(ChannelsLastLayout, reference.RGT):
         return super().forward(x).contiguous()
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """The reference's upsampling tail; without an autograd graph (inference), on chunks of the batch of
-        about RECONSTRUCTION_CHUNK_ELEMENTS elements in the largest tail tensor. With a graph the tail's
-        activations are kept for the backward whatever the chunking, so the batch runs whole."""
+        """The reference's upsampling tail; where autograd does not record the body's output (inference, or a
+        frozen model), on chunks of the batch of about RECONSTRUCTION_CHUNK_ELEMENTS elements in the largest tail
+        tensor. Where it does, the tail's activations are kept for the backward whatever the chunking, so the batch
+        runs whole."""
         per_image = self.num_feat * x.shape[2] * x.shape[3] * self.upscale ** 2
         images = max(1, RECONSTRUCTION_CHUNK_ELEMENTS // max(1, per_image))
-        if torch.is_grad_enabled() or images >= x.shape[0]:
+        if autograd_records(x) or images >= x.shape[0]:
             return super().reconstruct(x)
         return torch.cat([super(RGT, self).reconstruct(chunk) for chunk in x.split(images)])
 

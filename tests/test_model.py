@@ -96,6 +96,11 @@ def test_inference_reconstructs_in_chunks_of_the_batch_with_the_same_images(monk
     # With an autograd graph the tail's activations are kept for the backward anyway: the batch runs whole.
     _, batches = reconstruction_batches(model, monkeypatch, 1, x, True)
     assert batches == [5]
+    # A frozen model records no graph, in grad mode too.
+    model.requires_grad_(False)
+    frozen, batches = reconstruction_batches(model, monkeypatch, 2 * per_image + 1, x, True)
+    assert batches == [2, 2, 1]
+    torch.testing.assert_close(frozen, whole, rtol=1e-13, atol=1e-13)
 
 
 def test_chunked_reconstruction_holds_a_fraction_of_the_memory(monkeypatch):
@@ -157,8 +162,9 @@ def test_training_blocks_keep_only_what_their_backward_needs(attention):
 
 @pytest.mark.skipif(TRITON_DEVICE != "cpu", reason="PeakLiveBytes counts CPU storages: it needs the interpreter "
                                                    "(bench_model measures the GPU's peak)")
+@pytest.mark.parametrize("grad_mode", ["no_grad", "frozen"])
 @pytest.mark.parametrize("attention", [FusedLSA, FusedRGSA], ids=["L-SA", "RG-SA"])
-def test_inference_blocks_hold_few_activation_rows_at_once(attention, monkeypatch):
+def test_inference_blocks_hold_few_activation_rows_at_once(attention, grad_mode, monkeypatch):
     """Issue 5's inference memory: beyond its input, a fused block in inference never holds more than these rows
     of its width at once (7 before, at its last sums, in this float32 count). The sums go into the memory of one
     of their terms, the normalised rows into the attention output's, the gate works inside fc1's output."""
@@ -166,6 +172,8 @@ def test_inference_blocks_hold_few_activation_rows_at_once(attention, monkeypatc
     monkeypatch.setattr(rgt_fast.kernels._common, "kernel_buffer",
                         lambda shape, *, dtype, device: torch.empty(shape, dtype=dtype, device=device))
     model = RGT(**tiny_kwargs(), backend="triton").eval()
+    if grad_mode == "frozen":  # grad mode on, but nothing requires grad: autograd records no graph either
+        model.requires_grad_(False)
     block = next(b for b in model.modules() if isinstance(b, FusedBlock) and isinstance(b.attn, attention))
     H, W = 17, 22  # eval's RG-SA needs 16 and more
     x = torch.randn(2, H * W, model.embed_dim)
@@ -173,7 +181,7 @@ def test_inference_blocks_hold_few_activation_rows_at_once(attention, monkeypatc
         held = {"qkv": 3, "the attention output": 1, "the LCM": 1}
     else:  # fc1's output from the normalised sum, which lies in the attention output's memory
         held = {"the residual sum": 1, "the attention output, then the normalised sum": 1, "fc1's output": 2}
-    with torch.no_grad(), PeakLiveBytes(ignored=(x, *model.parameters())) as tracker:
+    with torch.set_grad_enabled(grad_mode == "frozen"), PeakLiveBytes(ignored=(x, *model.parameters())) as tracker:
         block(x, H, W)
     assert tracker.peak / (x.numel() * x.element_size()) <= sum(held.values()) + 0.1, held
 

@@ -301,16 +301,18 @@ class Trainer:
         """Why the training step runs eagerly instead of as a CUDA graph (None when it will be recorded)."""
         if not wanted:
             return "train.cuda_graph is false"
-        problem = capture_problem(self.optimizer, self.device)
-        if problem is None and self.process.world_size > 1:
-            problem = "DistributedDataParallel's gradient all-reduce is not recorded"
-        if problem is None and self.grad_scaler is not None:
-            problem = "fp16's loss scaling reads the gradients' finiteness on the CPU; train.amp: bf16 needs none"
-        if problem is None and self.options["train"]["compile"]:
-            problem = "train.compile is on (torch.compile(mode='reduce-overhead') records graphs itself)"
-        if problem is None and self.options["network_g"].get("use_chk"):
-            problem = ("network_g.use_chk: gradient checkpointing saves and restores the CUDA random state around "
-                       "each block, which a recording cannot")
+        known_problems = (
+            (self.process.world_size > 1, "DistributedDataParallel's gradient all-reduce is not recorded"),
+            (self.grad_scaler is not None,
+             "fp16's loss scaling reads the gradients' finiteness on the CPU; train.amp: bf16 needs none"),
+            (self.options["train"]["compile"],
+             "train.compile is on (torch.compile(mode='reduce-overhead') records graphs itself)"),
+            (self.options["network_g"].get("use_chk"),
+             "network_g.use_chk: gradient checkpointing saves and restores the CUDA random state around each "
+             "block, which a recording cannot"),
+        )
+        problem = capture_problem(self.optimizer, self.device) or next(
+            (reason for applies, reason in known_problems if applies), None)
         if problem is not None and self.device.type == "cuda":
             logger.info("the training step runs eagerly, not as a CUDA graph: %s", problem)
         return problem
