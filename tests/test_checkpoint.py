@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -149,6 +150,20 @@ def test_truncated_file_names_the_path(tmp_path, official_state_dicts):
     path.write_bytes(data[: len(data) // 3])
     with pytest.raises(CheckpointError, match="truncated.pth.*truncated, corrupt"):
         load_model(path, fused=False)
+
+
+@pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
+def test_files_that_are_no_checkpoint_get_a_checkpoint_error(tmp_path, suffix):
+    """Whatever their bytes, the error names the file: a text file made the weights-only unpickler raise a bare
+    KeyError from deep inside torch.load."""
+    rng = np.random.default_rng(7)
+    contents = {"text": b"hi there", "empty": b"", "zip magic": b"PK\x03\x04" + bytes(40),
+                "pickle protocol header": b"\x80\x02", "random": rng.integers(0, 256, 4096, dtype=np.uint8).tobytes()}
+    for name, data in contents.items():
+        path = tmp_path / f"{name.replace(' ', '_')}{suffix}"
+        path.write_bytes(data)
+        with pytest.raises(CheckpointError, match=f"{path.name}: cannot read weights"):
+            load_model(path, fused=False)
 
 
 def test_other_architecture_is_named(tmp_path):
