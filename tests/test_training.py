@@ -354,6 +354,46 @@ def test_amp_fp16_with_gradient_checkpointing_and_warmup(smoke_dir):
     assert "iter 1/2, lr 1.000e-04" in log_text("smoke_cpu")
 
 
+def poison_losses(monkeypatch, iterations):
+    """Make the loss NaN at these iterations, as a diverging run's would become."""
+    compute_loss = Trainer._loss
+
+    def loss(self, lq, gt):
+        value = compute_loss(self, lq, gt)
+        return value * float("nan") if self.iteration in iterations else value
+    monkeypatch.setattr(Trainer, "_loss", loss)
+
+
+@pytest.mark.parametrize("print_freq, save_freq", [(4, 2), (100, 4)], ids=["at the log", "at the save"])
+def test_a_non_finite_loss_stops_training_before_spoilt_weights_are_saved(smoke_dir, monkeypatch, print_freq,
+                                                                          save_freq):
+    poison_losses(monkeypatch, {3})
+    assert train("train.total_iter=8", f"logger.print_freq={print_freq}",
+                 f"logger.save_checkpoint_freq={save_freq}", "val=null") == 1
+    log = log_text("smoke_cpu")
+    # Iteration 3's update spoilt the weights, so iteration 4's loss is NaN too.
+    assert "training diverged: the loss was not finite in 2 of the 4 steps up to iteration 4" in log
+    assert "Nothing after iteration 2 is saved" in log if save_freq == 2 else "after iteration 0" in log
+    models = sorted(p.name for p in Path("experiments/smoke_cpu/models").glob("net_g_*.pth"))
+    assert models == (["net_g_2.pth", "net_g_latest.pth"] if save_freq == 2 else [])
+    for path in Path("experiments/smoke_cpu/models").glob("*.pth"):
+        params = torch.load(path, weights_only=True)["params"]
+        assert all(torch.isfinite(t).all() for t in params.values())
+
+
+def test_fp16_loss_scaling_outlives_a_non_finite_loss_but_not_a_run_of_them(smoke_dir, monkeypatch):
+    poison_losses(monkeypatch, {3})
+    assert train("train.total_iter=4", "train.amp=fp16", "logger.print_freq=2", "val=null") == 0
+    assert "1 of the last 2 steps had a non-finite loss; fp16 loss scaling skipped their updates" in log_text(
+        "smoke_cpu")
+    params = torch.load("experiments/smoke_cpu/models/net_g_4.pth", weights_only=True)["params"]
+    assert all(torch.isfinite(t).all() for t in params.values())
+    poison_losses(monkeypatch, {5, 6})
+    assert train("name=fp16_run", "train.total_iter=6", "train.amp=fp16", "logger.print_freq=2", "val=null") == 1
+    assert "not finite in 2 of the 2 steps up to iteration 6" in log_text("fp16_run")
+    assert "or train.amp: bf16" in log_text("fp16_run")
+
+
 def test_hr_only_training_skips_a_corrupt_image_by_name(smoke_dir):
     Path("datasets/smoke/HR/img01.png").write_bytes(b"\x89PNG truncated")
     assert train("train.total_iter=4", "datasets.train.type=SingleHRDataset", "datasets.train.dataroot_lq=null",

@@ -51,6 +51,10 @@ AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 EAGER_STEPS_BEFORE_CAPTURE = 3
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss stopped being finite: the weights are lost, and going on would only spend the GPU's time."""
+
+
 class ProcessSetup(NamedTuple):
     rank: int
     world_size: int
@@ -291,7 +295,10 @@ class Trainer:
         self.best: dict[str, dict[str, dict[str, float]]] = {}
         self._saved_at: int | None = None
         self._validated_at: int | None = None
+        # Since the last log line, on the device (reading them each step would wait for the GPU): the sum of the
+        # finite losses and the count of steps whose loss was not finite.
         self._loss_sum = torch.zeros((), device=self.device)
+        self._nonfinite_losses = torch.zeros((), device=self.device)
         self._loss_count = 0
         self.tensorboard = self._open_tensorboard()
         if state is not None:
@@ -483,7 +490,9 @@ class Trainer:
             loss = self._eager_step(lq, gt)
         if self.ema is not None:
             self.ema.update(self.net)
-        self._loss_sum += loss
+        finite = torch.isfinite(loss)
+        self._loss_sum += torch.where(finite, loss, 0.0)
+        self._nonfinite_losses += ~finite
         self._loss_count += 1
 
     def _loss(self, lq: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -536,21 +545,41 @@ class Trainer:
     def current_lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"])
 
-    def _log_progress(self) -> None:
-        loss = self._loss_sum / self._loss_count
+    def _losses_since_last_log(self) -> tuple[float, int, int]:
+        """(sum of the finite losses, steps with a non-finite loss, steps) over every process since the last log;
+        raises TrainingDiverged where the weights can no longer be finite."""
+        totals = torch.stack((self._loss_sum, self._nonfinite_losses))
         if self.process.world_size > 1:
-            dist.all_reduce(loss)
-            loss /= self.process.world_size
+            dist.all_reduce(totals)
+        loss_sum, nonfinite = totals.tolist()
+        nonfinite, steps = int(nonfinite), self._loss_count * self.process.world_size
+        # Without fp16 loss scaling, a non-finite loss has made the gradients, and through Adam the weights,
+        # non-finite. With it, the scaler skips such steps' updates; only a run of nothing else is lost.
+        if nonfinite and (self.grad_scaler is None or nonfinite == steps):
+            fp16_hint = " or train.amp: bf16 (fp16 overflows where bf16 does not)" if self.grad_scaler else ""
+            raise TrainingDiverged(
+                f"training diverged: the loss was not finite in {nonfinite} of the {steps} steps up to iteration "
+                f"{self.iteration}. Nothing after iteration {self._saved_at or 0} is saved; lower "
+                f"train.optim_g.lr or raise train.warmup_iter{fp16_hint}, then resume from the last training state "
+                f"with --auto_resume")
+        return loss_sum, nonfinite, steps
+
+    def _log_progress(self) -> None:
+        loss_sum, nonfinite, steps = self._losses_since_last_log()
         now = time.perf_counter()
         speed = (self.iteration - self._last_log[0]) / max(now - self._last_log[1], 1e-9)
         self._last_log = (self.iteration, now)
         self._loss_sum.zero_()
+        self._nonfinite_losses.zero_()
         self._loss_count = 0
         if not self.is_main:
             return
+        if nonfinite:
+            logger.warning("%d of the last %d steps had a non-finite loss; fp16 loss scaling skipped their updates",
+                           nonfinite, steps)
         total = self.options["train"]["total_iter"]
         eta = timedelta(seconds=round((total - self.iteration) / speed))
-        loss_value = loss.item()
+        loss_value = loss_sum / (steps - nonfinite)
         logger.info("[%s] epoch %d, iter %d/%d, lr %.3e, l_pix %.4e, %.2f it/s, eta %s", self.options["name"],
                     self.epoch, self.iteration, total, self.current_lr(), loss_value, speed, eta)
         if self.tensorboard is not None:
@@ -558,7 +587,9 @@ class Trainer:
             self.tensorboard.add_scalar("lr", self.current_lr(), self.iteration)
 
     def save_checkpoint(self) -> None:
-        """Weights and training state of the current iteration (rank 0 writes; every rank gives its RNG)."""
+        """Weights and training state of the current iteration (rank 0 writes; every rank gives its RNG); never
+        weights that a non-finite loss has spoilt."""
+        self._losses_since_last_log()
         rng = [capture_rng()]
         if self.process.world_size > 1:
             rng = [None] * self.process.world_size
@@ -627,13 +658,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_training(args: argparse.Namespace) -> int:
-    """``rgt-fast train``: train until ``train.total_iter``; 0 on success."""
+    """``rgt-fast train``: train until ``train.total_iter``; 0 on success, 1 when training diverged."""
     configure_console_logging(int(os.environ.get("RANK", 0)) if args.launcher == "pytorch" else 0)
     with hold_records_for_log_file():
         options = load_train_options(args.opt, args.force_yml)
         trainer = Trainer(options, auto_resume=args.auto_resume, launcher=args.launcher)
     try:
         trainer.fit()
+    except TrainingDiverged as err:
+        logger.error("%s", err)  # into the run's log file too
+        return 1
     finally:
         trainer.close()
     return 0
