@@ -156,11 +156,11 @@ def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: b
 
 
 def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path]]]:
-    jobs = plan_outputs(collect_images(args.inputs), args.output_dir, args.allow_input_dir)
-    weights = args.weights or default_weights(args.scale)
     problem = tile_flags_problem(args.tile, args.tile_overlap)
     if problem:
         raise UsageError(problem)
+    jobs = plan_outputs(collect_images(args.inputs), args.output_dir, args.allow_input_dir)
+    weights = args.weights or default_weights(args.scale)
     device = args.device or default_device()
     return load_checked_model(weights, args.scale, args.backend, device), jobs
 
