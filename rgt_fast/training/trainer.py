@@ -554,7 +554,8 @@ class Trainer:
         loss_sum, nonfinite = totals.tolist()
         nonfinite, steps = int(nonfinite), self._loss_count * self.process.world_size
         # Without fp16 loss scaling, a non-finite loss has made the gradients, and through Adam the weights,
-        # non-finite. With it, the scaler skips such steps' updates; only a run of nothing else is lost.
+        # non-finite. With it, the scaler skips such steps' updates and the weights stay finite: only an interval
+        # without one finite loss means that the run no longer learns.
         if nonfinite and (self.grad_scaler is None or nonfinite == steps):
             fp16_hint = " or train.amp: bf16 (fp16 overflows where bf16 does not)" if self.grad_scaler else ""
             raise TrainingDiverged(
