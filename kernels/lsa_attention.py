@@ -46,6 +46,7 @@ from ._common import (
     KernelVariant,
     aligned_row_strides,
     aot_signature,
+    autograd_records,
     cached_outside_compile,
     cdiv,
     check_attention_scale,
@@ -936,8 +937,7 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
     qkv_image = qkv.reshape(batch, H, W, 3, 2, heads_per_branch, head_dim)
     # Without an autograd graph the copies run as plain functions: under no_grad, Dynamo breaks the graph at an
     # autograd.Function whose forward stores its context.
-    recording = torch.is_grad_enabled()
-    windows = (_WindowPartition.apply(qkv_image, geometries) if recording and qkv_image.requires_grad
+    windows = (_WindowPartition.apply(qkv_image, geometries) if autograd_records(qkv_image)
                else _windows_of(qkv_image, geometries))
     outputs_t = []
     for branch, (geometry, table) in enumerate(zip(geometries, (bias_table_0, bias_table_1))):
@@ -963,7 +963,7 @@ def lsa_attention_torch(qkv, H, W, num_heads, split_size, shifted, bias_table_0,
             out_t = steps_out_t[0] if len(steps_out_t) == 1 else torch.cat(steps_out_t)
         outputs_t.append(out_t.view(batch, *geometry.window_order, heads_per_branch, head_dim, *geometry.window))
     image_shape = (batch, H, W, 2, heads_per_branch, head_dim)
-    if recording and any(t.requires_grad for t in outputs_t):
+    if autograd_records(*outputs_t):
         image = _WindowMerge.apply(geometries, image_shape, *outputs_t)
     else:
         image = _image_of(geometries, image_shape, outputs_t)
