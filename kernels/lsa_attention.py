@@ -25,8 +25,8 @@ masked loads.
     and sums its dS over a chunk of (batch, window) items in registers; _table_grad adds the chunks and then the
     pairs of each relative offset in a fixed order (bitwise reproducible, no atomics).
 
-The Triton path takes split sizes that are powers of two (RGT's [8, 32]); other split sizes and float64 run the
-PyTorch path, which is also the CPU path outside the interpreter.
+The Triton path takes split sizes that are powers of two (RGT's [8, 32]); other split sizes, float64 and padded
+maps of 2**31 tokens or more run the PyTorch path, which is also the CPU path outside the interpreter.
 """
 from __future__ import annotations
 
@@ -84,16 +84,16 @@ def _dot(a, b, acc, UPCAST_DOT_OPERANDS: tl.constexpr, INPUT_PRECISION: tl.const
 @triton.jit
 def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
                    WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr):
-    """Shift-region id, image token index and in-image flag of in-window offsets of a window.
+    """Shift-region id, image token index (int64) and in-image flag of in-window offsets of a window.
 
-    The vector arithmetic runs in int64: token offsets of large images need it, and the interpreter checks every
-    int32 operation for overflow, which made these few operations most of its run time. What enters tile-wide
-    operations (the region id) goes back to int32, which keeps those tiles at one register per element.
+    The arithmetic is 32-bit (maps of 2**31 tokens or more take the PyTorch path); only the token index widens, to
+    be multiplied by a row stride. 64-bit operations take two instructions and two registers each: with them the
+    sm_90a bf16 forward needed 101-134 registers per thread, and in 32 bits 80-107. The interpreter checks every
+    32-bit add and multiply for overflow, which costs the L-SA tests about 15% of their time there.
     """
-    offsets = offsets.to(tl.int64)
-    window = window.to(tl.int64)
-    rolled_row = (window // windows_per_row) * WIN_ROWS + offsets // WIN_COLS
-    rolled_col = (window % windows_per_row) * WIN_COLS + offsets % WIN_COLS
+    window_row = window // windows_per_row
+    rolled_row = window_row * WIN_ROWS + offsets // WIN_COLS
+    rolled_col = (window - window_row * windows_per_row) * WIN_COLS + offsets % WIN_COLS
     if SHIFTED:
         # torch.roll(shifts=-s) puts padded position p + s (mod L) at rolled position p, and rolling the
         # output back by +s returns it there: both directions are this one map.
@@ -101,16 +101,16 @@ def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
         row = tl.where(row >= padded_H, row - padded_H, row)
         col = rolled_col + WIN_COLS // 2
         col = tl.where(col >= padded_W, col - padded_W, col)
-        row_region = (rolled_row >= padded_H - WIN_ROWS).to(tl.int64) + \
-            (rolled_row >= padded_H - WIN_ROWS // 2).to(tl.int64)
-        col_region = (rolled_col >= padded_W - WIN_COLS).to(tl.int64) + \
-            (rolled_col >= padded_W - WIN_COLS // 2).to(tl.int64)
+        row_region = (rolled_row >= padded_H - WIN_ROWS).to(tl.int32) + \
+            (rolled_row >= padded_H - WIN_ROWS // 2).to(tl.int32)
+        col_region = (rolled_col >= padded_W - WIN_COLS).to(tl.int32) + \
+            (rolled_col >= padded_W - WIN_COLS // 2).to(tl.int32)
         region = 3 * row_region + col_region
     else:
         row = rolled_row
         col = rolled_col
         region = offsets
-    return region.to(tl.int32), row * W + col, (row < H) & (col < W)
+    return region, (row * W + col).to(tl.int64), (row < H) & (col < W)
 
 
 @triton.jit
@@ -119,14 +119,12 @@ def _bias_and_mask(table_head_ptr, q_offsets, k_offsets, q_region, k_region,
     """Position bias plus shift mask (base-2 units) of a score tile; arguments come broadcast to its orientation.
 
     The table row of a pair, (dr + WIN_ROWS - 1) * (2 WIN_COLS - 1) + dc + WIN_COLS - 1, is a query term minus a
-    key term, so the tile costs one int32 subtraction per score.
+    key term, so the tile costs one subtraction per score.
     """
     TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
-    q_offsets = q_offsets.to(tl.int64)
-    k_offsets = k_offsets.to(tl.int64)
     q_term = (q_offsets // WIN_COLS) * TABLE_COLS + q_offsets % WIN_COLS + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
     k_term = (k_offsets // WIN_COLS) * TABLE_COLS + k_offsets % WIN_COLS
-    bias = tl.load(table_head_ptr + (q_term.to(tl.int32) - k_term.to(tl.int32)))
+    bias = tl.load(table_head_ptr + (q_term - k_term))
     if SHIFTED:
         bias = tl.where(q_region != k_region, bias + _MASK_LOG2, bias)
     return bias
@@ -427,13 +425,15 @@ def _lsa_bwd_score_grad_sum_kernel(
 # tiles that compile without register spills on sm_80 and sm_90a. Fp32 operands take twice the registers of
 # 16-bit ones, and ieee fp32 dots run on the FMA units with whole operand fragments in registers. The 16-bit
 # forward tile is the fastest of benchmarks/sweep_tiles.py's candidates on an H200 at the training shape (0.885 ms
-# against 1.609 for 128x32 with 8 warps; 101-134 registers); the others were the largest that fit. A 32x64 16-bit
-# dK/dV tile ran 2.90 ms against 3.23 for 16x64 there, but spills 64-80 bytes on sm_80.
+# against 1.609 for 128x32 with 8 warps; 101-134 registers then); the others were the largest that fit. A 32x64
+# 16-bit dK/dV tile ran 2.90 ms against 3.23 for 16x64 there, but spills on sm_80 (branch 1, unshifted, also with
+# 32-bit indices). The ieee dS-sum tile was 64x32 until the indices became 32-bit; with them ptxas spilled 40-192
+# bytes there, and 32x32 takes 80-96 registers on both archs.
 _CONFIGS = {
     "fwd": {"16-bit": (64, 16, 4, 2), "tf32": (64, 16, 4, 2), "ieee": (32, 32, 4, 2)},
     "dq": {"16-bit": (64, 32, 4, 2), "tf32": (64, 16, 4, 2), "ieee": (32, 32, 4, 2)},
     "dkdv": {"16-bit": (16, 64, 4, 2), "tf32": (16, 64, 4, 2), "ieee": (16, 32, 4, 2)},
-    "score_grad_sum": {"16-bit": (64, 64, 4, 2), "tf32": (64, 32, 4, 2), "ieee": (64, 32, 4, 2)},
+    "score_grad_sum": {"16-bit": (64, 64, 4, 2), "tf32": (64, 32, 4, 2), "ieee": (32, 32, 4, 2)},
 }
 # Programs of the dS-sum kernel each take a chunk of (batch, window) items: fewer programs mean fewer partial sums
 # to write and reduce, so the grid keeps only this many programs per multiprocessor. The interpreter runs
@@ -1017,10 +1017,15 @@ def _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_
             raise ValueError(f"{name} is on {table.device} but qkv is on {qkv.device}")
 
 
-def _kernels_take(qkv: torch.Tensor, split_size) -> bool:
+# The kernels index the tokens of the padded map in 32 bits.
+_MAX_KERNEL_TOKENS = 2**31 - 1
+
+
+def _kernels_take(qkv: torch.Tensor, H: int, W: int, split_size) -> bool:
     power_of_two = all(s & (s - 1) == 0 for s in split_size)
     return (triton_runs_on(qkv) and qkv.dtype in SUPPORTED_DTYPES and power_of_two
-            and split_size[0] * split_size[1] >= 16)
+            and split_size[0] * split_size[1] >= 16
+            and _padded(H, split_size) * _padded(W, split_size) <= _MAX_KERNEL_TOKENS)
 
 
 def _python_int(value):
@@ -1039,7 +1044,7 @@ def lsa_attention(qkv: torch.Tensor, H: int, W: int, num_heads: int, split_size,
     _check_inputs(qkv, H, W, num_heads, split_size, shifted, bias_table_0, bias_table_1, scale)
     H, W, num_heads = (_python_int(value) for value in (H, W, num_heads))
     split_size = [_python_int(size) for size in split_size]
-    if _kernels_take(qkv, split_size):
+    if _kernels_take(qkv, H, W, split_size):
         out, _ = torch.ops.rgt_fast.lsa_attention(qkv, H, W, num_heads, split_size, shifted,
                                                   bias_table_0, bias_table_1, float(scale))
         return out

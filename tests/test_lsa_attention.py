@@ -309,6 +309,16 @@ def test_float64_takes_the_pytorch_path_and_matches_reference(case):
                              1e-11)
 
 
+def test_maps_of_2_31_padded_tokens_take_the_pytorch_path():
+    """The kernels index the padded map's tokens in 32 bits. W = 2**15 - 1 pads to 2**15: with H = 2**16 the map
+    holds fewer than 2**31 tokens but its padded form does not. (Stride-0 views: no memory behind the tokens.)"""
+    def qkv_of(H: int, W: int) -> torch.Tensor:
+        return torch.randn(1, 1, 6, device=DEVICE, dtype=torch.float16).expand(1, H * W, 6)
+
+    assert lsa._kernels_take(qkv_of(2**16 - 32, 2**15 - 1), 2**16 - 32, 2**15 - 1, SPLIT)
+    assert not lsa._kernels_take(qkv_of(2**16, 2**15 - 1), 2**16, 2**15 - 1, SPLIT)
+
+
 @pytorch_path_on_cpu
 def test_pytorch_path_in_float32_matches_reference():
     H, W = 36, 70

@@ -557,7 +557,8 @@ class Trainer:
         # non-finite. With it, the scaler skips such steps' updates and the weights stay finite: only an interval
         # without one finite loss means that the run no longer learns.
         if nonfinite and (self.grad_scaler is None or nonfinite == steps):
-            fp16_hint = " or train.amp: bf16 (fp16 overflows where bf16 does not)" if self.grad_scaler is not None else ""
+            fp16_hint = ("" if self.grad_scaler is None
+                         else " or train.amp: bf16 (fp16 overflows where bf16 does not)")
             raise TrainingDiverged(
                 f"training diverged: the loss was not finite in {nonfinite} of the {steps} steps up to iteration "
                 f"{self.iteration}. Nothing after iteration {self._saved_at or 0} is saved; lower "
