@@ -12,9 +12,11 @@ something else shows up there). Compiling a candidate takes seconds, so the list
 on sm_90a (bf16). A candidate that fails is recorded as such; the script fails only if a shipped tile does.
 
 Until the kernels learnt their rows' alignment (ROW_ALIGN), every L-SA tile took 170 to 255 registers per thread
-whatever its size, and its 16-bit loads were not pipelined. On sm_90a (bf16, shifted and unshifted, both
-branches) the forward candidates now take: 128x32/8 warps 134-178, 128x64/8 warps 187-255, 64x32/4 warps
-140-170, 64x16/4 warps 101-134 registers; 4-warp programs of at most 128 registers fit 4 to a multiprocessor.
+whatever its size, and its 16-bit loads were not pipelined. With 64-bit window and token indices (until commit
+32d13dd) the forward candidates took, on sm_90a (bf16, shifted and unshifted, both branches): 128x32/8 warps
+134-178, 128x64/8 warps 187-255, 64x32/4 warps 140-170, 64x16/4 warps 101-134 registers; with 32-bit ones
+119-128, 181-190, 94-138 and 80-107, and 128x16/8 warps 85-111. 4-warp programs of at most 128 registers fit 4
+to a multiprocessor, of at most 96 five.
 
 The spatial gate's forward + backward ran only 1.15x faster than PyTorch's at the training shape. Its conv
 backward sums each tap's weight gradient over the tile's tokens, ten reductions per tile; with 4 warps that is 36
