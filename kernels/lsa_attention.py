@@ -89,7 +89,7 @@ def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
     The arithmetic is 32-bit (maps of 2**31 tokens or more take the PyTorch path); only the token index widens, to
     be multiplied by a row stride. 64-bit operations take two instructions and two registers each: with them the
     sm_90a bf16 forward needed 101-134 registers per thread, and in 32 bits 80-107. The interpreter checks every
-    32-bit add and multiply for overflow, which costs the L-SA tests about 15% of their time there.
+    32-bit add and multiply for overflow, which costs the L-SA tests about a tenth of their time there.
     """
     window_row = window // windows_per_row
     rolled_row = window_row * WIN_ROWS + offsets // WIN_COLS
