@@ -64,6 +64,9 @@ SHIFT_MASK_VALUE = -100.0
 LOG2E = 1.4426950408889634
 # Scores run in base 2 (exp2 is the native instruction), so the table and the mask are scaled by log2(e).
 _MASK_LOG2 = tl.constexpr(SHIFT_MASK_VALUE * LOG2E)
+# Window and token indices are 32-bit on the GPU (see _window_tokens). The interpreter checks every 32-bit add and
+# multiply for overflow, which made L-SA's forward and backward 1.5x slower there; there they are 64-bit.
+_INDEX = tl.constexpr(tl.int64 if INTERPRET else tl.int32)
 
 
 # Image sizes and strides are not specialized on (divisibility by 16 would compile a kernel per image size, and
@@ -86,11 +89,12 @@ def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
                    WIN_ROWS: tl.constexpr, WIN_COLS: tl.constexpr, SHIFTED: tl.constexpr):
     """Shift-region id, image token index (int64) and in-image flag of in-window offsets of a window.
 
-    The arithmetic is 32-bit (maps of 2**31 tokens or more take the PyTorch path); only the token index widens, to
-    be multiplied by a row stride. 64-bit operations take two instructions and two registers each: with them the
-    sm_90a bf16 forward needed 101-134 registers per thread, and in 32 bits 80-107. The interpreter checks every
-    32-bit add and multiply for overflow, which costs the L-SA tests about a tenth of their time there.
+    The arithmetic is 32-bit on the GPU (maps of 2**31 tokens or more take the PyTorch path); only the token index
+    widens, to be multiplied by a row stride. 64-bit operations take two instructions and two registers each: with
+    them the sm_90a bf16 forward needed 101-134 registers per thread, and in 32 bits 80-107.
     """
+    offsets = offsets.to(_INDEX)
+    window = window.to(_INDEX)
     window_row = window // windows_per_row
     rolled_row = window_row * WIN_ROWS + offsets // WIN_COLS
     rolled_col = (window - window_row * windows_per_row) * WIN_COLS + offsets % WIN_COLS
@@ -101,16 +105,16 @@ def _window_tokens(window, offsets, H, W, padded_H, padded_W, windows_per_row,
         row = tl.where(row >= padded_H, row - padded_H, row)
         col = rolled_col + WIN_COLS // 2
         col = tl.where(col >= padded_W, col - padded_W, col)
-        row_region = (rolled_row >= padded_H - WIN_ROWS).to(tl.int32) + \
-            (rolled_row >= padded_H - WIN_ROWS // 2).to(tl.int32)
-        col_region = (rolled_col >= padded_W - WIN_COLS).to(tl.int32) + \
-            (rolled_col >= padded_W - WIN_COLS // 2).to(tl.int32)
+        row_region = (rolled_row >= padded_H - WIN_ROWS).to(_INDEX) + \
+            (rolled_row >= padded_H - WIN_ROWS // 2).to(_INDEX)
+        col_region = (rolled_col >= padded_W - WIN_COLS).to(_INDEX) + \
+            (rolled_col >= padded_W - WIN_COLS // 2).to(_INDEX)
         region = 3 * row_region + col_region
     else:
         row = rolled_row
         col = rolled_col
         region = offsets
-    return region, (row * W + col).to(tl.int64), (row < H) & (col < W)
+    return region.to(tl.int32), (row * W + col).to(tl.int64), (row < H) & (col < W)
 
 
 @triton.jit
@@ -122,6 +126,8 @@ def _bias_and_mask(table_head_ptr, q_offsets, k_offsets, q_region, k_region,
     key term, so the tile costs one subtraction per score.
     """
     TABLE_COLS: tl.constexpr = 2 * WIN_COLS - 1
+    q_offsets = q_offsets.to(_INDEX)
+    k_offsets = k_offsets.to(_INDEX)
     q_term = (q_offsets // WIN_COLS) * TABLE_COLS + q_offsets % WIN_COLS + (WIN_ROWS - 1) * TABLE_COLS + WIN_COLS - 1
     k_term = (k_offsets // WIN_COLS) * TABLE_COLS + k_offsets % WIN_COLS
     bias = tl.load(table_head_ptr + (q_term - k_term))
