@@ -66,6 +66,11 @@ def _unwrap(obj: Any, origin: str, param_key: str | None = None) -> dict[str, to
     return tensors
 
 
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` names a safetensors file (by its suffix, in any case: Windows tools write .SAFETENSORS)."""
+    return path.suffix.lower() == ".safetensors"
+
+
 def read_state_dict(path: str | os.PathLike, *, param_key: str | None = None) -> dict[str, torch.Tensor]:
     """The RGT state_dict stored in ``path`` (.pth/.pt or .safetensors), with ``module.`` prefixes removed.
 
@@ -77,7 +82,7 @@ def read_state_dict(path: str | os.PathLike, *, param_key: str | None = None) ->
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        if path.suffix == ".safetensors":
+        if is_safetensors(path):
             from safetensors.torch import load_file
             obj = load_file(str(path))
         else:
@@ -92,7 +97,7 @@ def save_state_dict(state_dict: StateDict, path: str | os.PathLike, *, key: str 
     """Write weights atomically: BasicSR layout ({key: state_dict}) for .pth, flat tensors for .safetensors."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
     with atomic_destination(Path(path)) as temporary:
-        if Path(path).suffix == ".safetensors":
+        if is_safetensors(Path(path)):
             from safetensors.torch import save_file
             save_file(tensors, str(temporary))
         else:
@@ -123,6 +128,15 @@ def describe_mismatch(model: torch.nn.Module, state_dict: StateDict, limit: int 
     return "; ".join(parts)
 
 
+def architecture_of(state_dict: StateDict, origin: str) -> dict[str, Any]:
+    """The RGT keyword arguments ``state_dict`` describes (``infer_hyperparameters``); weights of another
+    architecture raise a CheckpointError naming ``origin``, the file or "state_dict"."""
+    try:
+        return infer_hyperparameters(state_dict)
+    except ArchitectureMismatch as err:
+        raise CheckpointError(f"{origin}: {err} (keys start with {list(state_dict)[:5]})") from err
+
+
 def load_model(source: Source, *, fused: bool = True, backend: str = "auto", device: Any = None,
                strict: bool = True, param_key: str | None = None) -> torch.nn.Module:
     """Build the RGT that ``source`` (a path or a state_dict) holds, load it strictly and return it in eval mode.
@@ -139,11 +153,7 @@ def load_model(source: Source, *, fused: bool = True, backend: str = "auto", dev
     origin = "state_dict" if isinstance(source, Mapping) else str(source)
     state_dict = (_unwrap(source, origin, param_key) if isinstance(source, Mapping)
                   else read_state_dict(source, param_key=param_key))
-    try:
-        kwargs = infer_hyperparameters(state_dict)
-    except ArchitectureMismatch as err:
-        raise CheckpointError(f"{origin}: {err} (keys start with {list(state_dict)[:5]})") from err
-    model = create_model_from_kwargs(kwargs, fused=fused, backend=backend)
+    model = create_model_from_kwargs(architecture_of(state_dict, origin), fused=fused, backend=backend)
     state_dict = add_derived_buffers(model, state_dict)
     problems = describe_mismatch(model, state_dict)
     if problems and strict:

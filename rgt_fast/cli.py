@@ -6,10 +6,10 @@ import json
 import sys
 
 def _inspect(args: argparse.Namespace) -> int:
-    from .checkpoint import read_state_dict
-    from .config import infer_hyperparameters, preset_name
+    from .checkpoint import architecture_of, read_state_dict
+    from .config import preset_name
 
-    kwargs = infer_hyperparameters(read_state_dict(args.weights))
+    kwargs = architecture_of(read_state_dict(args.weights), args.weights)
     print(json.dumps({"preset": preset_name(kwargs), **kwargs}, indent=2))
     return 0
 

@@ -201,16 +201,18 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     """Super-resolve ``image`` with ``model`` (put in eval mode).
 
     ``image``: a numpy HWC array as OpenCV reads it (BGR for 3 channels; uint8, uint16 or float in [0, 1]),
-    returned in the same layout and dtype; or a tensor (C, H, W) / (B, C, H, W) in [0, 1], RGB, returned as a
-    float tensor of the same rank. Float values more than ``FLOAT_RANGE_SLACK`` outside [0, 1] are refused (they
+    returned in the same layout and dtype, clipped to the dtype's range ([0, 1] for floats); or a tensor (C, H, W) /
+    (B, C, H, W) in [0, 1], RGB, returned as a float tensor of the same rank, unclipped as BasicSR's models return
+    it (clamp it before saving). Float values more than ``FLOAT_RANGE_SLACK`` outside [0, 1] are refused (they
     are usually 8-bit data not divided by 255). Whole image by default; ``tile`` processes tiles of that size,
     overlapping by ``tile_overlap`` px and blended linearly (RG-SA attends over the whole image, so tiled results
     differ slightly from whole-image ones); tiles that run out of memory raise MemoryError. A whole image that runs
     out of memory (GPU, or CPU where the allocation is refused) is retried in tiles of 512, then 256, 128 px.
     Images under 16 px (which the official model cannot run in eval mode) are reflect-padded and cropped. Images so
     elongated that RG-SA's recursion rule, set by the long side, would reduce the short side to nothing (16x1024 px,
-    64x4096 px; the official model cannot run them either) go in the largest square tiles that run, instead of whole.
-    Tiles that upscale chooses itself overlap by at most a quarter of their size.
+    64x4096 px; the official model cannot run them either) go in the largest square tiles that run, instead of whole;
+    so does such an image with a ``tile`` whose tiles would be too elongated to run. Tiles that upscale chooses
+    itself overlap by at most a quarter of their size.
     ``dtype`` "bf16"/"fp16" runs the model under autocast. ``self_ensemble`` averages the 8 flips/transposes.
     On a Linux CPU, call :func:`rgt_fast.retain_freed_cpu_memory` once beforehand, as ``rgt-fast upscale`` does:
     large images then run up to 2x faster.
@@ -239,6 +241,8 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     H, W = x.shape[-2:]
     if H == 0 or W == 0:
         raise ValueError(f"empty image of size {H}x{W}")
+    if x.shape[0] == 0:
+        raise ValueError(f"empty batch: a tensor of shape {tuple(x.shape)} holds no image")
     if not torch.isfinite(x).all():
         raise ValueError("the image contains NaN or infinite values")
     low, high = torch.aminmax(x)
@@ -251,6 +255,10 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
     x = _reflect_to_minimum(x.to(device=device, dtype=next(model.parameters()).dtype), MIN_EVAL_SIZE)
     # None for an image that runs whole. Flips and transposes (self_ensemble) keep this: the rule treats H and W alike.
     elongated_tile = None if _runs_whole(*x.shape[-2:]) else _largest_runnable_tile(*x.shape[-2:])
+    user_tile, user_overlap = tile, tile_overlap
+    if tile is not None and not _runs_whole(min(tile, x.shape[-2]), min(tile, x.shape[-1])):
+        # The tiles of a long strip are strips too; smaller tiles run (the rule follows the long side).
+        user_tile, user_overlap = elongated_tile, min(tile_overlap, elongated_tile // 4)
 
     def forward(batch: torch.Tensor) -> torch.Tensor:
         ctx = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype not in (None, torch.float32)
@@ -262,13 +270,13 @@ def upscale(model: nn.Module, image: Image, *, tile: int | None = None, tile_ove
         return _run_tiled(forward, batch, scale, size, min(tile_overlap, size // 4))
 
     def run_once(batch: torch.Tensor) -> torch.Tensor:
-        if tile is not None:
+        if user_tile is not None:
             try:
-                return _run_tiled(forward, batch, scale, tile, tile_overlap)
+                return _run_tiled(forward, batch, scale, user_tile, user_overlap)
             except RuntimeError as err:
                 if not _is_out_of_memory(err):
                     raise
-                raise MemoryError(f"tiles of {tile} px do not fit in memory; pass a smaller tile (at least "
+                raise MemoryError(f"tiles of {user_tile} px do not fit in memory; pass a smaller tile (at least "
                                   f"{MIN_EVAL_SIZE} px), use a 16-bit dtype (dtype='bf16'), or free memory") from err
         try:
             return forward(batch) if elongated_tile is None else run_in_tiles(batch, elongated_tile)

@@ -23,6 +23,7 @@ from .checkpoint import load_model
 from .cpu_allocator import retain_freed_cpu_memory
 from .files import UnusableImage, encode_png, read_upright_image, write_atomically
 from .inference import DTYPES, default_device, parse_device, tile_flags_problem, upscale
+from .kernels._common import INTERPRET
 from .model import BACKENDS
 from .training.data import list_images
 
@@ -150,7 +151,7 @@ def upscale_file(model: nn.Module, source: Path, destination: Path, overwrite: b
         write_atomically(encode_png(super_resolve(model, image, **upscale_options)), destination)
     except UnusableImage as err:  # names the source itself
         return str(err)
-    except (ValueError, MemoryError, OSError) as err:
+    except (ValueError, MemoryError, OSError, RuntimeError) as err:  # RuntimeError: PyTorch's, for this image only
         return f"{source}: {err}"
     return None
 
@@ -160,8 +161,13 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path
     if problem:
         raise UsageError(problem)
     jobs = plan_outputs(collect_images(args.inputs), args.output_dir, args.allow_input_dir)
-    weights = args.weights or default_weights(args.scale)
+    if args.output_dir.exists() and not args.output_dir.is_dir():
+        raise UsageError(f"-o {args.output_dir} is a file; pass a folder (it is created if missing)")
     device = args.device or default_device()
+    if args.backend == "triton" and not (device.type == "cuda" or INTERPRET):
+        raise UsageError(f"--backend triton runs on CUDA devices, not on {device}; use --backend auto or torch, or "
+                         f"--device cuda")
+    weights = args.weights or default_weights(args.scale)
     return load_checked_model(weights, args.scale, args.backend, device), jobs
 
 

@@ -126,6 +126,15 @@ def test_load_model_from_a_state_dict_and_to_a_device():
     assert next(model.parameters()).device.type == "cpu"
 
 
+def test_safetensors_files_are_recognised_whatever_the_case_of_their_suffix(tmp_path):
+    state_dict = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6]).state_dict()
+    path = tmp_path / "NET_G.SAFETENSORS"
+    rgt_fast.save_state_dict(state_dict, path)
+    assert path.read_bytes()[8:9] == b"{"  # safetensors' JSON header after its 8-byte length, not a pickle
+    loaded = rgt_fast.read_state_dict(path)
+    assert all(torch.equal(loaded[k], v) for k, v in state_dict.items())
+
+
 def test_save_state_dict_is_atomic_and_round_trips(tmp_path):
     state_dict = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6]).state_dict()
     for name in ("net_g.pth", "net_g.safetensors"):

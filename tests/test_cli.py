@@ -33,6 +33,14 @@ def test_inspect_of_a_missing_file_fails_cleanly(tmp_path, capsys):
     assert "missing.pth" in capsys.readouterr().err
 
 
+def test_inspect_of_another_architecture_names_the_file(tmp_path, capsys):
+    path = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.randn(3, 4)}, path)
+    assert main(["inspect", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "resnet.pth" in err and "not an RGT" in err
+
+
 def test_bench_quick_writes_valid_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--model", "RGT-S", "--scale", "2", "--size", "16x20", "--json", str(path)]) == 0

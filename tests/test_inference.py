@@ -179,6 +179,16 @@ def test_images_too_elongated_to_run_whole_go_in_the_largest_square_tiles_that_r
     assert recorded.sizes == tiles
 
 
+@pytest.mark.parametrize("tile,tiles", [(2048, [(16, 1023)] * 2), (1024, [(16, 1023)] * 2), (512, [(16, 512)] * 3)])
+def test_a_given_tile_too_elongated_to_run_becomes_the_largest_tile_that_runs(tile, tiles):
+    recorded = Recorded(LocalModel())
+    x = torch.rand(1, 3, 16, 1100, dtype=torch.float64)
+    with torch.no_grad():
+        expected = recorded.model(x).float()
+    torch.testing.assert_close(upscale(recorded, x, tile=tile, tile_overlap=32), expected)
+    assert recorded.sizes == tiles
+
+
 def test_an_rgt_upscales_an_image_it_cannot_run_whole(model):
     image = np.random.default_rng(7).integers(0, 256, (16, 1100, 3), dtype=np.uint8)
     with pytest.raises(ValueError, match="cannot reduce a 16x1100 map"):
@@ -220,6 +230,7 @@ def test_bf16_autocast_stays_close(model):
     (np.random.default_rng(0).random((8, 8, 3), np.float32) * 255, ValueError, r"must lie in \[0, 1\]"),
     (torch.rand(3, 20, 20) * 255, ValueError, "divide 8-bit data by 255"),
     (torch.rand(3, 20, 20) - 0.75, ValueError, "from -0.7"),
+    (torch.rand(0, 3, 20, 20), ValueError, "empty batch"),
 ])
 def test_bad_inputs_get_clear_errors(model, bad, error, match):
     with pytest.raises(error, match=match):

@@ -200,6 +200,51 @@ def test_a_negative_tile_overlap_is_refused_before_any_work(tmp_path, weights_x2
     assert not (tmp_path / "out").exists()
 
 
+def test_the_triton_backend_without_a_gpu_is_refused_before_any_work(tmp_path, weights_x2, monkeypatch, capsys):
+    monkeypatch.setattr(upscale_cli, "INTERPRET", False)  # as outside the test suite's interpreter runs
+    source = _write(tmp_path / "in" / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
+
+    code = main(["upscale", str(source), "-o", str(tmp_path / "out"), "--weights", str(weights_x2),
+                 "--backend", "triton", "--device", "cpu"])
+
+    assert code == 2
+    assert "--backend triton runs on CUDA devices, not on cpu; use --backend auto or torch" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(tmp_path, weights_x2, capsys):
+    source = _write(tmp_path / "in" / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
+    (tmp_path / "notes.txt").write_text("not a folder")
+
+    assert _upscale(weights_x2, source, "-o", tmp_path / "notes.txt") == 2
+    assert "is a file; pass a folder" in capsys.readouterr().err
+
+
+def test_an_image_the_model_fails_on_is_reported_and_the_others_are_written(tmp_path, weights_x2, monkeypatch,
+                                                                           capsys):
+    def fails_on_wide_images(*args, **kwargs):
+        model = rgt_fast.load_model(*args, **kwargs)
+        forward = model.forward
+
+        def checked(x):
+            if x.shape[-1] > x.shape[-2]:
+                raise RuntimeError("a PyTorch error on this image only")
+            return forward(x)
+        model.forward = checked
+        return model
+
+    monkeypatch.setattr(upscale_cli, "load_model", fails_on_wide_images)
+    folder = tmp_path / "in"
+    _write(folder / "a_wide.png", _random_image((HEIGHT, WIDTH, 3), seed=8))
+    _write(folder / "b_tall.png", _random_image((WIDTH, HEIGHT, 3), seed=9))
+
+    assert _upscale(weights_x2, folder, "-o", tmp_path / "out") == 1
+
+    captured = capsys.readouterr()
+    assert f"{folder / 'a_wide.png'}: a PyTorch error on this image only" in captured.err
+    assert os.listdir(tmp_path / "out") == ["b_tall.png"]
+
+
 def test_an_existing_output_is_kept_unless_overwrite_is_given(tmp_path, weights_x2, capsys):
     source = _write(tmp_path / "in" / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
     existing = tmp_path / "out" / "photo.png"
