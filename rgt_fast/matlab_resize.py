@@ -74,7 +74,10 @@ def imresize(img: np.ndarray, scale: float, antialiasing: bool = True) -> np.nda
     does when both axes share one scale. Integer images are refused: MATLAB rounds uint8 results, so
     convert to float (``img.astype(np.float64) / 255`` or keep [0, 255]) and round yourself if needed.
     """
-    img = np.asarray(img)
+    if not isinstance(img, np.ndarray):
+        # np.asarray would take a (C, H, W) tensor as an image C px high.
+        raise TypeError(f"imresize expects a numpy (H, W) or (H, W, C) array, got {type(img).__name__}; for a "
+                        f"(C, H, W) tensor pass tensor.permute(1, 2, 0).numpy()")
     if not np.issubdtype(img.dtype, np.floating):
         raise TypeError(f"imresize expects a float image (in [0, 1] or [0, 255]), got dtype {img.dtype}; "
                         "convert it first, e.g. img.astype(np.float64) / 255")

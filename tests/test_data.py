@@ -192,7 +192,7 @@ def test_a_set_of_only_bad_images_is_an_error(tmp_path):
     for path in (tmp_path / "lq").iterdir():
         path.write_bytes(b"")
     dataset = TrainingPatches.from_options(paired_options(tmp_path, 2), 2)
-    with pytest.raises(RuntimeError, match="none of the 2 training images"):
+    with pytest.raises(ValueError, match="none of the 2 training images"):
         dataset[SampleKey(0, 0)]
 
 
@@ -247,6 +247,28 @@ def test_evaluation_pairs_crop_the_gt_to_lq_times_scale(tmp_path):
     lq, gt = pairs.load(0)
     assert lq.shape == (10, 14, 3) and pairs.name == "Set" and pairs.image_name(0) == "img00x3"
     np.testing.assert_array_equal(gt, hr)
+
+
+def test_an_lq_of_another_scale_is_scored_as_basicsr_does_with_a_warning(tmp_path, caplog):
+    write_benchmark_set(tmp_path / "Set", 4, [(32, 40)])
+    (tmp_path / "Set" / "LR_bicubic" / "X4" / "img00x4.png").rename(tmp_path / "Set" / "LR_bicubic" / "img00x2.png")
+    (tmp_path / "Set" / "LR_bicubic" / "X4").rmdir()
+    (tmp_path / "Set" / "LR_bicubic" / "X2").mkdir()
+    (tmp_path / "Set" / "LR_bicubic" / "img00x2.png").rename(tmp_path / "Set" / "LR_bicubic" / "X2" / "img00x2.png")
+    pairs = EvaluationPairs.from_benchmark_folder(tmp_path / "Set", 2)
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        lq, gt = pairs.load(0)
+    assert lq.shape == (8, 10, 3) and gt.shape == (16, 20, 3)
+    assert "img00.png is 40x32, but its LQ img00x2.png (10x8) times 2 covers only 20x16 of it" in caplog.text
+    assert "of another scale" in caplog.text
+
+    caplog.clear()
+    write_benchmark_set(tmp_path / "Exact", 2, [(32, 40)])
+    hr_path = tmp_path / "Exact" / "HR" / "img00.png"
+    cv2.imwrite(str(hr_path), np.pad(cv2.imread(str(hr_path)), ((0, 1), (0, 1), (0, 0))))  # 1 px over LQ x 2
+    with caplog.at_level(logging.WARNING, logger="rgt_fast"):
+        EvaluationPairs.from_benchmark_folder(tmp_path / "Exact", 2).load(0)
+    assert "another scale" not in caplog.text
 
 
 def test_hr_only_evaluation_pairs_downscale_the_gt(tmp_path):

@@ -5,6 +5,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -186,6 +187,11 @@ def test_random_sizes_match_the_oracle_and_stay_within_the_overshoot(height, wid
 def test_integer_images_are_refused_with_a_hint(dtype):
     with pytest.raises(TypeError, match="float"):
         imresize(np.zeros((4, 4, 3), dtype=dtype), 1 / 2)
+
+
+def test_a_tensor_is_refused_rather_than_read_as_an_image_c_px_high():
+    with pytest.raises(TypeError, match=r"numpy \(H, W\) or \(H, W, C\) array, got Tensor.*permute\(1, 2, 0\)"):
+        imresize(torch.rand(3, 8, 8, dtype=torch.float64), 1 / 2)
 
 
 @pytest.mark.parametrize("scale", [0, -2, math.inf, math.nan])

@@ -118,6 +118,24 @@ def test_force_yml_overrides_with_yaml_values():
         load_train_options(SMOKE, ["train.total_iter=2.5"])
 
 
+def test_force_yml_takes_a_value_yaml_cannot_parse_as_a_string_as_basicsr():
+    options = load_train_options(SMOKE, ["datasets.train.filename_tmpl={}_x2"])
+    assert options["datasets"]["train"]["filename_tmpl"] == "{}_x2"
+
+
+@pytest.mark.parametrize("override,message", [
+    ("datasets.train.batch_size_per_gpu=0", "batch_size_per_gpu must be at least 1, got 0"),
+    ("datasets.train.num_worker_per_gpu=-1", "num_worker_per_gpu must be at least 0, got -1"),
+    ("datasets.train.gt_size=4", "gt_size must be a multiple of scale 2 and at least 8 .* got 4"),
+    ("datasets.train.gt_size=33", "gt_size must be a multiple of scale 2 .* got 33"),
+    ("train.ema_decay=1.5", r"ema_decay must lie in \[0, 1\) .* got 1.5"),
+    ("train.optim_g.lr=-1", "lr must be positive, got -1"),
+])
+def test_values_out_of_range_are_errors_naming_the_option(override, message):
+    with pytest.raises(OptionError, match=message):
+        load_train_options(SMOKE, [override])
+
+
 def test_optimizer_is_fused_on_cuda_by_default_and_as_asked():
     """``train.optim_g.fused``: None means fused on CUDA parameters and PyTorch's own choice elsewhere; an explicit
     value is passed on. Fused and unfused Adam take the same step up to rounding."""
@@ -337,6 +355,40 @@ def test_auto_resume_falls_back_from_an_unreadable_state(smoke_dir):
         state.write_bytes(b"")
     with pytest.raises(rgt_fast.CheckpointError, match="none of the 3 training state"):
         Trainer(load_train_options(SMOKE, ["val=null"]), auto_resume=True)
+
+
+def test_auto_resume_falls_back_from_a_state_whose_weights_are_missing(smoke_dir):
+    assert train("train.total_iter=4", "val=null") == 0
+    missing = Path("experiments/smoke_cpu/models/net_g_4.pth")
+    missing.unlink()
+    assert train("train.total_iter=5", "val=null", auto_resume=True) == 0
+    log = log_text("smoke_cpu")
+    assert f"4.state belongs with {missing.resolve()}, which does not exist; trying the state before it" in log
+    assert "resuming from iteration 2 " in log
+
+
+def test_resuming_with_another_network_is_an_error_naming_the_weights(smoke_dir):
+    assert train("train.total_iter=2", "val=null") == 0
+    with pytest.raises(rgt_fast.CheckpointError, match=r"net_g_2\.pth: does not fit network_g .*shape mismatches.*"
+                                                       r"restore its options"):
+        Trainer(load_train_options(SMOKE, ["val=null", "network_g.embed_dim=24"]), auto_resume=True)
+
+
+def test_a_run_that_cannot_start_leaves_the_previous_experiment_in_place(smoke_dir, capsys):
+    assert train("train.total_iter=1", "val=null") == 0
+    assert train("train.total_iter=1", "val=null", "train.amp=fp32") == 1
+    assert "option train.amp: 'fp32' is not supported" in capsys.readouterr().err
+    assert not list(Path("experiments").glob("smoke_cpu_archived_*"))
+    assert Path("experiments/smoke_cpu/models/net_g_1.pth").is_file()
+
+
+def test_why_training_stopped_is_in_the_log_file(smoke_dir, capsys):
+    for image in Path("datasets/smoke/HR").iterdir():
+        image.write_bytes(b"not an image")
+    assert train("train.total_iter=2", "val=null", "datasets.train.dataroot_lq=null") == 1
+    message = "none of the 4 training images in datasets/smoke/HR can be used"
+    assert message in capsys.readouterr().err
+    assert f"ERROR: training stopped: {message}" in log_text("smoke_cpu")
 
 
 def test_resume_state_must_name_a_training_state(smoke_dir):

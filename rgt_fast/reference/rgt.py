@@ -16,6 +16,7 @@ from torch.utils import checkpoint
 
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
 MIN_EVAL_SIZE = 16
+MIN_TRAINING_SIZE = 4
 
 
 def tokens_to_image(x: torch.Tensor, H: int, W: int) -> torch.Tensor:
@@ -307,8 +308,8 @@ class LSA(TokenImageLayout, nn.Module):
 def recursion_count(H: int, W: int, training: bool) -> int:
     """Number of times RG-SA applies ``reduction1`` (official rule, truncating math.log(x, 4))."""
     if training:
-        if H < 4 or W < 4:
-            raise ValueError(f"RG-SA needs H and W >= 4 in training mode, got {H}x{W}")
+        if H < MIN_TRAINING_SIZE or W < MIN_TRAINING_SIZE:
+            raise ValueError(f"RG-SA needs H and W >= {MIN_TRAINING_SIZE} in training mode, got {H}x{W}")
         return max(int(math.log(H // 4, 4)), int(math.log(W // 4, 4)))
     if H < MIN_EVAL_SIZE or W < MIN_EVAL_SIZE:
         raise ValueError(
@@ -525,7 +526,7 @@ class RGT(TokenImageLayout, nn.Module):
             raise TypeError(f"RGT expects a floating point image in [0, 1], got {x.dtype}; "
                             f"convert uint8 images with x.float() / 255")
         H, W = x.shape[-2:]
-        minimum = 4 if self.training else MIN_EVAL_SIZE
+        minimum = MIN_TRAINING_SIZE if self.training else MIN_EVAL_SIZE
         if H < minimum or W < minimum:
             mode = "training" if self.training else "eval"
             raise ValueError(f"RGT in {mode} mode needs H and W >= {minimum}, got {H}x{W}; pad the input "

@@ -209,7 +209,7 @@ class TrainingPatches(Dataset):
                     self._unusable.add(index)
                     logger.warning("skipping training image %s: %s", err.path, err.reason)
                     if len(self._unusable) == len(self.gt_paths):
-                        raise RuntimeError(f"none of the {len(self.gt_paths)} training images in "
+                        raise ValueError(f"none of the {len(self.gt_paths)} training images in "
                                            f"{self.gt_paths[0].parent} can be used (see the warnings)") from err
             index = int(rng.integers(len(self.gt_paths)))
         gt, lq = augment([gt, lq], self.use_hflip, self.use_rot, rng)
@@ -362,4 +362,9 @@ class EvaluationPairs:
         if gt.shape[0] < height or gt.shape[1] < width:
             raise UnusableImage(gt_path, f"it is {gt.shape[1]}x{gt.shape[0]}, smaller than its LQ {lq_path.name} "
                                          f"({lq.shape[1]}x{lq.shape[0]}) times {s}")
+        if gt.shape[0] - height >= s or gt.shape[1] - width >= s:
+            # BasicSR crops as well, but an LQ made by x-s bicubic leaves under s px: this one is of another scale.
+            logger.warning("%s is %dx%d, but its LQ %s (%dx%d) times %d covers only %dx%d of it: is the LQ of another "
+                           "scale? Scoring the top-left %dx%d, as BasicSR does", gt_path, gt.shape[1], gt.shape[0],
+                           lq_path.name, lq.shape[1], lq.shape[0], s, width, height, width, height)
         return lq, gt[:height, :width]

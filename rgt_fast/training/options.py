@@ -17,6 +17,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from ..reference import RGT as ReferenceRGT
+from ..reference.rgt import MIN_TRAINING_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +217,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> None:
             section = child
         try:
             section[path[-1]] = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            raise OptionError(f"--force_yml {keys}: cannot parse value {text!r}: {err}") from err
+        except yaml.YAMLError:
+            # As BasicSR's --force_yml: what does not parse is a string ({}_x2, a filename_tmpl).
+            section[path[-1]] = text
 
 
 def read_option_file(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -266,11 +268,34 @@ def _check_scheduler(train: Mapping[str, Any]) -> None:
                           f"train.total_iter {train['total_iter']}; lengthen the periods or add one")
 
 
+def _check_ranges(options: Mapping[str, Any]) -> None:
+    """Values that would otherwise fail deep inside PyTorch or the model, or train silently wrong."""
+    train_set, train, scale = options["datasets"]["train"], options["train"], options["scale"]
+    if train_set["batch_size_per_gpu"] < 1:
+        raise OptionError(f"option datasets.train.batch_size_per_gpu must be at least 1, got "
+                          f"{train_set['batch_size_per_gpu']}")
+    if train_set["num_worker_per_gpu"] < 0:
+        raise OptionError(f"option datasets.train.num_worker_per_gpu must be at least 0, got "
+                          f"{train_set['num_worker_per_gpu']}")
+    smallest_gt = MIN_TRAINING_SIZE * scale
+    if train_set["gt_size"] < smallest_gt or train_set["gt_size"] % scale:
+        raise OptionError(f"option datasets.train.gt_size must be a multiple of scale {scale} and at least "
+                          f"{smallest_gt} (LQ patches of at least {MIN_TRAINING_SIZE} px, which RG-SA needs in "
+                          f"training), got {train_set['gt_size']}; the official files use 128 at x2, 192 at x3, "
+                          f"256 at x4")
+    if not 0 <= train["ema_decay"] < 1:
+        raise OptionError(f"option train.ema_decay must lie in [0, 1) (0 keeps no EMA; BasicSR uses 0.999), got "
+                          f"{train['ema_decay']}")
+    if not train["optim_g"]["lr"] > 0:
+        raise OptionError(f"option train.optim_g.lr must be positive, got {train['optim_g']['lr']}")
+
+
 def load_train_options(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """A training option file, checked, with ``--force_yml`` overrides applied and defaults filled in."""
     options = check_options(read_option_file(path, overrides), TRAIN_SCHEMA, str(path))
     _convert(options, _TRAIN_NUMBERS)
     _check_scheduler(options["train"])
+    _check_ranges(options)
     return options
 
 

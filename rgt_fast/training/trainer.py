@@ -223,9 +223,16 @@ class Trainer:
         self.process = setup_processes(launcher, options["dist_params"], options["num_gpu"])
         try:
             self._set_up(auto_resume)
-        except BaseException:
+        except BaseException as err:
+            self.record_in_log_file("the run cannot start: %s", err)
             self.close()  # a run that cannot start must not leave its log file attached or its process group open
             raise
+
+    def record_in_log_file(self, message: str, err: BaseException) -> None:
+        """Write why the run stopped into its log file only: the console shows the error where the caller reports
+        it."""
+        if self._log_file is not None:
+            self._log_file.handle(logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, (err,), None))
 
     # ----------------------------------------------------------------------------------------------- setup
     def _set_up(self, auto_resume: bool) -> None:
@@ -241,14 +248,7 @@ class Trainer:
                 raise OptionError(f"option {dotted} must be at least 1, got {value}")
         self.paths = ExperimentPaths(Path(options["path"]["experiments_root"] or Path("experiments") / options["name"]))
         state_path, state = self._state_to_resume(auto_resume)
-
         if self.is_main:
-            archived = self.paths.archive_existing() if state is None else None
-            self.paths.create()
-            self._log_file = attach_log_file(
-                self.paths.root / f"train_{options['name']}_{time.strftime('%Y%m%d_%H%M%S')}.log")
-            if archived is not None:
-                logger.info("moved the previous experiment %s to %s", self.paths.root, archived)
             logger.info("options:\n%s", yaml.safe_dump(options, sort_keys=False).rstrip())
 
         if self.device.type == "cuda":
@@ -290,6 +290,15 @@ class Trainer:
             train_set, options["scale"], self.seed, num_replicas=self.process.world_size, rank=self.process.rank,
             pin_memory=self.device.type == "cuda")
         self.val_sets, self.metrics = self._validation_setup()
+        if self.is_main:
+            # Only now, when everything the options name has been built: a run that cannot start leaves the previous
+            # experiment where it was.
+            archived = self.paths.archive_existing() if state is None else None
+            self.paths.create()
+            self._log_file = attach_log_file(
+                self.paths.root / f"train_{options['name']}_{time.strftime('%Y%m%d_%H%M%S')}.log")
+            if archived is not None:
+                logger.info("moved the previous experiment %s to %s", self.paths.root, archived)
 
         self.iteration = self.epoch = self.samples_into_epoch = 0
         self.best: dict[str, dict[str, dict[str, float]]] = {}
@@ -329,9 +338,15 @@ class Trainer:
             states = self.paths.states_newest_first()
             for path in states:
                 try:
-                    return path, load_training_state(path)
+                    state = load_training_state(path)
                 except CheckpointError as err:
                     logger.warning("auto_resume: %s; trying the state before it", err)
+                    continue
+                net_file = net_file_of_state(path, int(state["iter"]))
+                if net_file.is_file():
+                    return path, state
+                logger.warning("auto_resume: %s belongs with %s, which does not exist; trying the state before it",
+                               path, net_file)
             if states:
                 raise CheckpointError(f"auto_resume: none of the {len(states)} training state(s) in "
                                       f"{self.paths.training_states} can be read (see the warnings); set "
@@ -417,6 +432,10 @@ class Trainer:
         if not net_file.is_file():
             raise FileNotFoundError(f"{state_path} belongs with {net_file}, which does not exist")
         weights = load_file(net_file)
+        problems = describe_mismatch(self.net, weights["params"])
+        if problems:
+            raise CheckpointError(f"{net_file}: does not fit network_g ({problems}); network_g differs from the run "
+                                  f"being resumed: restore its options, or start afresh without resuming")
         self.net.load_state_dict(weights["params"])
         if self.ema is not None:
             if "params_ema" not in weights:
@@ -670,6 +689,9 @@ def run_training(args: argparse.Namespace) -> int:
     except TrainingDiverged as err:
         logger.error("%s", err)  # into the run's log file too
         return 1
+    except BaseException as err:
+        trainer.record_in_log_file("training stopped: %s", err)
+        raise
     finally:
         trainer.close()
     return 0
