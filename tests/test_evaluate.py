@@ -183,6 +183,12 @@ def test_a_test_option_file_runs_like_basicsr(bench):
     saved = Path("results/test_tiny/visualization/SetA/img00x2_test_tiny.png")
     np.testing.assert_array_equal(cv2.imread(str(saved)), sr)
 
+    # A second run moves the first one's results aside, as BasicSR's test.py does.
+    assert main(["eval", "-opt", "test.yml", "--force_yml", "val.suffix=again"]) == 0
+    (archived,) = Path("results").glob("test_tiny_archived_*")
+    assert (archived / "visualization" / "SetA" / "img00x2_test_tiny.png").is_file()
+    assert sorted(p.name for p in saved.parent.iterdir()) == [f"img0{i}x2_again.png" for i in range(3)]
+
 
 def test_option_file_and_data_flags_do_not_mix(bench, capsys):
     root, weights = bench

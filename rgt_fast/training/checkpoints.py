@@ -11,6 +11,7 @@ like the weights: no file this package reads can execute code.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import re
@@ -60,17 +61,23 @@ class ExperimentPaths:
         found = [(int(m.group(1)), p) for p in self.training_states.iterdir() if (m := _STATE_NAME.match(p.name))]
         return [path for _, path in sorted(found, reverse=True)]
 
-    def archive_existing(self) -> Path | None:
-        """Move a previous experiment of the same name aside (as BasicSR does) rather than mix files into it."""
-        if not self.root.exists():
-            return None
-        archived = self.root.with_name(f"{self.root.name}_archived_{time.strftime('%Y%m%d_%H%M%S')}")
-        self.root.rename(archived)
-        return archived
-
     def create(self) -> None:
         for folder in (self.models, self.training_states):
             folder.mkdir(parents=True, exist_ok=True)
+
+
+def archive_existing(folder: Path) -> Path | None:
+    """Move the folder of a previous run of the same name aside (as BasicSR does) rather than mix files into it:
+    where it went, or None when there was none."""
+    if not folder.exists():
+        return None
+    archived = folder.with_name(f"{folder.name}_archived_{time.strftime('%Y%m%d_%H%M%S')}")
+    for repeat in itertools.count(2):  # runs started within a second of each other
+        if not archived.exists():
+            break
+        archived = archived.with_name(f"{archived.name.rsplit('.', 1)[0]}.{repeat}")
+    folder.rename(archived)
+    return archived
 
 
 def net_file_of_state(state_path: Path, iteration: int) -> Path:

@@ -27,6 +27,7 @@ from ..cpu_allocator import retain_freed_cpu_memory
 from ..inference import DTYPES, default_device, parse_device, tile_flags_problem, upscale, upscale_in_parts
 from ..files import encode_png, write_atomically
 from ..metrics import calculate_psnr, calculate_ssim
+from .checkpoints import archive_existing
 from .data import EvaluationPairs
 from .logs import configure_console_logging
 from .options import OptionError, load_test_options, require_choice
@@ -221,7 +222,13 @@ def run_evaluation(args: argparse.Namespace) -> int:
                                     options["path"]["param_key_g"])
         metrics = build_metrics(options["val"]["metrics"])
         tile, use_chop = None, bool(options["val"]["use_chop"])
-        save_root = Path("results") / options["name"] / "visualization" if options["val"]["save_img"] else None
+        save_root = None
+        if options["val"]["save_img"]:
+            results_root = Path("results") / options["name"]
+            archived = archive_existing(results_root)  # as BasicSR's test.py: no mix of two runs' images
+            if archived is not None:
+                logger.info("moved the previous results %s to %s", results_root, archived)
+            save_root = results_root / "visualization"
         # As BasicSR: the suffix, else the experiment name.
         suffix = options["val"]["suffix"] or options["name"]
     else:

@@ -33,8 +33,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .. import create_model_from_kwargs
 from ..checkpoint import CheckpointError, add_derived_buffers, describe_mismatch, read_state_dict
-from .checkpoints import (ExperimentPaths, atomic_save, capture_rng, load_file, load_training_state, net_file_of_state,
-                          restore_rng, resumes_exactly, seed_everything)
+from .checkpoints import (ExperimentPaths, archive_existing, atomic_save, capture_rng, load_file, load_training_state,
+                          net_file_of_state, restore_rng, resumes_exactly, seed_everything)
 from .cuda_graph import CapturedStep, capture_problem, portable_optimizer_state, set_learning_rate
 from .data import EvaluationPairs, build_training_loader
 from .evaluate import build_metrics, evaluate_set
@@ -293,7 +293,7 @@ class Trainer:
         if self.is_main:
             # Only now, when everything the options name has been built: a run that cannot start leaves the previous
             # experiment where it was.
-            archived = self.paths.archive_existing() if state is None else None
+            archived = archive_existing(self.paths.root) if state is None else None
             self.paths.create()
             self._log_file = attach_log_file(
                 self.paths.root / f"train_{options['name']}_{time.strftime('%Y%m%d_%H%M%S')}.log")
