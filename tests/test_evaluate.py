@@ -107,6 +107,13 @@ def test_weights_of_another_scale_are_an_error_naming_it(bench, capsys):
     assert "x2 model" in capsys.readouterr().err
 
 
+def test_without_scale_the_weights_give_it(bench):
+    root, weights = bench
+    assert main(["eval", "--weights", str(weights), "--data", str(root / "SetA"), "--json", "scores.json"]) == 0
+    report = json.loads(Path("scores.json").read_text())
+    assert report["scale"] == 2 and len(report["sets"][0]["images"]) == 3
+
+
 def test_a_corrupt_image_is_reported_and_the_rest_evaluated(bench):
     root, weights = bench
     (root / "SetA" / "LR_bicubic" / "X2" / "img01x2.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")

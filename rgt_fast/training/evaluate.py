@@ -173,7 +173,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weights", help="weights file (.pth/.safetensors); the architecture is read from it")
     parser.add_argument("--data", nargs="+", action="extend", metavar="DIR",
                         help="benchmark set folder(s) with HR/ and LR_bicubic/X{scale}/NAMEx{scale}.png")
-    parser.add_argument("--scale", type=int, help="upscaling factor; must be the one of the weights")
+    parser.add_argument("--scale", type=int, help="upscaling factor (default: the one of the weights); refused unless "
+                                                  "it is the one of the weights")
     parser.add_argument("--tile", type=int, help="run the model on overlapping tiles of this many LQ pixels")
     parser.add_argument("--tile-overlap", type=int, default=32, help="overlap of neighbouring tiles in LQ pixels")
     parser.add_argument("--save-img", action="store_true", help="save the SR images as PNG")
@@ -188,10 +189,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 _FLAG_ONLY = ("weights", "data", "scale", "tile", "save_img", "out")  # -opt sets these (tile: use_chop)
 
 
-def _load_checked_model(weights: str | Path, scale: int, device: torch.device, strict: bool = True,
+def _load_checked_model(weights: str | Path, scale: int | None, device: torch.device, strict: bool = True,
                         param_key: str | None = None) -> nn.Module:
+    """The model ``weights`` hold, refused when ``scale`` is given and is not its scale."""
     model = load_model(weights, device=device, strict=strict, param_key=param_key)
-    if model.upscale != scale:
+    if scale is not None and model.upscale != scale:
         raise ValueError(f"{weights} holds an x{model.upscale} model, but scale {scale} was asked for")
     return model
 
@@ -232,14 +234,14 @@ def run_evaluation(args: argparse.Namespace) -> int:
         # As BasicSR: the suffix, else the experiment name.
         suffix = options["val"]["suffix"] or options["name"]
     else:
-        missing = [flag for flag, value in (("--weights", args.weights), ("--data", args.data),
-                                            ("--scale", args.scale)) if not value]
+        missing = [flag for flag, value in (("--weights", args.weights), ("--data", args.data)) if not value]
         if missing:
             raise OptionError(f"give -opt FILE, or {', '.join(missing)}")
         if args.force_yml:
             raise OptionError("--force_yml changes an option file; it needs -opt")
-        scale, weights = args.scale, args.weights
-        model = _load_checked_model(weights, scale, device)
+        weights = args.weights
+        model = _load_checked_model(weights, args.scale, device)
+        scale = int(model.upscale)
         sets = [EvaluationPairs.from_benchmark_folder(folder, scale) for folder in args.data]
         metrics = benchmark_metrics(scale)
         tile, use_chop = args.tile, False
