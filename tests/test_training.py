@@ -382,6 +382,18 @@ def test_a_run_that_cannot_start_leaves_the_previous_experiment_in_place(smoke_d
     assert Path("experiments/smoke_cpu/models/net_g_1.pth").is_file()
 
 
+def test_a_trainer_built_in_python_logs_its_setup_into_the_run_log(smoke_dir, monkeypatch):
+    from rgt_fast.training.logs import PACKAGE_LOGGER
+    monkeypatch.setattr(PACKAGE_LOGGER, "level", logging.WARNING)  # a library user's default
+    trainer = Trainer(load_train_options(SMOKE, ["train.total_iter=1", "val=null"]))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    log = log_text("smoke_cpu")
+    assert "options:\nname: smoke_cpu" in log and "network: fused RGT" in log and "training done" in log
+
+
 def test_why_training_stopped_is_in_the_log_file(smoke_dir, capsys):
     for image in Path("datasets/smoke/HR").iterdir():
         image.write_bytes(b"not an image")

@@ -50,15 +50,27 @@ def configure_console_logging(rank: int = 0) -> None:
     _console.setLevel(logging.INFO if rank == 0 else logging.WARNING)
 
 
+def _log_info_records() -> None:
+    """Let the package's INFO records be made (a library user's logging may leave the level at WARNING), for the
+    log file; the console handler, when there is one, keeps its own level."""
+    if PACKAGE_LOGGER.getEffectiveLevel() > logging.INFO:
+        PACKAGE_LOGGER.setLevel(logging.INFO)
+
+
 @contextlib.contextmanager
 def hold_records_for_log_file() -> Iterator[None]:
     """Inside, messages are kept for the log file that ``attach_log_file`` opens, and written into it first.
 
     A run's log file is named from its options, so what is logged while reading them (unknown options) and while
-    choosing the device and the state to resume comes before the file exists.
+    choosing the device and the state to resume comes before the file exists. Nested inside another, it keeps
+    holding for the outer one.
     """
     global _held
+    if _held is not None:
+        yield
+        return
     _held = _HeldRecords()
+    _log_info_records()
     PACKAGE_LOGGER.addHandler(_held)
     try:
         yield
@@ -74,8 +86,7 @@ def attach_log_file(path: Path) -> logging.Handler:
     handler = logging.FileHandler(path, mode="a", encoding="utf-8")
     handler.setFormatter(_FORMAT)
     handler.setLevel(logging.INFO)
-    if PACKAGE_LOGGER.getEffectiveLevel() > logging.INFO:
-        PACKAGE_LOGGER.setLevel(logging.INFO)
+    _log_info_records()
     if _held is not None:
         PACKAGE_LOGGER.removeHandler(_held)
         for record in _held.records:

@@ -222,7 +222,8 @@ class Trainer:
         self.tensorboard = None
         self.process = setup_processes(launcher, options["dist_params"], options["num_gpu"])
         try:
-            self._set_up(auto_resume)
+            with hold_records_for_log_file():  # the log file is opened once everything is built
+                self._set_up(auto_resume)
         except BaseException as err:
             self.record_in_log_file("the run cannot start: %s", err)
             self.close()  # a run that cannot start must not leave its log file attached or its process group open
