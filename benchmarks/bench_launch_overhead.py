@@ -25,6 +25,7 @@ records the Python version.
 from __future__ import annotations
 
 import cProfile
+import importlib
 import platform
 import pstats
 import sys
@@ -35,8 +36,8 @@ import torch
 import triton
 import triton.language as tl
 
-from rgt_fast.kernels import add_layer_norm as aln
-from rgt_fast.kernels import rgsa_attention as rgsa
+aln = importlib.import_module("rgt_fast.kernels.add_layer_norm")
+rgsa = importlib.import_module("rgt_fast.kernels.rgsa_attention")
 
 # (name, batch, tokens, channels or (N', heads, Dqk, Dv)): RGT's training batch of 32 64x64 patches.
 TRAIN_SHAPES = {"layer_norm": (32, 64 * 64, 180), "rgsa": (32, 64 * 64, (16, 6, 15, 30))}

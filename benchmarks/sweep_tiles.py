@@ -24,6 +24,7 @@ barriers per tile (sm_90a). One-warp programs of 8 tokens need 12, and two-warp 
 """
 from __future__ import annotations
 
+import importlib
 import argparse
 import sys
 
@@ -31,9 +32,9 @@ from kernel_timing import DEVICE, write_rows  # first: it turns Triton's interpr
 import torch
 
 from rgt_fast.bench import describe_failure
-from rgt_fast.kernels import lsa_attention as lsa
-from rgt_fast.kernels import rgsa_attention as rgsa
-from rgt_fast.kernels import spatial_gate as gate
+lsa = importlib.import_module("rgt_fast.kernels.lsa_attention")
+rgsa = importlib.import_module("rgt_fast.kernels.rgsa_attention")
+gate = importlib.import_module("rgt_fast.kernels.spatial_gate")
 
 LSA_SPLIT = [8, 32]
 LSA_EMBED_DIM, LSA_HEADS = 180, 6

@@ -1,6 +1,7 @@
 """The fused residual add + LayerNorm against ``x + delta`` and nn.LayerNorm in float64."""
 from __future__ import annotations
 
+import importlib
 import pytest
 import torch
 from hypothesis import given
@@ -9,7 +10,7 @@ from hypothesis import strategies as st
 from guards import nan_surrounded
 from kernel_device import KERNEL_DEVICE, drawn_shapes
 from numerics import assert_fp32_close_to_exact, assert_within_flash_attention_bound
-from rgt_fast.kernels import add_layer_norm as aln
+aln = importlib.import_module("rgt_fast.kernels.add_layer_norm")
 
 EPS = 1e-5
 NAMES = ("summed", "normed", "d_x", "d_delta", "d_weight", "d_bias")

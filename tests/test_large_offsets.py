@@ -5,11 +5,14 @@ The inputs are views into storage of about 4 GB that is allocated but never touc
 elements lie, so the operating system backs only those pages. Outputs and gradients must equal those of
 contiguous copies of the same values, bit for bit.
 """
+import importlib
 import pytest
 import torch
 from kernel_device import KERNEL_DEVICE
 
-from rgt_fast.kernels import add_layer_norm, lsa_attention, rgsa_attention, spatial_gate
+add_layer_norm, lsa_attention, rgsa_attention, spatial_gate = (
+    importlib.import_module(f"rgt_fast.kernels.{name}")
+    for name in ("add_layer_norm", "lsa_attention", "rgsa_attention", "spatial_gate"))
 
 PAST_INT32 = 2**31
 # Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).

@@ -7,6 +7,7 @@ backward. So there the shape and path coverage runs with whole-window tiles (one
 and the shipped tile configs of each dot class (16-bit, tf32, ieee fp32) run on small padded maps, where windows
 span several tiles.
 """
+import importlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -24,7 +25,7 @@ from kernel_device import drawn_shapes  # noqa: E402
 from guards import nan_surrounded  # noqa: E402
 from numerics import assert_within_flash_attention_bound, max_error  # noqa: E402
 
-from rgt_fast.kernels import lsa_attention as lsa  # noqa: E402
+lsa = importlib.import_module("rgt_fast.kernels.lsa_attention")
 from rgt_fast.reference.rgt import LSA  # noqa: E402
 
 SPLIT = [8, 32]

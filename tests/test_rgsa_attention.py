@@ -1,5 +1,6 @@
 """RG-SA attention kernels against a float64 oracle, in Triton's interpreter on CPU (or on CUDA when the
 interpreter is off and a GPU is present)."""
+import importlib
 import os
 
 # Must precede the first import of triton and rgt_fast: @triton.jit and kernels._common read it at import.
@@ -15,7 +16,7 @@ from kernel_device import drawn_shapes  # noqa: E402
 from guards import nan_surrounded  # noqa: E402
 from numerics import assert_within_flash_attention_bound, max_error  # noqa: E402
 
-from rgt_fast.kernels import rgsa_attention as rgsa  # noqa: E402
+rgsa = importlib.import_module("rgt_fast.kernels.rgsa_attention")
 
 # Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).
 pytestmark = pytest.mark.usefixtures("kernel_memory_checks")

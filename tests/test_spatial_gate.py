@@ -1,6 +1,7 @@
 """The fused spatial gate (GELU, LayerNorm, depthwise conv, product) against the reference modules in float64."""
 from __future__ import annotations
 
+import importlib
 import pytest
 import torch
 from hypothesis import given
@@ -9,8 +10,9 @@ from hypothesis import strategies as st
 from guards import nan_surrounded
 from kernel_device import KERNEL_DEVICE, drawn_shapes
 from numerics import assert_fp32_close_to_exact, assert_within_flash_attention_bound
-from rgt_fast.kernels import spatial_gate as sg
 from rgt_fast.reference.rgt import SpatialGate
+
+sg = importlib.import_module("rgt_fast.kernels.spatial_gate")
 
 EPS = 1e-5
 # Unwritten elements, stores outside a buffer and accesses racing between programs show up (conftest).

@@ -13,8 +13,9 @@ import sys
 import pytest
 
 CASE_PROGRAM = """
-import json, sys, torch
-from rgt_fast.kernels import lsa_attention, rgsa_attention
+import importlib, json, sys, torch
+lsa_attention = importlib.import_module("rgt_fast.kernels.lsa_attention")
+rgsa_attention = importlib.import_module("rgt_fast.kernels.rgsa_attention")
 from rgt_fast.kernels._common import fp32_matmuls_use_tf32
 exec(sys.argv[1])
 q, k, v = torch.randn(1, 20, 2, 16), torch.randn(1, 5, 2, 16), torch.randn(1, 5, 2, 16)
