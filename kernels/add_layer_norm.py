@@ -387,10 +387,10 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + delta, LayerNorm(x + delta))`` over the last dim of (B, N, C) tensors.
 
-    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
-    :func:`add_layer_norm_torch` otherwise. The sum has the promoted dtype of ``x`` and ``delta``; the
-    normalised tensor has the autocast dtype when autocast is on (what the next matmul would cast it to),
-    else the sum's. ``weight`` and ``bias`` may be in another float dtype than the sum.
+    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and up to
+    1024 channels, and :func:`add_layer_norm_torch` otherwise. The sum has the promoted dtype of ``x`` and
+    ``delta``; the normalised tensor has the autocast dtype when autocast is on (what the next matmul would cast
+    it to), else the sum's. ``weight`` and ``bias`` may be in another float dtype than the sum.
 
     With ``proj_weight`` (and optionally ``proj_bias``), the second result is instead the linear layer that reads
     the normalised rows (the MLP's fc1), ``F.linear(normed, proj_weight, proj_bias)`` in the normalised rows' dtype
@@ -404,10 +404,7 @@ def add_layer_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, b
     _check_inputs(x, delta, weight, bias, eps)
     check_projection("add_layer_norm", x.shape[2], x.device, proj_weight, proj_bias)
     summed_dtype = torch.promote_types(x.dtype, delta.dtype)
-    if summed_dtype in SUPPORTED_DTYPES and triton_runs_on(x):
-        if x.shape[2] > _MAX_CHANNELS:
-            raise ValueError(f"add_layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
-                             f"{x.shape[2]}; use add_layer_norm_torch")
+    if summed_dtype in SUPPORTED_DTYPES and triton_runs_on(x) and x.shape[2] <= _MAX_CHANNELS:
         normed_dtype = _normed_dtype(summed_dtype, x.device)
         weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         if torch.compiler.is_compiling():
@@ -496,17 +493,15 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     """LayerNorm over the last dim of a (B, N, C) tensor, output in the dtype the next matmul reads.
 
     Under autocast that is the autocast dtype (the value autocast would have cast the fp32 LayerNorm output
-    to), which saves the cast's extra pass; otherwise ``x``'s dtype. Triton kernels where they can run, else
-    :func:`layer_norm_torch`. Parameters may be in another float dtype than ``x``. With ``proj_weight`` (and
-    optionally ``proj_bias``), the result is the linear layer that reads the normalised rows (L-SA's qkv) instead,
-    as :func:`add_layer_norm` computes it, and the normalised rows are not kept for the backward.
+    to), which saves the cast's extra pass; otherwise ``x``'s dtype. Triton kernels where they can run (up to
+    1024 channels), else :func:`layer_norm_torch`. Parameters may be in another float dtype than ``x``. With
+    ``proj_weight`` (and optionally ``proj_bias``), the result is the linear layer that reads the normalised rows
+    (L-SA's qkv) instead, as :func:`add_layer_norm` computes it, and the normalised rows are not kept for the
+    backward.
     """
     _check_inputs(x, None, weight, bias, eps)
     check_projection("layer_norm", x.shape[2], x.device, proj_weight, proj_bias)
-    if x.dtype in SUPPORTED_DTYPES and triton_runs_on(x):
-        if x.shape[2] > _MAX_CHANNELS:
-            raise ValueError(f"layer_norm: the Triton kernel takes up to {_MAX_CHANNELS} channels, got "
-                             f"{x.shape[2]}; use layer_norm_torch")
+    if x.dtype in SUPPORTED_DTYPES and triton_runs_on(x) and x.shape[2] <= _MAX_CHANNELS:
         weight, bias = weight.contiguous(), bias.contiguous()  # the kernels index them densely
         normed_dtype = _normed_dtype(x.dtype, x.device)
         if torch.compiler.is_compiling():

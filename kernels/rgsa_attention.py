@@ -686,16 +686,14 @@ def rgsa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     """softmax(q k^T * scale) v per head: q (B, N, heads, Dqk), k (B, N', heads, Dqk), v (B, N', heads, Dv).
 
     Returns a contiguous (B, N, heads, Dv) tensor. Runs the Triton kernels on CUDA (and on CPU under
-    TRITON_INTERPRET=1) for float32/bfloat16/float16, and :func:`rgsa_attention_torch` otherwise.
+    TRITON_INTERPRET=1) for float32/bfloat16/float16 and head dims up to 128, and :func:`rgsa_attention_torch`
+    otherwise.
     ``backward_query_chunk`` overrides how many queries each dK/dV partial sums (tests use it to force many
     partials on small inputs); by default it is chosen from the shapes. The PyTorch path sums no partials: it
     checks the value and has no use for it.
     """
     _check_inputs(q, k, v, scale, backward_query_chunk)
-    if q.dtype in SUPPORTED_DTYPES and triton_runs_on(q):
-        if max(q.shape[3], v.shape[3]) > _MAX_HEAD_DIM:
-            raise ValueError(f"rgsa_attention: the Triton kernels take head dims up to {_MAX_HEAD_DIM}, got "
-                             f"Dqk={q.shape[3]}, Dv={v.shape[3]}; use rgsa_attention_torch for larger heads.")
+    if q.dtype in SUPPORTED_DTYPES and triton_runs_on(q) and max(q.shape[3], v.shape[3]) <= _MAX_HEAD_DIM:
         chunk = int(backward_query_chunk or 0)  # 0: chosen from the shapes
         if torch.compiler.is_compiling():
             out, _ = _rgsa_attention_forward_op(q, k, v, float(scale), chunk)

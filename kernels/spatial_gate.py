@@ -539,10 +539,10 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
     output is then not kept for the backward (the conv backward kernel recomputes it for the projection's weight
     gradient): one (B, H*W, C) activation less per MLP in training.
 
-    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and
-    :func:`spatial_gate_torch` otherwise. Parameters may be in another float dtype than ``hidden`` (fp32
-    parameters under autocast); both paths compute the gate in fp32 (the PyTorch one in fp64 for fp64 ``hidden``),
-    return ``hidden``'s dtype and give each parameter's gradient in its own dtype.
+    Runs the Triton kernels on CUDA (and on CPU under TRITON_INTERPRET=1) for float32/bfloat16/float16 and up to
+    512 gate channels, and :func:`spatial_gate_torch` otherwise. Parameters may be in another float dtype than
+    ``hidden`` (fp32 parameters under autocast); both paths compute the gate in fp32 (the PyTorch one in fp64 for
+    fp64 ``hidden``), return ``hidden``'s dtype and give each parameter's gradient in its own dtype.
 
     ``reuse_hidden=True`` says that nothing reads ``hidden`` afterwards (an MLP's fc1 output in inference). The
     Triton kernels then write the normalised map and the gate into hidden's own memory instead of two new
@@ -552,10 +552,7 @@ def spatial_gate(hidden: torch.Tensor, height: int, width: int, norm_weight: tor
     """
     _check_inputs(hidden, height, width, norm_weight, norm_bias, conv_weight, conv_bias, eps)
     check_projection("spatial_gate", hidden.shape[2] // 2, hidden.device, proj_weight, proj_bias)
-    if hidden.dtype in SUPPORTED_DTYPES and triton_runs_on(hidden):
-        if hidden.shape[2] // 2 > _MAX_CHANNELS:
-            raise ValueError(f"spatial_gate: the Triton kernels take up to {_MAX_CHANNELS} gate channels, got "
-                             f"{hidden.shape[2] // 2}; use spatial_gate_torch")
+    if hidden.dtype in SUPPORTED_DTYPES and triton_runs_on(hidden) and hidden.shape[2] // 2 <= _MAX_CHANNELS:
         # The kernels index the parameters densely.
         params = (norm_weight.contiguous(), norm_bias.contiguous(), conv_weight.contiguous(), conv_bias.contiguous())
         args = (hidden, int(height), int(width), *params, float(eps), proj_weight, proj_bias)

@@ -125,7 +125,8 @@ class FusedLSA(ChannelsLastLayout, reference.LSA):
     def attend(self, qkv: torch.Tensor, H: int, W: int) -> torch.Tensor:
         # The fused op has no dropout on attention probabilities, and it splits C into num_heads equal heads: with
         # an odd num_heads the official branches have num_heads // 2 heads of (C/2) // (num_heads // 2) channels.
-        if self.num_heads % 2 or (self.training and self.attns[0].attn_drop.p > 0):
+        if (self.num_heads % 2 or (self.training and self.attns[0].attn_drop.p > 0)
+                or has_hooks(*self.attns, *(branch.attn_drop for branch in self.attns))):
             return super().attend(qkv, H, W)
         op = lsa_attention if uses_triton(self.backend, qkv) else lsa_attention_torch
         return op(qkv, H, W, self.num_heads, self.split_size, self.shifted, self.attns[0].position_bias_table(),
@@ -138,7 +139,7 @@ class FusedRGSA(ChannelsLastLayout, reference.RGSA):
     backend = "auto"
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
-        if self.training and self.attn_drop.p > 0:
+        if (self.training and self.attn_drop.p > 0) or has_hooks(self.attn_drop):
             return super().forward(x, H, W)
         B, N, C = x.shape
         reduced, rh, rw = self.representatives(x, H, W)
@@ -157,6 +158,14 @@ def sums_in_place(total: torch.Tensor, *terms: torch.Tensor) -> bool:
             and all(torch.promote_types(total.dtype, t.dtype) == total.dtype for t in terms))
 
 
+def has_hooks(*modules: nn.Module) -> bool:
+    """Whether calling any of ``modules`` would run hooks of its own (forward, forward-pre or backward hooks, as
+    pruning and the old weight_norm register). A fused path reads such modules' parameters instead of calling
+    them, so where any has hooks the module's own path runs. Global module hooks are not looked at."""
+    return any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+               for m in modules)
+
+
 def is_exact_gelu(act: nn.Module) -> bool:
     """Whether ``act`` is the activation the spatial-gate kernel computes (the default act_layer)."""
     return type(act) is nn.GELU and act.approximate == "none"
@@ -164,13 +173,14 @@ def is_exact_gelu(act: nn.Module) -> bool:
 
 def is_affine_layer_norm(norm: nn.Module) -> bool:
     """Whether ``norm`` is what the fused LayerNorm ops compute: nn.LayerNorm with weight and bias, of any eps
-    (they take it as an argument)."""
-    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None
+    (they take it as an argument), and without hooks."""
+    return type(norm) is nn.LayerNorm and norm.weight is not None and norm.bias is not None and not has_hooks(norm)
 
 
 def is_plain_linear(layer: nn.Module) -> bool:
-    """Whether ``layer`` computes what a fused op's projection computes (so the op may take its parameters)."""
-    return type(layer) in (nn.Linear, TokenLinear)
+    """Whether ``layer`` computes what a fused op's projection computes (so the op may take its parameters): a
+    plain linear layer without hooks."""
+    return type(layer) in (nn.Linear, TokenLinear) and not has_hooks(layer)
 
 
 class FusedMLP(reference.MLP):
@@ -187,7 +197,8 @@ class FusedMLP(reference.MLP):
 
     def fuses(self, x: torch.Tensor) -> bool:
         """Whether the fused gate runs on ``x`` (the fused op has no dropout)."""
-        return not (self.training and self.drop.p > 0) and uses_triton(self.backend, x) and is_exact_gelu(self.act)
+        return (not (self.training and self.drop.p > 0) and uses_triton(self.backend, x) and is_exact_gelu(self.act)
+                and not has_hooks(self.act, self.sg, self.sg.norm, self.sg.conv, self.drop))
 
     def forward(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         if not self.fuses(x):
@@ -229,7 +240,7 @@ class FusedBlock(reference.Block):
         activations are freed on return, before the block's last sums."""
         attended = self.drop_path(self.attend(x, H, W))
         norm, mlp = self.norm2, self.mlp
-        if mlp.fuses(x) and is_plain_linear(mlp.fc1):
+        if mlp.fuses(x) and is_plain_linear(mlp.fc1) and not has_hooks(mlp):
             # In inference the normalised rows take the attention output's memory (reuse_delta), which is then
             # not held through the MLP.
             summed, hidden = add_layer_norm(x, attended, norm.weight, norm.bias, norm.eps,
@@ -242,7 +253,7 @@ class FusedBlock(reference.Block):
 
     def attend(self, x: torch.Tensor, H: int, W: int) -> torch.Tensor:
         norm, attn = self.norm1, self.attn
-        if isinstance(attn, FusedLSA) and is_plain_linear(attn.qkv):
+        if isinstance(attn, FusedLSA) and is_plain_linear(attn.qkv) and not has_hooks(attn):
             qkv = layer_norm(x, norm.weight, norm.bias, norm.eps, proj_weight=attn.qkv.weight, proj_bias=attn.qkv.bias)
             return attn.from_qkv(qkv, H, W)
         return attn(layer_norm(x, norm.weight, norm.bias, norm.eps), H, W)

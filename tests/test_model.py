@@ -298,6 +298,39 @@ def test_triton_backend_matches_reference(training, ieee_convolutions, whole_win
     compare(reference, fused, x, training, atol=2e-4, rtol=1e-3)
 
 
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_device), "torch"])
+def test_hooks_on_any_submodule_run_as_in_the_reference(backend, ieee_convolutions, whole_window_tiles):
+    """A fused path reads the parameters of modules it does not call; a module with hooks (pruning, the old
+    weight_norm, a user's forward hook) must be called instead, so that its hooks run and change what they change."""
+    device = TRITON_DEVICE if backend == "triton" else "cpu"
+    reference = perturbed_reference(depth=[2], num_heads=[2], embed_dim=24).eval().to(device)
+    fused = accelerate(reference, backend=backend)
+    x = torch.rand(1, 3, 16, 20, device=device)
+    fired = {}
+    for label, model in (("reference", reference), ("fused", fused)):
+        fired[label] = set()
+        for name, module in model.named_modules():
+            module.register_forward_hook(lambda module, args, out, name=name, seen=fired[label]: seen.add(name))
+        for name in ("layers.0.blocks.0.attn.qkv", "layers.0.blocks.0.mlp.fc1", "layers.0.blocks.1.norm1"):
+            # A hook that changes the output: a fused op that skipped it would compute something else.
+            model.get_submodule(name).register_forward_hook(lambda module, args, out: out * 1.5)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), atol=2e-4, rtol=1e-3)
+    assert fired["fused"] == fired["reference"]
+
+
+@needs_triton_device
+def test_triton_backend_runs_sizes_beyond_the_kernels_on_pytorch(ieee_convolutions):
+    """Embed 1040 in 2 heads: norms of more than 1024 channels, spatial gates of more than 512 and RG-SA heads of
+    more than 128 go to the ops' PyTorch paths instead of failing."""
+    reference = ReferenceRGT(upscale=2, depth=[2], num_heads=[2], embed_dim=1040, mlp_ratio=1.0,
+                             split_size=[4, 8]).eval().to(TRITON_DEVICE)
+    fused = accelerate(reference, backend="triton")
+    x = torch.rand(1, 3, 16, 16, device=TRITON_DEVICE)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), reference(x), atol=2e-4, rtol=1e-3)
+
+
 @needs_triton_device
 def test_triton_backend_draws_drop_path_like_the_reference(ieee_convolutions, whole_window_tiles):
     """Stochastic depth in training: same seed, same dropped samples, same output and gradients."""
