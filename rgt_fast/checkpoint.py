@@ -62,8 +62,18 @@ def _unwrap(obj: Any, origin: str, param_key: str | None = None) -> dict[str, to
         if not isinstance(value, torch.Tensor):
             raise CheckpointError(f"{origin}: entry {key!r} is a {type(value).__name__}, not a tensor; "
                                   f"top-level keys are {list(obj)[:8]}")
-        tensors[key[len("module."):] if key.startswith("module.") else key] = value
+        tensors[_without_wrapper_prefixes(key)] = value
     return tensors
+
+
+# Prefixes that wrappers add to every key: DataParallel / DistributedDataParallel, and torch.compile.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _without_wrapper_prefixes(key: str) -> str:
+    while key.startswith(WRAPPER_PREFIXES):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def is_safetensors(path: Path) -> bool:

@@ -312,9 +312,17 @@ def _drop_path_rate(model: nn.Module) -> float:
 
 
 def _network(model: Any) -> nn.Module:
-    """The network itself: spandrel's ModelDescriptor (and wrappers like it) hold it in ``.model``."""
+    """The network itself: spandrel's ModelDescriptor (and wrappers like it) hold it in ``.model``, torch.compile's
+    in ``._orig_mod``, DataParallel and DistributedDataParallel in ``.module``."""
     inner = getattr(model, "model", None)
     network = inner if isinstance(inner, nn.Module) else model
+    while True:
+        if isinstance(getattr(network, "_orig_mod", None), nn.Module):
+            network = network._orig_mod
+        elif isinstance(network, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            network = network.module
+        else:
+            break
     if not isinstance(network, nn.Module):
         raise TypeError(f"accelerate() needs an RGT nn.Module, or an object holding one in .model (spandrel's "
                         f"ModelDescriptor), got {type(model).__name__}")
@@ -322,7 +330,8 @@ def _network(model: Any) -> nn.Module:
 
 
 def _refuse_hooks(network: nn.Module) -> None:
-    # Carried over, hooks would silently misbehave: the fused path skips some modules' forward (L-SA's branches).
+    # Hooks are functions of the source modules (they may hold them, or state about them): carried over silently,
+    # they could act on the wrong model.
     hooked = [name or "the model itself" for name, m in network.named_modules()
               if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
     if hooked:

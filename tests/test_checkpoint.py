@@ -126,6 +126,13 @@ def test_load_model_from_a_state_dict_and_to_a_device():
     assert next(model.parameters()).device.type == "cpu"
 
 
+def test_state_dicts_of_compiled_and_data_parallel_models_load():
+    source = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6])
+    for prefix in ("_orig_mod.", "module.", "_orig_mod.module."):
+        model = load_model({prefix + k: v for k, v in source.state_dict().items()}, fused=False)
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in source.state_dict().items()), prefix
+
+
 def test_safetensors_files_are_recognised_whatever_the_case_of_their_suffix(tmp_path):
     state_dict = rgt_fast.create_model("RGT-S", 2, fused=False, depth=[2], num_heads=[6]).state_dict()
     path = tmp_path / "NET_G.SAFETENSORS"

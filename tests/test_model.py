@@ -479,6 +479,15 @@ class ModelDescriptor:
         self.model = model
 
 
+def test_accelerate_unwraps_compiled_and_data_parallel_models():
+    reference = perturbed_reference().eval()
+    x = torch.rand(1, 3, 17, 22)
+    with torch.no_grad():
+        expected = reference(x)
+        for wrapped in (torch.compile(reference, backend="eager"), nn.DataParallel(reference)):
+            torch.testing.assert_close(accelerate(wrapped, backend="torch")(x), expected, atol=2e-4, rtol=1e-3)
+
+
 def test_accelerate_unwraps_a_model_descriptor_and_refuses_other_objects():
     reference = perturbed_reference().double().eval()
     fused = accelerate(ModelDescriptor(reference), backend="torch")
