@@ -15,6 +15,8 @@ COMMON_DEFAULTS: dict[str, Any] = dict(
     drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.1, use_chk=False, resi_connection="1conv",
     split_size=[8, 32], c_ratio=0.5,
 )
+# Constructor arguments with no preset value (the official defaults, nn.GELU and nn.LayerNorm, stand).
+MODULE_ARGUMENTS = ("act_layer", "norm_layer")
 
 
 def preset_kwargs(name: str, upscale: int, **overrides: Any) -> dict[str, Any]:
@@ -22,9 +24,10 @@ def preset_kwargs(name: str, upscale: int, **overrides: Any) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"unknown RGT preset {name!r}; choose one of {sorted(PRESETS)}")
     kwargs = {**COMMON_DEFAULTS, **PRESETS[name], "upscale": upscale}
-    unknown = set(overrides) - set(kwargs)
+    unknown = set(overrides) - set(kwargs) - set(MODULE_ARGUMENTS)
     if unknown:
-        raise TypeError(f"unknown RGT argument(s) {sorted(unknown)}; valid ones are {sorted(kwargs)}")
+        raise TypeError(f"unknown RGT argument(s) {sorted(unknown)}; valid ones are "
+                        f"{sorted([*kwargs, *MODULE_ARGUMENTS])}")
     kwargs.update(overrides)
     return kwargs
 

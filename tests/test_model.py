@@ -527,6 +527,15 @@ def test_create_and_load_model_return_the_fused_model(tmp_path):
     assert isinstance(loaded, RGT) and loaded.backend == "torch" and not loaded.training
 
 
+def test_create_model_takes_every_constructor_argument_and_refuses_others():
+    model = rgt_fast.create_model("RGT-S", 2, depth=[2], num_heads=[6], act_layer=nn.ReLU,
+                                  norm_layer=functools.partial(nn.LayerNorm, eps=1e-6))
+    block = model.layers[0].blocks[0]
+    assert type(block.mlp.act) is nn.ReLU and block.norm1.eps == 1e-6
+    with pytest.raises(TypeError, match=r"unknown RGT argument\(s\) \['embed_dims'\]; valid ones are .*'norm_layer'"):
+        rgt_fast.create_model("RGT-S", 2, embed_dims=60)
+
+
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton_device), "torch"])
 @pytest.mark.parametrize("grad_enabled", [True, False], ids=["autograd", "no_grad"])  # no_grad: in-place sums
 def test_compile_has_no_graph_breaks_inside_a_block(backend, grad_enabled):
