@@ -9,7 +9,7 @@ from .config import PRESETS, infer_hyperparameters, preset_kwargs
 from .cpu_allocator import retain_freed_cpu_memory
 from .inference import upscale
 from .matlab_resize import imresize
-from .model import RGT, accelerate
+from .model import RGT, accelerate, check_backend
 
 __version__ = "0.1.0"
 __all__ = ["RGT", "accelerate", "create_model", "create_model_from_kwargs", "load_model", "upscale", "imresize",
@@ -19,8 +19,12 @@ __all__ = ["RGT", "accelerate", "create_model", "create_model_from_kwargs", "loa
 
 def create_model_from_kwargs(kwargs: dict[str, Any], *, fused: bool = True, backend: str = "auto") -> reference.RGT:
     """An RGT built from official constructor arguments: the fused model, or the reference with fused=False."""
+    check_backend(backend)
     if fused:
         return RGT(**kwargs, backend=backend)
+    if backend != "auto":
+        raise ValueError(f"backend={backend!r} selects the fused model's kernels; the reference (fused=False) has "
+                         f"none: leave backend out, or pass fused=True")
     return reference.RGT(**kwargs)
 
 

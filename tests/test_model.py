@@ -407,6 +407,13 @@ def test_triton_backend_refuses_what_it_cannot_run():
         fused(torch.rand(1, 3, 16, 16, dtype=torch.float64))
 
 
+def test_a_backend_for_the_reference_is_refused():
+    with pytest.raises(ValueError, match="backend must be one of"):
+        rgt_fast.create_model("RGT-S", 2, fused=False, backend="bogus")
+    with pytest.raises(ValueError, match="the reference \\(fused=False\\) has none"):
+        rgt_fast.create_model("RGT-S", 2, fused=False, backend="triton")
+
+
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="backend must be one of"):
         RGT(**tiny_kwargs(), backend="cuda")
