@@ -332,8 +332,7 @@ def _network(model: Any) -> nn.Module:
 def _refuse_hooks(network: nn.Module) -> None:
     # Hooks are functions of the source modules (they may hold them, or state about them): carried over silently,
     # they could act on the wrong model.
-    hooked = [name or "the model itself" for name, m in network.named_modules()
-              if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks]
+    hooked = [name or "the model itself" for name, m in network.named_modules() if has_hooks(m)]
     if hooked:
         raise ValueError(f"accelerate() does not carry forward/backward hooks, and {len(hooked)} module(s) have "
                          f"some ({hooked[:5]}); remove them (handle.remove()) and register them on the returned "
