@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import rgt_fast
 from rgt_fast.checkpoint import DERIVED_BUFFERS
 from rgt_fast.cli import main
 from rgt_fast.config import preset_kwargs
-from rgt_fast.training.checkpoints import ExperimentPaths
+from rgt_fast.training.checkpoints import ExperimentPaths, archive_existing
 from rgt_fast.training.options import (OptionError, load_test_options, load_train_options, network_kwargs)
 from rgt_fast.training.trainer import LearningRateSchedule, Trainer
 from test_data import write_benchmark_set
@@ -528,6 +529,16 @@ def test_strict_finetuning_from_exported_weights_fills_the_derived_buffers(smoke
                                                  f"network_g={yaml.safe_dump(demo_network, default_flow_style=True)}"]))
     trainer.close()
     assert state_dicts_equal(trainer.net, weights) and state_dicts_equal(trainer.ema.model, weights)
+
+
+def test_archives_of_the_same_second_get_numbered_names_whatever_dots_the_name_has(tmp_path, monkeypatch):
+    monkeypatch.setattr(time, "strftime", lambda _format: "20261128_120000")
+    names = []
+    for _ in range(3):
+        (tmp_path / "RGT.x2").mkdir()
+        names.append(archive_existing(tmp_path / "RGT.x2").name)
+    stamped = "RGT.x2_archived_20261128_120000"
+    assert names == [stamped, f"{stamped}.2", f"{stamped}.3"]
 
 
 def test_a_second_run_of_the_same_name_archives_the_first(smoke_dir):

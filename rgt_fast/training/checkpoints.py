@@ -71,11 +71,12 @@ def archive_existing(folder: Path) -> Path | None:
     where it went, or None when there was none."""
     if not folder.exists():
         return None
-    archived = folder.with_name(f"{folder.name}_archived_{time.strftime('%Y%m%d_%H%M%S')}")
+    stamped = folder.with_name(f"{folder.name}_archived_{time.strftime('%Y%m%d_%H%M%S')}")
+    archived = stamped
     for repeat in itertools.count(2):  # runs started within a second of each other
         if not archived.exists():
             break
-        archived = archived.with_name(f"{archived.name.rsplit('.', 1)[0]}.{repeat}")
+        archived = stamped.with_name(f"{stamped.name}.{repeat}")
     folder.rename(archived)
     return archived
 
