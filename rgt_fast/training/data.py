@@ -210,7 +210,7 @@ class TrainingPatches(Dataset):
                     logger.warning("skipping training image %s: %s", err.path, err.reason)
                     if len(self._unusable) == len(self.gt_paths):
                         raise ValueError(f"none of the {len(self.gt_paths)} training images in "
-                                           f"{self.gt_paths[0].parent} can be used (see the warnings)") from err
+                                         f"{self.gt_paths[0].parent} can be used (see the warnings)") from err
             index = int(rng.integers(len(self.gt_paths)))
         gt, lq = augment([gt, lq], self.use_hflip, self.use_rot, rng)
         return {"lq": to_tensor(lq), "gt": to_tensor(gt)}
