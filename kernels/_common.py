@@ -130,7 +130,12 @@ def autograd_records(*tensors: torch.Tensor | None) -> bool:
 
 def triton_runs_on(t: torch.Tensor) -> bool:
     """True when a Triton kernel can execute on this tensor's device (CUDA, or CPU under the interpreter)."""
-    return t.is_cuda or (INTERPRET and t.device.type == "cpu")
+    return t.is_cuda or triton_runs_on_device(t.device)
+
+
+def triton_runs_on_device(device: torch.device) -> bool:
+    """:func:`triton_runs_on` for a device, before any tensor is on it."""
+    return device.type == "cuda" or (INTERPRET and device.type == "cpu")
 
 
 def on_device_of(t: torch.Tensor):

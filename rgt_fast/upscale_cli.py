@@ -23,7 +23,7 @@ from .checkpoint import load_model
 from .cpu_allocator import retain_freed_cpu_memory
 from .files import UnusableImage, encode_png, read_upright_image, write_atomically
 from .inference import DTYPES, default_device, parse_device, tile_flags_problem, upscale
-from .kernels._common import INTERPRET
+from .kernels._common import triton_runs_on_device
 from .model import BACKENDS
 from .training.data import list_images
 
@@ -164,7 +164,7 @@ def _prepare(args: argparse.Namespace) -> tuple[nn.Module, list[tuple[Path, Path
     if args.output_dir.exists() and not args.output_dir.is_dir():
         raise UsageError(f"-o {args.output_dir} is a file; pass a folder (it is created if missing)")
     device = args.device or default_device()
-    if args.backend == "triton" and not (device.type == "cuda" or INTERPRET):
+    if args.backend == "triton" and not triton_runs_on_device(device):
         raise UsageError(f"--backend triton runs on CUDA devices, not on {device}; use --backend auto or torch, or "
                          f"--device cuda")
     weights = args.weights or default_weights(args.scale)

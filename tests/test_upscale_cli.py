@@ -9,6 +9,7 @@ import torch
 
 import rgt_fast
 from rgt_fast import upscale_cli
+from rgt_fast.kernels import _common
 from rgt_fast.cli import main
 
 TINY = dict(depth=[2], num_heads=[2], embed_dim=16)
@@ -201,7 +202,7 @@ def test_a_negative_tile_overlap_is_refused_before_any_work(tmp_path, weights_x2
 
 
 def test_the_triton_backend_without_a_gpu_is_refused_before_any_work(tmp_path, weights_x2, monkeypatch, capsys):
-    monkeypatch.setattr(upscale_cli, "INTERPRET", False)  # as outside the test suite's interpreter runs
+    monkeypatch.setattr(_common, "INTERPRET", False)  # as outside the test suite's interpreter runs
     source = _write(tmp_path / "in" / "photo.png", _random_image((HEIGHT, WIDTH, 3)))
 
     code = main(["upscale", str(source), "-o", str(tmp_path / "out"), "--weights", str(weights_x2),
